@@ -1,0 +1,66 @@
+"""The ``sparse-dit`` console script: one entry point, one subcommand per job.
+
+Each subcommand lives in the module that owns the work; that module exposes
+``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported only when their
+subcommand runs, so ``sparse-dit flops`` never pays for importing deepspeed.
+
+    sparse-dit data physics ...        write a physics-world video dataset
+    sparse-dit train RECIPE.yaml ...   train (one process, or N ranks via the deepspeed launcher)
+    sparse-dit generate RUN_DIR ...    sample videos from a trained model
+    sparse-dit eval ...                quality / cost evaluations and dense-vs-sparse reports
+    sparse-dit flops PRESET ...        analytic params and MACs
+    sparse-dit bench ...               performance benchmarks
+    sparse-dit quickstart --out DIR    the end-to-end demo that `make demo` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["main", "SUBCOMMANDS"]
+
+# name -> (module implementing add_arguments/run, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "data": ("sparse_dit.data.cli", "build video datasets (physics world, folders of videos)"),
+    "train": ("sparse_dit.recipes.train", "train a recipe under DeepSpeed (1 process or N ranks)"),
+    "generate": ("sparse_dit.recipes.generate", "sample videos from a trained model"),
+    "eval": ("sparse_dit.evals.cli", "evaluate runs: quality, inference cost, dense-vs-sparse reports"),
+    "flops": ("sparse_dit.flops", "analytic params and forward MACs of a preset or config"),
+    "bench": ("sparse_dit.bench", "run the performance benchmarks"),
+    "quickstart": ("sparse_dit.quickstart", "end-to-end demo: data, train, sample, report"),
+}
+
+
+def _load(name: str):
+    module_name = SUBCOMMANDS[name][0]
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise SystemExit(f"sparse-dit {name}: this install has no {module_name} module") from exc
+        raise
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sparse-dit", description="Sparse (MoE) video diffusion transformers.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    wanted = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # import only the module of the subcommand being run
+            _load(name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    return int(_load(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
