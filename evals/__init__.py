@@ -1,1 +1,53 @@
-"""placeholder"""
+"""Quality metrics for generated videos (installed as ``sparse_dit.evals``).
+
+- ``physics``: PhyWorld-style physics fidelity (ball positions/velocities found by colour vs the
+  simulator's ground truth), calibration baselines, per-split reports.
+- ``frechet``: a numerically stable Frechet distance and one over physics-trajectory features.
+- ``fvd``: Frechet Video Distance with StyleGAN-V's I3D TorchScript from a local path.
+- ``video_metrics``: PSNR and SSIM over generated frames.
+- ``tracking``: the colour-based ball finder and disc renderer the physics metrics use.
+"""
+
+from sparse_dit.evals.frechet import (
+    TRAJECTORY_FEATURE_NAMES,
+    feature_statistics,
+    frechet_distance,
+    frechet_distance_from_stats,
+    trajectory_features,
+    trajectory_frechet_distance,
+)
+from sparse_dit.evals.fvd import frechet_video_distance, i3d_features, load_i3d
+from sparse_dit.evals.physics import (
+    BASELINES,
+    baseline_videos,
+    constant_velocity_videos,
+    copy_last_frame_videos,
+    ground_truth_videos,
+    score,
+    score_baselines,
+    score_splits,
+)
+from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim
+
+__all__ = [
+    "BASELINES",
+    "TRAJECTORY_FEATURE_NAMES",
+    "baseline_videos",
+    "constant_velocity_videos",
+    "copy_last_frame_videos",
+    "feature_statistics",
+    "frame_metrics",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "frechet_video_distance",
+    "ground_truth_videos",
+    "i3d_features",
+    "load_i3d",
+    "psnr",
+    "score",
+    "score_baselines",
+    "score_splits",
+    "ssim",
+    "trajectory_features",
+    "trajectory_frechet_distance",
+]
