@@ -27,7 +27,7 @@ from sparse_dit.evals.physics import (
     score_baselines,
     score_splits,
 )
-from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim
+from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim, to_uint8_videos
 
 __all__ = [
     "BASELINES",
@@ -48,6 +48,7 @@ __all__ = [
     "score_baselines",
     "score_splits",
     "ssim",
+    "to_uint8_videos",
     "trajectory_features",
     "trajectory_frechet_distance",
 ]

@@ -20,7 +20,27 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["frame_metrics", "gaussian_window", "psnr", "ssim"]
+__all__ = ["frame_metrics", "gaussian_window", "psnr", "ssim", "to_uint8_videos"]
+
+# Images per SSIM/PSNR chunk in frame_metrics: bounds the float64 temporaries (~2 GB at 256x256).
+_CHUNK_VALUES = 2**24
+
+
+def to_uint8_videos(videos: Any) -> np.ndarray:
+    """Model-convention videos (B, C=3, T, H, W) float in [-1, 1] -> uint8 (B, T, H, W, 3).
+
+    Rounds to the nearest level (``(x + 1) * 127.5``) and clips out-of-range values.
+
+    Args:
+        videos: torch tensor or array of shape (B, 3, T, H, W).
+    """
+    if isinstance(videos, torch.Tensor):
+        videos = videos.detach().float().cpu().numpy()
+    x = np.asarray(videos, dtype=np.float64)
+    if x.ndim != 5 or x.shape[1] != 3:
+        raise ValueError(f"videos must be (B, 3, T, H, W) in [-1, 1]; got shape {x.shape}")
+    x = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rearrange(x, "b c t h w -> b t h w c"))
 
 
 def _pair(pred: Any, target: Any, data_range: float | None) -> tuple[np.ndarray, np.ndarray, float]:
@@ -138,8 +158,9 @@ def frame_metrics(
     if not isinstance(context_frames, (int, np.integer)) or not 0 <= context_frames < p.shape[1]:
         raise ValueError(f"context_frames must be an int in [0, T={p.shape[1]}); got {context_frames!r}")
     p, t = p[:, context_frames:], t[:, context_frames:]
-    ps = psnr(p, t, data_range)  # (N, T - C)
-    ss = ssim(p, t, data_range)
+    step = max(1, _CHUNK_VALUES // max(1, int(np.prod(p.shape[1:]))))
+    ps = np.concatenate([psnr(p[i : i + step], t[i : i + step], data_range) for i in range(0, p.shape[0], step)])
+    ss = np.concatenate([ssim(p[i : i + step], t[i : i + step], data_range) for i in range(0, p.shape[0], step)])
     return {
         "psnr": float(ps.mean()),
         "ssim": float(ss.mean()),

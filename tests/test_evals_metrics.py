@@ -273,6 +273,18 @@ def test_frame_metrics_ignore_context_frames():
     assert math.isinf(m["psnr"]) and m["ssim"] == pytest.approx(1.0) and len(m["ssim_per_frame"]) == 2
 
 
+def test_frame_metrics_chunking_and_uint8_conversion(monkeypatch):
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, size=(5, 4, 12, 12, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-9, 10, size=a.shape), 0, 255).astype(np.uint8)
+    whole = video_metrics.frame_metrics(b, a, context_frames=1)
+    monkeypatch.setattr(video_metrics, "_CHUNK_VALUES", 2 * 12 * 12 * 3)  # a few frames per chunk
+    chunked = video_metrics.frame_metrics(b, a, context_frames=1)
+    assert chunked["psnr"] == pytest.approx(whole["psnr"]) and chunked["ssim"] == pytest.approx(whole["ssim"])
+    x = torch.from_numpy(a).permute(0, 4, 1, 2, 3).double() / 127.5 - 1.0  # (B, C, T, H, W) in [-1, 1]
+    assert np.array_equal(video_metrics.to_uint8_videos(x), a)
+
+
 # ----------------------------------------------------------------------------- FVD plumbing
 
 
