@@ -18,6 +18,7 @@ The top-level :class:`RecipeConfig` groups the sections a recipe YAML holds::
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import types
 import typing
@@ -47,6 +48,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# Dotted section path of the config being built by from_dict, so errors raised while a nested
+# dataclass validates itself name the full key ("train.max_steps", not "max_steps").
+_PREFIX: contextvars.ContextVar[str] = contextvars.ContextVar("sparse_dit_config_prefix", default="")
 
 
 class ConfigError(ValueError):
@@ -202,7 +207,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r} in {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
+            f"unknown key '{prefix}{unknown[0]}' in {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
         )
     hints = _hints(cls)
     kwargs = {}
@@ -213,8 +218,11 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
                 f"{prefix}{key}={value!r} has type {type(value).__name__}; expected {_type_name(hints[key])}"
             )
         kwargs[key] = coerced
-    obj = cls(**kwargs)
-    validate(obj, prefix)
+    token = _PREFIX.set(prefix)
+    try:
+        obj = cls(**kwargs)  # __post_init__ validates, naming fields under `prefix`
+    finally:
+        _PREFIX.reset(token)
     return obj
 
 
@@ -286,7 +294,7 @@ class _Config:
     """Mixin: validation on construction, ``from_dict``/``to_dict``/``replace`` helpers."""
 
     def __post_init__(self) -> None:
-        validate(self)
+        validate(self, _PREFIX.get())
         check = getattr(self, "_check", None)
         if check is not None:
             check()
