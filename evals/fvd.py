@@ -31,6 +31,7 @@ Convention (StyleGAN-V ``src/metrics/frechet_video_distance.py`` and ``metric_ut
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,10 @@ def load_i3d(path: str | os.PathLike, device: str | torch.device = "cpu") -> tor
             f"(i3d_torchscript.pt); nothing is downloaded at run time. Fetch it once from "
             f"{I3D_TORCHSCRIPT_URL} and pass its local path."
         )
-    return torch.jit.load(path, map_location=device).eval()
+    with warnings.catch_warnings():
+        # torch 2.13 deprecates TorchScript, but the published I3D exists only in that format.
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.*", category=DeprecationWarning)
+        return torch.jit.load(path, map_location=device).eval()
 
 
 def to_detector_input(videos: Any, num_frames: int | None = 16) -> torch.Tensor:

@@ -8,6 +8,7 @@ up to sampling), not with the renderer under test.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -306,7 +307,9 @@ class FakeI3D(torch.nn.Module):
 @pytest.fixture(scope="module")
 def fake_i3d_path(tmp_path_factory):
     path = tmp_path_factory.mktemp("i3d") / "i3d_torchscript.pt"
-    torch.jit.script(FakeI3D()).save(str(path))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch 2.13; the real I3D is one
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.jit.script(FakeI3D()).save(str(path))
     return path
 
 
