@@ -1,0 +1,401 @@
+"""Torch datasets over video: folders of files, Hugging Face datasets, and physics datasets.
+
+Every dataset returns ``dict(video=(C, T, H, W) float32 in [-1, 1], caption=str, index=int,
+fps=float, frame_indices=(T,) int64)`` (plus ``text_tokens``/``text_mask``/``text_pooled`` when a
+caption-embedding cache is attached), so ``torch.utils.data.default_collate`` batches them.
+
+Shapes. Each item's output shape is fixed when the dataset is built (``sample_shapes()``), so a
+:class:`~sparse_dit.data.bucketing.BucketBatchSampler` can group items of one shape:
+
+- ``buckets=[(T, H, W), ...]``: each video goes to its nearest aspect-ratio bucket and the
+  longest bucket duration it fills; it is resized to cover the bucket and cropped;
+- else ``size=(H, W)`` and/or ``num_frames=T`` fix those dimensions; unset ones keep the video's.
+
+Temporal sampling: ``frame_stride`` (or ``target_fps``, which picks the stride from the video's
+frame rate) subsamples frames; with ``random_crop=True`` the clip start (and the spatial crop) is
+random, different on each read. Undecodable videos are skipped with a warning and counted in
+``num_skipped`` / ``skipped``; videos too short for any clip are counted in ``num_too_short``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from sparse_dit.data.bucketing import Shape, assign_bucket
+from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, clip_indices, probe_video, read_video, resize_crop, stride_for_fps, to_model_video
+
+__all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl"]
+
+
+class ClipDataset(Dataset):
+    """Base class: subclasses list their items and implement ``_probe`` / ``_read``.
+
+    Args:
+        num_frames: frames per clip (None: all that fit; ignored with ``buckets``).
+        size: (H, W) output size (None: native; ignored with ``buckets``).
+        buckets: bucket shapes (T, H, W) for any-size training.
+        frame_stride: keep every ``frame_stride``-th frame.
+        target_fps: choose the stride per video to get closest to this frame rate.
+        random_crop: random temporal start and spatial crop on each read (else start 0, centre).
+        seed: seed of the random crops.
+        text_cache: a CaptionEmbeddingCache whose embeddings are added to each item.
+    """
+
+    def __init__(
+        self,
+        num_frames: int | None = None,
+        size: tuple[int, int] | None = None,
+        buckets: Sequence[Shape] | None = None,
+        frame_stride: int = 1,
+        target_fps: float | None = None,
+        random_crop: bool = True,
+        seed: int = 0,
+        text_cache: Any = None,
+    ):
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1 or None, got {num_frames}")
+        if size is not None and (len(size) != 2 or min(size) < 1):
+            raise ValueError(f"size must be (H, W) with positive entries or None, got {size}")
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        self.num_frames, self.size, self.buckets = num_frames, tuple(size) if size else None, list(buckets) if buckets else None
+        self.frame_stride, self.target_fps, self.random_crop, self.seed = frame_stride, target_fps, random_crop, seed
+        self.text_cache = text_cache
+        self.skipped: list[tuple[str, str]] = []  # (item name, error)
+        self.num_too_short = 0
+        self.num_failed_reads = 0  # decode errors after probing, in this process
+        self._draws = 0
+
+    # -- subclass hooks -----------------------------------------------------------------------
+    def _names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _probe(self, i: int) -> VideoMeta:
+        raise NotImplementedError
+
+    def _read(self, i: int, indices: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _caption(self, i: int) -> str:
+        raise NotImplementedError
+
+    # -- shared logic -------------------------------------------------------------------------
+    def _build(self) -> None:
+        """Probe every item; keep the decodable ones that fit a clip; warn about the rest."""
+        self.items: list[int] = []
+        self.metas: list[VideoMeta] = []
+        self.strides: list[int] = []
+        self.shapes: list[Shape] = []
+        for i, name in enumerate(self._names()):
+            try:
+                meta = self._probe(i)
+            except Exception as exc:  # PyAV raises many types; any undecodable file is skipped
+                self.skipped.append((name, f"{type(exc).__name__}: {exc}"))
+                continue
+            stride = stride_for_fps(meta.fps, self.target_fps) if self.target_fps else self.frame_stride
+            available = (meta.num_frames - 1) // stride + 1
+            shape = self._shape_for(available, meta)
+            if shape is None:
+                self.num_too_short += 1
+                continue
+            self.items.append(i)
+            self.metas.append(meta)
+            self.strides.append(stride)
+            self.shapes.append(shape)
+        if self.skipped:
+            examples = "; ".join(f"{n} ({e})" for n, e in self.skipped[:3])
+            warnings.warn(f"{type(self).__name__}: skipped {len(self.skipped)} undecodable video(s): {examples}", stacklevel=3)
+        if self.num_too_short:
+            warnings.warn(f"{type(self).__name__}: {self.num_too_short} video(s) shorter than any clip were left out", stacklevel=3)
+
+    def _shape_for(self, available: int, meta: VideoMeta) -> Shape | None:
+        if self.buckets:
+            return assign_bucket(available, meta.height, meta.width, self.buckets)
+        t = self.num_frames or available
+        if t > available:
+            return None
+        h, w = self.size or (meta.height, meta.width)
+        return (t, h, w)
+
+    @property
+    def num_skipped(self) -> int:
+        """Undecodable videos left out (each also named in ``skipped``)."""
+        return len(self.skipped)
+
+    def sample_shapes(self) -> list[Shape]:
+        """Output (T, H, W) of every item, for BucketBatchSampler."""
+        return list(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _rng(self, k: int) -> np.random.Generator | None:
+        if not self.random_crop:
+            return None
+        self._draws += 1
+        # torch.initial_seed() differs per DataLoader worker and epoch; _draws per read.
+        return np.random.default_rng([self.seed, torch.initial_seed() % (1 << 63), k, self._draws])
+
+    def _load(self, k: int) -> dict:
+        i, meta, stride, (t, h, w) = self.items[k], self.metas[k], self.strides[k], self.shapes[k]
+        rng = self._rng(k)
+        indices = clip_indices(meta.num_frames, t, stride, rng)
+        video = to_model_video(self._read(i, indices))  # (C, T, H', W')
+        video = resize_crop(video, h, w, rng)  # (C, T, H, W)
+        item = {
+            "video": video,
+            "caption": self._caption(i),
+            "index": i,
+            "fps": meta.fps / stride,
+            "frame_indices": torch.from_numpy(indices.astype(np.int64)),
+        }
+        if self.text_cache is not None:
+            emb = self.text_cache.lookup([item["caption"]])
+            item.update(text_tokens=emb.tokens[0], text_mask=emb.mask[0], text_pooled=emb.pooled[0])
+        return item
+
+    def __getitem__(self, k: int) -> dict:
+        if not 0 <= k < len(self.items):
+            raise IndexError(f"index {k} out of range for {len(self.items)} items")
+        try:
+            return self._load(k)
+        except Exception as exc:  # a file that probed fine but fails later: substitute, count, warn
+            self.num_failed_reads += 1
+            same = [j for j in range(len(self.items)) if self.shapes[j] == self.shapes[k] and j != k]
+            warnings.warn(f"{type(self).__name__}: item {k} failed to decode ({type(exc).__name__}: {exc}); using another of the same shape")
+            if not same:
+                raise
+            return self._load(same[(self._draws + k) % len(same)])
+
+
+def read_captions_jsonl(path: str | os.PathLike) -> dict[str, str]:
+    """``{"file": "clip.mp4", "caption": "..."}`` per line -> {file: caption}.
+
+    ``video`` or ``path`` are accepted for ``file``, ``text`` for ``caption``.
+
+    Args:
+        path: the jsonl file.
+    """
+    out: dict[str, str] = {}
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not JSON ({exc})") from exc
+        name = rec.get("file", rec.get("video", rec.get("path")))
+        caption = rec.get("caption", rec.get("text"))
+        if not isinstance(name, str) or not isinstance(caption, str):
+            raise ValueError(f"{path}:{n}: need string fields 'file' and 'caption', got keys {sorted(rec)}")
+        out[name] = caption
+    return out
+
+
+class VideoFolderDataset(ClipDataset):
+    """Video files in a folder plus captions, decoded with PyAV.
+
+    Args:
+        root: the folder.
+        captions: a jsonl file of ``{"file": ..., "caption": ...}`` (relative to ``root`` when
+            not absolute; default ``root/captions.jsonl``). Without it every video file under
+            ``root`` is used with an empty caption.
+        **kwargs: ClipDataset options (num_frames, size, buckets, frame_stride, ...).
+    """
+
+    def __init__(self, root: str | os.PathLike, captions: str | os.PathLike | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ValueError(f"root={str(root)!r} is not a directory")
+        jsonl = Path(captions) if captions else self.root / "captions.jsonl"
+        if captions and not jsonl.is_absolute() and not jsonl.exists():
+            jsonl = self.root / jsonl
+        if jsonl.exists():
+            table = read_captions_jsonl(jsonl)
+            self.files = [self.root / f for f in table]
+            self.captions = list(table.values())
+        elif captions:
+            raise ValueError(f"captions={str(captions)!r} does not exist")
+        else:
+            self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS)
+            self.captions = [""] * len(self.files)
+        self._build()
+
+    def _names(self) -> list[str]:
+        return [str(f.relative_to(self.root)) if f.is_relative_to(self.root) else str(f) for f in self.files]
+
+    def _probe(self, i: int) -> VideoMeta:
+        return probe_video(self.files[i])
+
+    def _read(self, i: int, indices: np.ndarray) -> np.ndarray:
+        return read_video(self.files[i], indices)
+
+    def _caption(self, i: int) -> str:
+        return self.captions[i]
+
+
+def _guess(columns: Sequence[str], wanted: Sequence[str], what: str, given: str | None) -> str:
+    if given is not None:
+        if given not in columns:
+            raise ValueError(f"{what}={given!r} is not a column; columns: {list(columns)}")
+        return given
+    for name in wanted:
+        if name in columns:
+            return name
+    raise ValueError(f"no {what} found among columns {list(columns)}; pass it explicitly (tried {list(wanted)})")
+
+
+class HFVideoDataset(ClipDataset):
+    """Any Hugging Face dataset with a video or frames column.
+
+    A cell may hold: npz bytes written by this project; a video file's bytes or path (also as
+    ``{"bytes", "path"}``, e.g. a ``datasets.Video`` column, read without torchcodec); or frames
+    as an array / nested list (T, H, W, 3) or a list of PIL images. A ``video_shape`` column
+    ([T, H, W, 3]) avoids decoding every row to learn its shape when the dataset is built.
+
+    Args:
+        dataset: a ``datasets.Dataset`` or the path of one saved with ``save_to_disk``.
+        video_column: default: the first of video, frames, mp4, clip.
+        caption_column: default: the first of caption, text, prompt (else empty captions).
+        fps_column: default ``fps`` when present (else 10 for frame columns, the file's rate).
+        **kwargs: ClipDataset options.
+    """
+
+    def __init__(self, dataset, video_column: str | None = None, caption_column: str | None = None, fps_column: str | None = "fps", **kwargs):
+        super().__init__(**kwargs)
+        import datasets as hf
+
+        from sparse_dit.data.hf import load_video_dataset
+
+        if isinstance(dataset, (str, os.PathLike)):
+            dataset = load_video_dataset(dataset)
+        cols = dataset.column_names
+        self.video_column = _guess(cols, ("video", "frames", "mp4", "clip"), "video_column", video_column)
+        try:
+            self.caption_column: str | None = _guess(cols, ("caption", "text", "prompt"), "caption_column", caption_column)
+        except ValueError:
+            if caption_column is not None:
+                raise
+            self.caption_column = None
+        self.fps_column = fps_column if fps_column in cols else None
+        feature = dataset.features[self.video_column]
+        if isinstance(feature, getattr(hf, "Video", ())):
+            dataset = dataset.cast_column(self.video_column, hf.Video(decode=False))  # {bytes, path}
+        self.dataset = dataset
+        # Whole columns read once: row access would decode every column of the row each time.
+        self._videos = dataset.select_columns([self.video_column])
+        self._captions = list(dataset[self.caption_column]) if self.caption_column else None
+        self._fps_values = [float(x) for x in dataset[self.fps_column]] if self.fps_column else None
+        self._stored_shapes = [list(x) for x in dataset["video_shape"]] if "video_shape" in cols else None
+        self._build()
+
+    def _names(self) -> list[str]:
+        return [f"row {i}" for i in range(len(self.dataset))]
+
+    def _cell(self, i: int):
+        return self._videos[i][self.video_column]
+
+    def _fps(self, i: int, default: float) -> float:
+        return self._fps_values[i] if self._fps_values is not None else default
+
+    def _frames(self, cell) -> np.ndarray | None:
+        """Decode a frames-like cell to uint8 (T, H, W, 3); None when it is a video file."""
+        from sparse_dit.data.hf import decode_video
+
+        if isinstance(cell, dict):
+            cell = cell.get("bytes") or cell.get("path")
+        if isinstance(cell, (bytes, bytearray)):
+            return decode_video(bytes(cell)) if bytes(cell[:2]) == b"PK" else None
+        if isinstance(cell, str):
+            return None
+        if isinstance(cell, list) and cell and hasattr(cell[0], "convert"):  # PIL images
+            return np.stack([np.asarray(im.convert("RGB")) for im in cell])
+        frames = np.asarray(cell)
+        if frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"frames must be (T, H, W, 3), got shape {frames.shape}")
+        return frames.astype(np.uint8) if frames.dtype != np.uint8 else frames
+
+    def _file(self, cell):
+        if isinstance(cell, dict):
+            return cell.get("bytes") or cell.get("path")
+        return cell
+
+    def _probe(self, i: int) -> VideoMeta:
+        if self._stored_shapes is not None:
+            t, h, w, _ = self._stored_shapes[i]
+            return VideoMeta(int(t), int(h), int(w), self._fps(i, 10.0))
+        cell = self._cell(i)
+        frames = self._frames(cell)
+        if frames is None:
+            meta = probe_video(self._file(cell))
+            return VideoMeta(meta.num_frames, meta.height, meta.width, self._fps(i, meta.fps))
+        return VideoMeta(frames.shape[0], frames.shape[1], frames.shape[2], self._fps(i, 10.0))
+
+    def _read(self, i: int, indices: np.ndarray) -> np.ndarray:
+        cell = self._cell(i)
+        frames = self._frames(cell)
+        if frames is None:
+            return read_video(self._file(cell), indices)
+        return frames[indices]
+
+    def _caption(self, i: int) -> str:
+        return str(self._captions[i]) if self._captions is not None else ""
+
+
+class PhysicsVideoDataset(HFVideoDataset):
+    """A saved physics-world dataset (``sparse-dit data physics``) for training and evaluation.
+
+    Items are ``dict(video=(C, T, H, W) in [-1, 1], caption, index, fps, frame_indices)``;
+    ``states(index)`` returns that row's ground truth as numpy arrays (all frames; select the
+    clip with ``item["frame_indices"]``), ``params(index)`` its simulation parameters.
+
+    Args:
+        dataset: a saved physics dataset directory or a ``datasets.Dataset``.
+        num_frames: frames per clip (default: the whole video).
+        random_crop: random temporal crops (default False: clips start at frame 0).
+        **kwargs: ClipDataset options.
+    """
+
+    def __init__(self, dataset, num_frames: int | None = None, random_crop: bool = False, **kwargs):
+        super().__init__(dataset, video_column="video", caption_column="caption", num_frames=num_frames, random_crop=random_crop, **kwargs)
+        missing = {"states", "params", "scenario"} - set(self.dataset.column_names)
+        if missing:
+            raise ValueError(f"not a physics dataset: missing columns {sorted(missing)}")
+
+    def states(self, index: int) -> dict[str, np.ndarray]:
+        """Ground-truth states of dataset row ``index`` (position (T, K, 2), velocity (T, K, 2),
+        radius (K,), color (K, 3) uint8, visible (T, K) bool).
+
+        Args:
+            index: the row index (``item["index"]``).
+        """
+        from sparse_dit.data.hf import decode_states
+
+        return decode_states(self.dataset[int(index)]["states"])
+
+    def params(self, index: int) -> dict:
+        """Simulation parameters of row ``index`` (decoded JSON).
+
+        Args:
+            index: the row index.
+        """
+        return json.loads(self.dataset[int(index)]["params"])
+
+    def raw_video(self, index: int) -> np.ndarray:
+        """The stored uint8 (T, H, W, 3) video of row ``index``.
+
+        Args:
+            index: the row index.
+        """
+        from sparse_dit.data.hf import decode_video
+
+        return decode_video(self.dataset[int(index)]["video"])
