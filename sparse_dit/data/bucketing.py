@@ -2,8 +2,8 @@
 
 Sora-style training takes videos at their native duration, resolution and aspect ratio. A batch
 must still hold one shape (the model stacks it into one tensor), so each video is assigned a
-bucket shape (T, H, W): the aspect-ratio bucket nearest to its own (in log ratio), at a fixed
-pixel area per resolution, and the longest bucket duration it can fill. Batches are cut per
+bucket shape (T, H, W): a resolution tier (fixed pixel area), the aspect-ratio bucket nearest to
+its own (in log ratio) within it, and the longest bucket duration it can fill. Batches are cut per
 bucket with a *token budget*: ``batch_size = token_budget // tokens(T, H, W)``, so a batch of
 short, small clips holds more videos than one of long clips and the activation memory of each
 step stays about flat (the approach of NaViT's token budget and of Open-Sora's bucket config).
@@ -70,8 +70,9 @@ def make_buckets(
 
 
 def assign_bucket(num_frames: int, height: int, width: int, buckets: Sequence[Shape]) -> Shape | None:
-    """The bucket for a video: nearest aspect ratio (log scale), then the largest area not above
-    the video's own (else the smallest), then the longest duration it can fill.
+    """The bucket for a video: first the resolution tier (the largest bucket area not above 1.25x
+    the video's own, so videos are rarely upscaled; the smallest if none), then the nearest
+    aspect ratio in that tier (log scale), then the longest duration the video can fill.
 
     Args:
         num_frames: frames available (after frame-rate subsampling).
@@ -84,13 +85,20 @@ def assign_bucket(num_frames: int, height: int, width: int, buckets: Sequence[Sh
     """
     if not buckets:
         raise ValueError("buckets must not be empty")
+    area = height * width
+    fits = [b for b in buckets if b[1] * b[2] <= 1.25 * area]
+    if not fits:
+        smallest = min(b[1] * b[2] for b in buckets)
+        fits = [b for b in buckets if b[1] * b[2] <= 1.5 * smallest]
+    top = max(b[1] * b[2] for b in fits)
+    # One tier: areas within 1.5x of the largest fitting one. Rounding H and W to multiples
+    # makes a tier's areas differ a little; tiers from make_buckets differ by more.
+    tier = [b for b in fits if b[1] * b[2] * 1.5 >= top]
     ratio = math.log(height / width)
-    best = min(abs(math.log(h / w) - ratio) for _, h, w in buckets)
-    same_ratio = [b for b in buckets if abs(math.log(b[1] / b[2]) - ratio) <= best + 1e-9]
-    areas = sorted({h * w for _, h, w in same_ratio})
-    fitting = [a for a in areas if a <= height * width]
-    area = fitting[-1] if fitting else areas[0]
-    candidates = [b for b in same_ratio if b[1] * b[2] == area and b[0] <= num_frames]
+    best = min(abs(math.log(h / w) - ratio) for _, h, w in tier)
+    spatial = {(h, w) for _, h, w in tier if abs(math.log(h / w) - ratio) <= best + 1e-9}
+    hw = max(spatial, key=lambda s: s[0] * s[1])
+    candidates = [b for b in tier if (b[1], b[2]) == hw and b[0] <= num_frames]
     return max(candidates) if candidates else None
 
 

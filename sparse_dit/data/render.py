@@ -5,9 +5,11 @@ Pixel convention (issue 4): x runs right, y runs down; pixel (row i, column j) c
 continuous pixel coordinates.
 
 Anti-aliasing: a pixel's coverage by a disc of radius r whose centre is at distance d from the
-pixel centre is approximated by ``clip(r + 0.5 - d, 0, 1)`` (the signed distance to the circle,
+pixel centre is approximated by ``clip(r' + 0.5 - d, 0, 1)`` (the signed distance to the circle,
 clamped to one pixel). It is exact for a straight edge crossing a pixel perpendicular to an axis
 and symmetric about the centre, so the coverage-weighted centroid of a whole disc is its centre.
+Integrated over the plane this ramp covers pi * (r'^2 + 1/12), so ``r' = sqrt(r^2 - 1/12)`` makes
+the total coverage equal the disc's area pi * r^2 (it matters for radii of a few pixels).
 
 Detection: a rendered ball pixel is a blend ``p = (1 - a) * background + a * colour``. A pixel
 belongs to ball colour ``c`` when its projection onto the segment background -> c has coverage
@@ -92,7 +94,8 @@ def render_balls(
         dx2 = (xs[None, :] - positions[:, k, 0, None]) ** 2  # (T, W)
         dy2 = (ys[None, :] - positions[:, k, 1, None]) ** 2  # (T, H)
         dist = np.sqrt(dy2[:, :, None] + dx2[:, None, :])  # (T, H, W)
-        alpha = np.clip(radii[k] + 0.5 - dist, 0.0, 1.0)[..., None]  # (T, H, W, 1)
+        r_eff = np.sqrt(max(float(radii[k]) ** 2 - 1.0 / 12.0, 0.0))  # area-preserving (see above)
+        alpha = np.clip(r_eff + 0.5 - dist, 0.0, 1.0)[..., None]  # (T, H, W, 1)
         frames += alpha * (colors[k] - frames)  # "over" compositing, painter's order
     if occluders is not None:
         occ = np.asarray(OCCLUDER_COLOR, dtype=np.float32)
