@@ -1,0 +1,127 @@
+"""MoE layer speed: forward+backward time of MoE / dense FFN at equal active FLOPs (issue 3).
+
+Runs side by side in one process, round-robin (dense, ours, DeepSpeed cf 1.0, DeepSpeed cf 1.25
+in turn, repeated), and prints median times and the median of the per-round ratios, so that
+load from other processes hits every contender alike. Shapes (issue 3):
+
+    A: d=384, 4096 tokens,  E=8,  k=2
+    B: d=768, 16384 tokens, E=8,  k=2
+    C: d=512, 4096 tokens,  E=64, k=8 (fine-grained)
+
+The dense FFN is the GELU-tanh MLP of width 4d; the MoE experts get the width that
+:func:`sparse_dit.moe.flops.match_compute` picks (router included), so both do the same active
+MACs per token. DeepSpeed's ``deepspeed.moe.layer.MoE`` gets the same expert module (a dense
+``FeedForward`` of the expert width) and runs in a single-process gloo group.
+
+    python benchmarks/moe_layer.py                       # all shapes, fp32 + bf16, with DeepSpeed
+    python benchmarks/moe_layer.py --shapes A C --dtypes fp32 --repeats 7 --no-deepspeed
+    python benchmarks/moe_layer.py --backends loop grouped_mm   # compare our expert backends
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from sparse_dit.config import ModelConfig
+from sparse_dit.modules.mlp import FeedForward
+from sparse_dit.moe import MoEFeedForward
+from sparse_dit.moe.flops import match_compute
+
+SHAPES = {"A": (384, 4096, 8, 2), "B": (768, 16384, 8, 2), "C": (512, 4096, 64, 8)}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _init_dist() -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo", rank=0, world_size=1, verbose=False)
+
+
+def _deepspeed_moe(d: int, h: int, E: int, k: int, cf: float) -> torch.nn.Module:
+    from deepspeed.moe.layer import MoE
+
+    moe = MoE(
+        hidden_size=d, expert=FeedForward(d, h), num_experts=E, ep_size=1, k=k,
+        capacity_factor=cf, eval_capacity_factor=cf, min_capacity=4, drop_tokens=True,
+        use_rts=False, top2_2nd_expert_sampling=False,
+    )
+    moe.set_deepspeed_parallelism()
+    return moe
+
+
+def _step(model: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    out = model(x)
+    y = out[0] if isinstance(out, tuple) else out
+    y.backward(grad)
+    t = time.perf_counter() - t0
+    x.grad = None
+    for p in model.parameters():
+        p.grad = None
+    return t
+
+
+def bench_shape(name: str, dtype: torch.dtype, repeats: int, deepspeed: bool, backends: list[str]) -> dict[str, float]:
+    d, T, E, k = SHAPES[name]
+    dense_cfg = ModelConfig(hidden_size=d, num_heads=d // 64, mlp_ratio=4.0)
+    cfg = match_compute(dense_cfg, num_experts=E, top_k=k)
+    h = cfg.moe.expert_hidden_dim
+    torch.manual_seed(0)
+    models: dict[str, torch.nn.Module] = {"dense": FeedForward(d, 4 * d)}
+    for b in backends:
+        moe = MoEFeedForward(d, h, E, k, backend=b)
+        models[f"moe[{b}]"] = moe
+    if deepspeed:
+        models["deepspeed cf1.0"] = _deepspeed_moe(d, h, E, k, 1.0)
+        models["deepspeed cf1.25"] = _deepspeed_moe(d, h, E, k, 1.25)
+    for m in models.values():
+        m.to(dtype)
+    B = 4
+    x = torch.randn(B, T // B, d, dtype=dtype, requires_grad=True)
+    grad = torch.randn(B, T // B, d, dtype=dtype)
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for n, m in models.items():  # warm-up (allocator, DeepSpeed's lazy init)
+        _step(m, x, grad)
+    for _ in range(repeats):
+        for n, m in models.items():
+            times[n].append(_step(m, x, grad))
+    med = {n: statistics.median(v) for n, v in times.items()}
+    ratios = {n: statistics.median(a / b for a, b in zip(v, times["dense"])) for n, v in times.items()}
+    print(f"\nshape {name}: d={d} tokens={T} E={E} k={k} expert_hidden={h} dense_hidden={4 * d} dtype={str(dtype)[6:]}")
+    print(f"  {'model':<22}{'median ms':>12}{'/ dense':>10}")
+    for n in models:
+        print(f"  {n:<22}{med[n] * 1e3:>12.1f}{ratios[n]:>10.3f}")
+    return ratios
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE")
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped_mm"])
+    args = p.parse_args(argv)
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
+    if not args.no_deepspeed:
+        _init_dist()
+    for s in args.shapes:
+        for dt in args.dtypes:
+            bench_shape(s, DTYPES[dt], args.repeats, not args.no_deepspeed, args.backends)
+    print(f"\nload avg at end {os.getloadavg()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

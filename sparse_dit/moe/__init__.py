@@ -1,0 +1,48 @@
+"""Mixture-of-Experts feed-forward layers for the DiT (issue 3).
+
+Parts, torchtitan style (one idea per file):
+
+* :mod:`~sparse_dit.moe.router`: fp32 router; token-choice top-k (softmax/sigmoid, optional
+  renormalisation, capacity dropping, DeepSeek-V3 selection bias) or expert choice; optional
+  timestep-aware routing.
+* :mod:`~sparse_dit.moe.dispatch`: ``dispatch()``/``combine()`` with a frozen metadata
+  dataclass; :class:`LocalDispatcher` here, the all-to-all one in ``sparse_dit.parallel``.
+* :mod:`~sparse_dit.moe.experts`: grouped experts with stacked ``[E, D, F]`` weights.
+* :mod:`~sparse_dit.moe.layer`: :class:`MoEFeedForward` composing them (+ shared experts).
+* :mod:`~sparse_dit.moe.stats`: balance loss, z-loss, statistics, :class:`MoEAux`.
+* :mod:`~sparse_dit.moe.balancing`: :func:`update_balance_biases` (outside the forward).
+* :mod:`~sparse_dit.moe.flops`, :mod:`~sparse_dit.moe.presets`: counting and compute matching.
+
+See docs/moe.md.
+"""
+
+from sparse_dit.moe.balancing import moe_layers, update_balance_biases
+from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
+from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
+from sparse_dit.moe.flops import match_compute, moe_layer_counts
+from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
+from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
+from sparse_dit.moe.presets import MOE_PRESET_NAMES, moe_preset_config
+from sparse_dit.moe.router import Router, Routing
+from sparse_dit.moe.stats import MoEAux, summarize_aux
+
+__all__ = [
+    "MoEFeedForward",
+    "MoEAux",
+    "summarize_aux",
+    "update_balance_biases",
+    "moe_layers",
+    "Router",
+    "Routing",
+    "LocalDispatcher",
+    "DispatchMeta",
+    "GroupedExperts",
+    "load_dense_into_experts",
+    "expert_hidden_dim",
+    "is_moe_layer",
+    "moe_layer_indices",
+    "moe_layer_counts",
+    "match_compute",
+    "moe_preset_config",
+    "MOE_PRESET_NAMES",
+]

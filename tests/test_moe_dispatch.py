@@ -1,0 +1,189 @@
+"""Dispatch + experts + combine against a naive per-token reference loop (issue 3).
+
+The reference takes the layer's own routing decision and, token by token and route by route,
+applies the chosen expert's weights with plain torch ops; outputs and gradients (input, expert
+weights, biases, router gate) must match the layer's sorted/grouped path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_dit.moe import MoEFeedForward
+from sparse_dit.moe.dispatch import LocalDispatcher
+from sparse_dit.moe.router import capacity_drop, expert_choice_capacity
+
+
+def _expert(layer: MoEFeedForward, e: int, x: torch.Tensor) -> torch.Tensor:
+    ex = layer.experts
+    if ex.activation == "gelu_tanh":
+        return F.gelu(x @ ex.w1[e] + ex.b1[e], approximate="tanh") @ ex.w2[e] + ex.b2[e]
+    return (F.silu(x @ ex.w1[e]) * (x @ ex.w3[e])) @ ex.w2[e]
+
+
+def reference_forward(layer: MoEFeedForward, x: torch.Tensor, cond=None) -> torch.Tensor:
+    """Naive loop: y_t = sum over routes r of token t of weight_r * expert_{e_r}(x_t)."""
+    B, N, D = x.shape
+    r = layer.router(x, cond)
+    x_TD = x.reshape(B * N, D)
+    E = layer.num_experts
+    rows = [x_TD.new_zeros(D) for _ in range(B * N)]
+    e_flat, w_flat = r.expert_idx.reshape(-1), r.weight.reshape(-1)
+    if r.token_idx is None:
+        tok_flat = torch.arange(B * N).repeat_interleave(r.expert_idx.shape[1])
+    else:
+        tok_flat = r.token_idx.reshape(-1)
+    for i in range(e_flat.numel()):
+        e, t = int(e_flat[i]), int(tok_flat[i])
+        if e == E:  # dropped by capacity
+            continue
+        rows[t] = rows[t] + w_flat[i] * _expert(layer, e, x_TD[t : t + 1])[0]
+    y = torch.stack(rows)
+    if layer.shared is not None:
+        y = y + layer.shared(x_TD)
+    return y.view(B, N, D)
+
+
+def _compare(layer: MoEFeedForward, x: torch.Tensor, cond=None, atol: float = 1e-5) -> None:
+    params = [p for p in layer.parameters() if p.requires_grad]
+    g = torch.randn_like(x)
+    x1 = x.clone().requires_grad_(True)
+    y, _ = layer(x1, cond=cond)
+    grads = torch.autograd.grad(y, [x1, *params], g, allow_unused=True)
+    x2 = x.clone().requires_grad_(True)
+    y_ref = reference_forward(layer, x2, cond)
+    grads_ref = torch.autograd.grad(y_ref, [x2, *params], g, allow_unused=True)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-4)
+    names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    for name, a, b in zip(names, grads, grads_ref):
+        a = torch.zeros_like(b) if a is None and b is not None else a
+        b = torch.zeros_like(a) if b is None and a is not None else b
+        if a is None:
+            continue
+        torch.testing.assert_close(a, b, atol=atol, rtol=1e-4, msg=lambda m: f"grad of {name}: {m}")
+
+
+CASES = [(E, k) for E in (1, 4, 8, 64) for k in (1, 2, 4) if k <= E]
+
+
+@pytest.mark.parametrize("E,k", CASES)
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_token_choice_matches_reference(E: int, k: int, backend: str) -> None:
+    torch.manual_seed(E * 10 + k)
+    layer = MoEFeedForward(16, 32, E, k, backend=backend)
+    # Non-zero biases and a sharper router so that every weight matters.
+    with torch.no_grad():
+        layer.experts.b1.normal_()
+        layer.experts.b2.normal_()
+        layer.router.gate.weight.normal_(std=0.5)
+    _compare(layer, torch.randn(2, 12, 16))
+
+
+@pytest.mark.parametrize("E,k", [(4, 2), (8, 4)])
+def test_swiglu_sigmoid_shared_timestep_matches_reference(E: int, k: int) -> None:
+    torch.manual_seed(7)
+    layer = MoEFeedForward(16, 32, E, k, activation="swiglu", score_func="sigmoid", shared_experts=1, cond_dim=8)
+    with torch.no_grad():
+        layer.router.cond_proj.weight.normal_()
+    _compare(layer, torch.randn(2, 10, 16), cond=torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_capacity_dropping_matches_reference(backend: str) -> None:
+    torch.manual_seed(3)
+    layer = MoEFeedForward(16, 32, 4, 2, capacity_factor=0.5, backend=backend)
+    with torch.no_grad():
+        layer.router.gate.weight.normal_(std=1.0)
+    x = torch.randn(2, 16, 16)
+    r = layer.router(x)
+    assert r.may_drop and int((r.expert_idx == 4).sum()) > 0  # the case really drops
+    _compare(layer, x)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_expert_choice_matches_reference(backend: str) -> None:
+    torch.manual_seed(5)
+    layer = MoEFeedForward(16, 32, 8, 2, router="expert_choice", backend=backend)
+    _compare(layer, torch.randn(3, 10, 16))
+
+
+def test_capacity_drop_keeps_highest_priority() -> None:
+    # Expert 0 is chosen by 5 routes with distinct scores; capacity 2 keeps the two best.
+    idx = torch.tensor([[0], [0], [1], [0], [0], [0]])
+    prio = torch.tensor([[0.3], [0.9], [0.5], [0.1], [0.7], [0.6]])
+    new, keep = capacity_drop(idx, prio, num_experts=2, capacity=2)
+    assert keep.view(-1).tolist() == [False, True, True, False, True, False]
+    assert new.view(-1).tolist() == [2, 0, 1, 2, 0, 2]
+
+
+def test_layer_capacity_drops_lowest_scores_and_reports_it() -> None:
+    # 8 tokens, 2 experts, top-1, capacity ceil(0.5 * 8 / 2) = 2. Token i's logit for expert 0 is
+    # (i + 1) and 0 for expert 1: every token prefers expert 0, scores rise with i, so exactly
+    # tokens 6 and 7 are kept and tokens 0..5 are dropped (their MoE output is zero).
+    layer = MoEFeedForward(2, 8, 2, 1, capacity_factor=0.5)
+    with torch.no_grad():
+        layer.router.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    x = torch.stack([torch.tensor([float(i + 1), 0.0]) for i in range(8)])[None]  # (1, 8, 2)
+    y, aux = layer(x)
+    zero = y[0].abs().sum(-1) == 0
+    assert zero.tolist() == [True] * 6 + [False] * 2
+    assert aux.dropped_fraction.item() == pytest.approx(6 / 8)
+    assert aux.tokens_per_expert.tolist() == [8.0, 0.0]  # demand before dropping
+
+
+def test_expert_choice_gives_every_expert_exactly_its_capacity() -> None:
+    torch.manual_seed(0)
+    B, N, E, k = 3, 20, 8, 2
+    layer = MoEFeedForward(16, 32, E, k, router="expert_choice")
+    r = layer.router(torch.randn(B, N, 16))
+    C = expert_choice_capacity(N, E, k, None)
+    assert C == 5
+    per_expert = torch.bincount(r.expert_idx.view(-1), minlength=E)
+    assert per_expert.tolist() == [B * C] * E
+    # Per sample too: each expert takes exactly C distinct tokens of each sample.
+    tok = r.token_idx.view(E, B, C)
+    for e in range(E):
+        for b in range(B):
+            assert len(set((tok[e, b] // N).tolist())) == 1 and int(tok[e, b, 0]) // N == b
+            assert len(set(tok[e, b].tolist())) == C
+
+
+def test_expert_choice_output_does_not_depend_on_the_batch() -> None:
+    # The documented inference rule: routing groups are samples, so a sample's output is the
+    # same alone (batch 1, as at inference) and inside a larger (training or CFG) batch.
+    torch.manual_seed(1)
+    layer = MoEFeedForward(16, 32, 8, 2, router="expert_choice")
+    x = torch.randn(4, 12, 16)
+    y_batch, _ = layer(x)
+    y_alone, _ = layer(x[2:3])
+    torch.testing.assert_close(y_batch[2:3], y_alone)
+
+
+def test_dispatch_protocol_roundtrip_general_routes() -> None:
+    # combine(identity experts) = per-token sum of weights * x, for an arbitrary route table.
+    torch.manual_seed(2)
+    x = torch.randn(6, 4)
+    e = torch.tensor([[2], [0], [1], [2], [0], [3]])
+    tok = torch.tensor([[5], [0], [0], [1], [5], [2]])
+    w = torch.rand(6, 1)
+    d = LocalDispatcher()
+    xs, counts, meta = d.dispatch(x, e, w, num_experts=4, token_idx=tok)
+    assert counts.tolist() == [2, 1, 2, 1]
+    assert meta.token_sorted.tolist() == [0, 5, 0, 5, 1, 2]  # stable sort by expert
+    out = d.combine(xs, meta)
+    ref = torch.zeros_like(x)
+    for i in range(6):
+        ref[tok[i, 0]] += w[i, 0] * x[tok[i, 0]]
+    torch.testing.assert_close(out, ref)
+
+
+def test_local_dispatcher_refuses_sharded_experts() -> None:
+    layer = MoEFeedForward(8, 16, 4, 2)
+    with pytest.raises(ValueError, match="not divisible"):
+        layer.shard_experts(0, 3, LocalDispatcher())
+    layer.shard_experts(1, 2, LocalDispatcher())
+    assert layer.experts.num_experts == 2 and layer.expert_slice == (2, 4)
+    with pytest.raises(ValueError, match="expert-parallel dispatcher"):
+        layer(torch.randn(1, 5, 8))
