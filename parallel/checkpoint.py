@@ -1,0 +1,210 @@
+"""Checkpoints: DeepSpeed engine state + per-rank trainer state, resume, keep-last-K, export.
+
+Layout of ``output_dir/checkpoints/``::
+
+    step_00000050/                  one tag per save (engine.save_checkpoint)
+        mp_rank_00_model_states.pt  DeepSpeed: module, lr scheduler, step counters
+        *_optim_states.pt           DeepSpeed: ZeRO/optimizer shards (expert shards included)
+        trainer_rank00000.pt        ours, one per rank: EMA weights (this rank's expert shard
+                                    under EP), step, world/EP size
+    latest                          the tag of the newest *complete* checkpoint
+
+A save writes every rank's files first, then (after a barrier) rank 0 replaces ``latest``
+atomically and deletes tags beyond the last ``keep_last``. A crash mid-save therefore leaves
+``latest`` on the previous complete checkpoint, and a run that stops on a NaN loss never saves.
+
+Exact continuation: everything random in a training step (batch order, timesteps, noise,
+context masks, CFG dropout) is a pure function of (seed, step, rank), so restoring the step,
+the weights, the optimizer, the schedule and the EMA restores the run; a resumed run's losses
+equal an uninterrupted run's (tests/test_train_runs.py).
+
+Export: :func:`export_final` gathers the EMA expert shards of every expert-parallel rank and
+writes ``final/config.json`` + ``final/model.safetensors``, loadable with
+``SparseDiT.from_pretrained`` in one process whatever EP size trained it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["CheckpointError", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict", "export_final"]
+
+_TAG = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used (missing files, different world or EP size)."""
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def latest_tag(root: str | os.PathLike) -> Optional[str]:
+    """The tag of the newest complete checkpoint under ``root`` (``None`` if there is none).
+
+    Args:
+        root: ``output_dir/checkpoints``.
+    """
+    marker = Path(root) / "latest"
+    if not marker.is_file():
+        return None
+    tag = marker.read_text().strip()
+    if not (Path(root) / tag).is_dir():
+        raise CheckpointError(f"{marker} names {tag!r}, but {Path(root) / tag} does not exist")
+    return tag
+
+
+def _rank_file(root: Path, tag: str, rank: int) -> Path:
+    return root / tag / f"trainer_rank{rank:05d}.pt"
+
+
+def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, trainer_state: dict, keep_last: int) -> str:
+    """Save engine + trainer state as tag ``step_{step:08d}``; every rank must call it.
+
+    Args:
+        engine: the DeepSpeed engine.
+        root: ``output_dir/checkpoints``.
+        step: completed optimizer steps.
+        trainer_state: this rank's state (EMA, ...); ``step``, ``world_size`` are added.
+        keep_last: how many complete checkpoints to keep.
+
+    Returns:
+        The tag.
+    """
+    root = Path(root)
+    tag = f"step_{step:08d}"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    (root / tag).mkdir(parents=True, exist_ok=True)
+    state = dict(trainer_state, step=step, world_size=world, rank=rank)
+    _atomic_torch_save(state, _rank_file(root, tag, rank))
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
+    dist.barrier()
+    if rank == 0:
+        _atomic_text(root / "latest", tag)
+        tags = sorted(p.name for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+        for old in tags[: max(0, len(tags) - keep_last)]:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> dict:
+    """Restore engine state (weights, optimizer, schedule) and return this rank's trainer state.
+
+    Args:
+        engine: the DeepSpeed engine, built exactly as for the run that saved.
+        root: ``output_dir/checkpoints``.
+        tag: the checkpoint tag (see :func:`latest_tag`).
+
+    Raises:
+        CheckpointError: when the checkpoint was written by a different number of ranks.
+    """
+    root = Path(root)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    path = _rank_file(root, tag, rank)
+    if not path.is_file():
+        saved = len(list((root / tag).glob("trainer_rank*.pt")))
+        raise CheckpointError(
+            f"{path} is missing: checkpoint {root / tag} was written by {saved} rank(s), this run has {world}. "
+            "Resume with the same number of ranks and parallel.ep_size, or start a new output_dir"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("world_size") != world:
+        raise CheckpointError(f"checkpoint {root / tag} was written by {state.get('world_size')} ranks, this run has {world}")
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")
+    return state
+
+
+def _expert_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of routed-expert tensors (sharded along dim 0 under EP)."""
+    from sparse_dit.moe import MoEFeedForward
+
+    keys = []
+    for name, module in model.named_modules():
+        if isinstance(module, MoEFeedForward):
+            prefix = f"{name}.experts." if name else "experts."
+            keys += [prefix + k for k, _ in module.experts.named_parameters()]
+    return keys
+
+
+def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ep_size: int) -> dict[str, torch.Tensor]:
+    """``state`` (a sharded model's state dict, e.g. EMA weights) with every expert tensor
+    gathered over the expert-parallel group; collective: every rank must call it.
+
+    Args:
+        model: the (sharded) model the state belongs to.
+        state: its state dict.
+        ep_size: expert-parallel size.
+    """
+    from sparse_dit.parallel.expert_parallel import gather_expert_tensor
+
+    out = dict(state)
+    if ep_size > 1:
+        for key in _expert_keys(model):
+            out[key] = gather_expert_tensor(state[key], ep_size)
+    return out
+
+
+def export_final(model: nn.Module, state: dict[str, torch.Tensor], ep_size: int, out_dir: str | os.PathLike) -> Optional[Path]:
+    """Write ``out_dir/config.json`` + ``model.safetensors`` from a (sharded) state; collective.
+
+    Rank 0 checks every key and shape against a freshly built model of the same config (on the
+    meta device, so no memory is spent) before writing.
+
+    Args:
+        model: the trained :class:`~sparse_dit.dit.SparseDiT` (possibly expert-sharded).
+        state: weights to export (the EMA weights), this rank's shard.
+        ep_size: expert-parallel size.
+        out_dir: ``output_dir/final``.
+
+    Returns:
+        The folder on rank 0, ``None`` elsewhere.
+    """
+    from sparse_dit.dit import SparseDiT
+
+    full = full_state_dict(model, state, ep_size)
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    with torch.device("meta"):
+        ref = SparseDiT(model.config).state_dict()
+    missing, unexpected = sorted(set(ref) - set(full)), sorted(set(full) - set(ref))
+    if missing or unexpected:
+        dist.barrier()
+        raise CheckpointError(f"export: state does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in ref.items():
+        if tuple(full[k].shape) != tuple(v.shape):
+            dist.barrier()
+            raise CheckpointError(f"export: {k} has shape {tuple(full[k].shape)}, the config needs {tuple(v.shape)}")
+    sd = {k: full[k].detach().to("cpu", torch.float32 if full[k].is_floating_point() else full[k].dtype) for k in ref}
+    path = SparseDiT.save_pretrained(model, out_dir, state_dict=sd)
+    dist.barrier()
+    return path
