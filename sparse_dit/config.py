@@ -476,6 +476,9 @@ class TrainConfig(_Config):
     # extension both ways, interpolation); the rest are plain generation.
     context_prob: float = field(default=0.5, metadata=rule(ge=0, le=1))
     activation_checkpointing: bool = False
+    # Stop (with a checkpoint) after this many steps without changing the LR schedule, which
+    # still spans max_steps: for time-limited jobs and the resume test. None = run to max_steps.
+    stop_after: Optional[int] = field(default=None, metadata=rule(ge=1))
 
 
 @dataclass
@@ -492,6 +495,10 @@ class DataConfig(_Config):
     channels: int = field(default=3, metadata=rule(ge=1))
     num_videos: int = field(default=256, metadata=rule(ge=1))
     num_workers: int = field(default=0, metadata=rule(ge=0))
+    # Caption encoder for text-conditioned models (model.text_dim > 0): "hash" (built in, tiny,
+    # its width follows model.text_dim), "minilm" or a local HF model directory. Models with
+    # model.num_classes > 0 and no text train on class labels instead (the trainer's switch).
+    text_encoder: str = "hash"
 
 
 @dataclass
