@@ -209,11 +209,28 @@ class FlowMatchScheduler:
         self._index = 0
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def set_timesteps(self, num_inference_steps: int, device: Any = None) -> None:
+    def set_timesteps(self, num_inference_steps: int, device: Any = None, strength: float = 1.0) -> None:
+        """Schedule ``num_inference_steps`` intervals from t = 1 to 0 on the shifted grid.
+
+        Args:
+            num_inference_steps: intervals of the full grid.
+            device: where ``sigmas``/``timesteps`` live.
+            strength: start below t = 1 (SDEdit / img2img): keep only the grid points with
+                t <= strength, as diffusers' img2img pipelines do; ``sigmas[0]`` is then the
+                noise level to start from.
+        """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength={strength} must lie in (0, 1]")
         grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
-        self.sigmas = shift_timesteps(grid, self.shift).float().to(device)
+        sig = shift_timesteps(grid, self.shift)
+        if strength < 1.0:
+            sig = sig[int(torch.nonzero(sig <= strength + 1e-9)[0]) :]
+            if len(sig) < 2:  # strength below the first grid step: take the last interval
+                sig = torch.stack([torch.tensor(strength, dtype=torch.float64), sig[-1]])
+        num_inference_steps = len(sig) - 1
+        self.sigmas = sig.float().to(device)
         if self.sampler == "euler":
             self.timesteps = self.sigmas[:-1]
         else:  # predictor at sigma_i, corrector at sigma_{i+1} (skip the corrector into t = 0)
@@ -276,6 +293,8 @@ def sample(
     device: Any = None,
     dtype: torch.dtype = torch.float32,
     progress: bool = False,
+    init_latents: torch.Tensor | None = None,
+    strength: float = 1.0,
 ) -> torch.Tensor:
     """Generate latents by integrating the learned flow from noise (t = 1) to data (t = 0).
 
@@ -293,6 +312,9 @@ def sample(
         latents: initial noise (overrides ``generator``).
         context: (B, C, T, H, W) clean latents for the frames in ``context_mask``.
         context_mask: (B, T) bool: frames held at ``context`` throughout (prompts, kept frames).
+        init_latents: clean latents to edit (SDEdit): they are noised to the first grid point
+            with t <= ``strength`` and denoised from there.
+        strength: how much of ``init_latents`` to destroy, in (0, 1]; 1 = start from pure noise.
 
     Returns:
         (B, C, T, H, W) generated latents (context frames equal ``context``).
@@ -306,6 +328,12 @@ def sample(
     x = latents.to(device=device, dtype=dtype)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"latents have shape {tuple(x.shape)}, expected {tuple(shape)}")
+    sched = FlowMatchScheduler(sampler, shift)
+    sched.set_timesteps(num_inference_steps, device=device, strength=strength if init_latents is not None else 1.0)
+    if init_latents is not None:
+        if tuple(init_latents.shape) != tuple(shape):
+            raise ValueError(f"init_latents have shape {tuple(init_latents.shape)}, expected {tuple(shape)}")
+        x = FlowMatching.add_noise(init_latents.to(device=device, dtype=dtype), x, sched.sigmas[:1].expand(shape[0]))
     ctx = None
     if context_mask is not None:
         if context is None:
@@ -321,8 +349,6 @@ def sample(
         if uncond_kwargs.get("class_labels") is not None:
             null = model.y_embedder.null_class  # type: ignore[union-attr]
             uncond_kwargs["class_labels"] = torch.full_like(uncond_kwargs["class_labels"], null)
-    sched = FlowMatchScheduler(sampler, shift)
-    sched.set_timesteps(num_inference_steps, device=device)
     steps: Iterable = sched.timesteps
     if progress:
         from tqdm.auto import tqdm

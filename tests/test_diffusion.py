@@ -174,3 +174,22 @@ def test_ema():
     assert ema2.current_decay() == pytest.approx(0.1)  # warm-up ramp (1 + 0) / (10 + 0)
     ema2.load_state_dict(ema.state_dict())
     assert ema2.num_updates == 2
+
+
+def test_sdedit_schedule_starts_at_strength_and_keeps_a_clean_input():
+    s = FlowMatchScheduler("euler")
+    s.set_timesteps(10, strength=0.5)
+    assert float(s.sigmas[0]) == pytest.approx(0.5) and float(s.sigmas[-1]) == 0.0 and len(s.timesteps) == 5
+    with pytest.raises(ValueError, match="strength"):
+        s.set_timesteps(10, strength=0.0)
+    # with the exact flow of N(mu, sigma^2) data, editing a sample that already lies on the data
+    # distribution moves it less at small strength
+    m = GaussianFlow(1.5, 0.5)
+    x0 = 1.5 + 0.5 * torch.randn(2000, 1, 1, 1, 1, generator=torch.Generator().manual_seed(0))
+    moved = []
+    for st in (0.2, 0.9):
+        out = sample(m, tuple(x0.shape), init_latents=x0, strength=st, num_inference_steps=20,
+                     generator=torch.Generator().manual_seed(1))
+        assert abs(out.mean().item() - 1.5) < 0.05 and abs(out.std().item() - 0.5) < 0.05
+        moved.append((out - x0).abs().mean().item())
+    assert moved[0] < moved[1]
