@@ -37,7 +37,7 @@ __all__ = [
 # distinct from the background even at 32x32 with anti-aliased edges.
 BACKGROUND: tuple[int, int, int] = (12, 12, 12)
 
-# Mid grey: off every background -> palette-colour segment by > 100 RGB units, so an occluder
+# Mid grey: off every background -> palette-colour segment by >= 89 RGB units, so an occluder
 # pixel is never mistaken for a partly covered ball.
 OCCLUDER_COLOR: tuple[int, int, int] = (128, 128, 128)
 
