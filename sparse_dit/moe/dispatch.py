@@ -131,8 +131,13 @@ class _GatherTokenMajor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_RD: torch.Tensor):
         (inv_perm,) = ctx.saved_tensors
-        g = grad_RD.index_select(0, inv_perm)  # (T*K, D) in route order
-        g = g.view(ctx.t, ctx.k, -1).sum(1) if ctx.k > 1 else g
+        if ctx.k == 1:
+            return grad_RD.index_select(0, inv_perm), None, None, None
+        # Sum the K gathered rows of each token pairwise: one pass, no (T, K, D) temporary.
+        inv_TK = inv_perm.view(ctx.t, ctx.k)
+        g = grad_RD.index_select(0, inv_TK[:, 0])
+        for j in range(1, ctx.k):
+            g.add_(grad_RD.index_select(0, inv_TK[:, j]))
         return g, None, None, None
 
 

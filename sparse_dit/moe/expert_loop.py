@@ -80,9 +80,17 @@ class _ExpertsLoop(torch.autograd.Function):
         R, D = x.shape
         E, _, Fh = w1.shape
 
+        idle = [e for e in range(E) if e not in {sp[0] for sp in spans}]
+
         def stacked(flag: bool, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
-            # Experts with no rows get exact zeros; the others are overwritten with out=.
-            return x.new_zeros(shape) if flag else None
+            # Every expert with rows is overwritten with out=; only idle experts need zeros
+            # (a full zero fill would be one more pass over [E, D, F]).
+            if not flag:
+                return None
+            buf = x.new_empty(shape)
+            for e in idle:
+                buf[e].zero_()
+            return buf
 
         dw2 = stacked(need_w2, (E, Fh, D))
         db2 = stacked(need_b2, (E, D))
