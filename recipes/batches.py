@@ -1,0 +1,203 @@
+"""Training batches for the trainer: data sources, sharding, conditioning, context-frame masks.
+
+Everything random in a batch is a pure function of (seed, step, micro-step, rank): the batch
+indices come from a ``DistributedSampler`` whose epoch and position follow from the step, and
+timesteps, noise, context masks and CFG dropout use a generator seeded from the same numbers
+(:func:`step_generator`). A resumed run therefore sees exactly the batches an uninterrupted run
+would, with no sampler or RNG state to checkpoint.
+
+# B = batch, C = channels, T = frames, H/W = height/width
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+from sparse_dit.config import ConfigError, RecipeConfig
+
+__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "Conditioner"]
+
+# Tasks a context-frame mask teaches (Open-Sora 1.2 style masking): predict the future from
+# the first frames, extend backward in time, interpolate between clean start and end frames,
+# and image-to-video from the first frame.
+CONTEXT_MODES = ("predict", "extend_backward", "interpolate", "image_to_video")
+
+
+def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, step, micro-step, rank): same numbers, same draws.
+
+    Args:
+        seed: ``train.seed``.
+        step: optimizer step (0-based).
+        micro: micro-step inside the step (gradient accumulation).
+        rank: global rank.
+    """
+    # Distinct large odd multipliers keep the combined seeds of nearby tuples apart.
+    mixed = (seed * 1_000_003 + step * 7_919 + micro * 104_729 + rank * 15_485_863) % (2**63 - 1)
+    return torch.Generator().manual_seed(mixed)
+
+
+def random_context_mask(batch: int, frames: int, prob: float, generator: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: True where a frame is given clean; each sample gets a mask with prob ``prob``.
+
+    A masked sample draws one of :data:`CONTEXT_MODES` uniformly; ``predict`` keeps the first
+    k frames, ``extend_backward`` the last k, ``interpolate`` the first k1 and last k2, with k
+    (and k1 + k2) uniform in [1, T - 1]; ``image_to_video`` keeps frame 0. At least one frame
+    is always left to generate. Single-frame samples never get a mask.
+
+    Args:
+        batch: B.
+        frames: T (latent frames).
+        prob: probability that a sample is masked (``train.context_prob``).
+        generator: the step's generator.
+    """
+    mask = torch.zeros(batch, frames, dtype=torch.bool)
+    if frames < 2 or prob <= 0:
+        return mask
+    use = torch.rand(batch, generator=generator) < prob
+    modes = torch.randint(len(CONTEXT_MODES), (batch,), generator=generator)
+    ks = torch.randint(1, frames, (batch, 2), generator=generator)  # in [1, T-1]
+    for b in range(batch):
+        if not use[b]:
+            continue
+        mode, k = CONTEXT_MODES[int(modes[b])], int(ks[b, 0])
+        if mode == "predict":
+            mask[b, :k] = True
+        elif mode == "extend_backward":
+            mask[b, frames - k :] = True
+        elif mode == "interpolate" and frames >= 3:
+            k1 = max(1, min(k, frames - 2))
+            k2 = max(1, min(int(ks[b, 1]), frames - 1 - k1))
+            mask[b, :k1] = True
+            mask[b, frames - k2 :] = True
+        else:  # image_to_video (and interpolate on 2-frame clips)
+            mask[b, 0] = True
+    return mask
+
+
+def build_dataset(recipe: RecipeConfig, held_out: bool = False) -> Dataset:
+    """The training (or a small held-out) dataset of ``recipe.data``.
+
+    Items are dicts with ``video`` (C, T, H, W) in [-1, 1], ``caption`` and, for the synthetic
+    source, ``label``. Sources: ``synthetic`` (moving squares built in code), ``physics`` (a
+    folder written by ``sparse-dit data physics``), ``folder`` (videos + captions.jsonl), ``hf``
+    (a saved Hugging Face dataset). Real-video sources are cropped to ``data.num_frames`` x
+    ``data.height`` x ``data.width`` so every batch has one shape.
+
+    Args:
+        recipe: the recipe.
+        held_out: a few clips the training set does not contain (for sample videos).
+    """
+    d = recipe.data
+    if d.source == "synthetic":
+        from sparse_dit.data.synthetic import MovingSquares
+
+        seed = recipe.train.seed + (10_000 if held_out else 0)
+        return MovingSquares(4 if held_out else d.num_videos, d.num_frames, d.height, d.width, seed=seed)
+    if d.path is None:
+        raise ConfigError(f"data.source={d.source!r} needs data.path (a dataset folder)")
+    kwargs = dict(num_frames=d.num_frames, size=(d.height, d.width))
+    if d.source == "physics":
+        from sparse_dit.data.loaders import PhysicsVideoDataset
+
+        return PhysicsVideoDataset(d.path, **kwargs)
+    if d.source == "folder":
+        from sparse_dit.data.loaders import VideoFolderDataset
+
+        return VideoFolderDataset(d.path, random_crop=not held_out, **kwargs)
+    from sparse_dit.data.loaders import HFVideoDataset
+
+    return HFVideoDataset(d.path, random_crop=not held_out, **kwargs)
+
+
+class BatchSource:
+    """Micro-batches for one rank: ``DistributedSampler`` order, positioned by the step.
+
+    Global micro-batch ``k = step * accum + micro`` of an epoch of ``len(sampler) // micro_batch``
+    micro-batches; the epoch is ``k // that`` (``sampler.set_epoch``) and the position the rest.
+
+    Args:
+        dataset: map-style dataset.
+        micro_batch: samples per rank per micro-step.
+        accum: micro-steps per optimizer step.
+        rank, world_size: data-parallel coordinates (every rank is one).
+        seed: shuffling seed (``train.seed``).
+    """
+
+    def __init__(self, dataset: Dataset, micro_batch: int, accum: int, rank: int, world_size: int, seed: int) -> None:
+        self.dataset, self.micro_batch, self.accum = dataset, micro_batch, accum
+        self.sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.per_epoch = len(self.sampler) // micro_batch
+        if self.per_epoch < 1:
+            raise ConfigError(
+                f"the dataset has {len(dataset)} videos, fewer than one global micro-batch "
+                f"({micro_batch} x {world_size} ranks); add data (data.num_videos) or lower train.global_batch_size"
+            )
+        self._epoch: Optional[int] = None
+        self._order: list[int] = []
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Dataset indices of this rank's micro-batch ``micro`` of optimizer step ``step``."""
+        k = step * self.accum + micro
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = list(iter(self.sampler)), epoch
+        return self._order[pos * self.micro_batch : (pos + 1) * self.micro_batch]
+
+    def batch(self, step: int, micro: int) -> dict[str, Any]:
+        """Collated micro-batch: ``video`` (B, C, T, H, W), ``caption`` list, ``label`` (B,) if any."""
+        items = [self.dataset[i] for i in self.indices(step, micro)]
+        out: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "caption": [it.get("caption", "") for it in items]}
+        if all("label" in it for it in items):
+            out["label"] = torch.tensor([int(it["label"]) for it in items])
+        return out
+
+
+class Conditioner:
+    """Turns a batch into model kwargs: captions through a frozen text encoder (models with
+    ``text_dim > 0``), else class labels (``num_classes > 0``), else nothing (unconditional).
+
+    Args:
+        recipe: the recipe (model + data sections).
+        device: where the kwargs go.
+        dtype: float dtype of the model inputs.
+    """
+
+    def __init__(self, recipe: RecipeConfig, device: Any, dtype: torch.dtype) -> None:
+        m = recipe.model
+        self.device, self.dtype = device, dtype
+        self.kind = "text" if m.text_dim > 0 else "class" if m.num_classes > 0 else "none"
+        self.num_classes = m.num_classes
+        self.encoder = None
+        if self.kind == "text":
+            from sparse_dit.data.text import load_text_encoder
+
+            name = recipe.data.text_encoder
+            self.encoder = load_text_encoder(name, dim=m.text_dim) if name in ("hash", "tiny") else load_text_encoder(name)
+            if self.encoder.dim != m.text_dim:
+                raise ConfigError(
+                    f"data.text_encoder={name!r} gives {self.encoder.dim}-wide embeddings but model.text_dim={m.text_dim}; "
+                    "set model.text_dim to the encoder width"
+                )
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Model kwargs for ``batch`` (before CFG dropout)."""
+        if self.kind == "text":
+            with torch.no_grad():
+                emb = self.encoder(batch["caption"])
+            return {"text_emb": emb.tokens.to(self.device, self.dtype), "text_mask": emb.mask.to(self.device)}
+        if self.kind == "class":
+            if "label" not in batch:
+                raise ConfigError(
+                    f"model.num_classes={self.num_classes} needs class labels, but data.source gives none; "
+                    "use a text-conditioned model (model.text_dim > 0) for this data"
+                )
+            labels = batch["label"]
+            if int(labels.max()) >= self.num_classes:
+                raise ConfigError(f"label {int(labels.max())} >= model.num_classes={self.num_classes}")
+            return {"class_labels": labels.to(self.device)}
+        return {}
