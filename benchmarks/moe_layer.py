@@ -41,8 +41,9 @@ def _init_dist() -> None:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29517")
+        # A single-process gloo group; without RANK/WORLD_SIZE DeepSpeed tries MPI discovery.
+        for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(key, value)
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="gloo", rank=0, world_size=1, verbose=False)
