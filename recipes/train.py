@@ -197,6 +197,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
     bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.max_steps, desc="train", unit="step", disable=rank != 0)
     for step in bar:
         t0 = time.perf_counter()
+        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
         sums = torch.zeros(len(_REDUCED), dtype=torch.float64)
         hist = None
         for m in range(accum):
@@ -237,7 +238,6 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         _ema_update(ema, model, zero3)
         mean = (sums / accum).tolist()
         metrics = dict(zip(_REDUCED, mean))
-        lr = engine.get_lr()[0]
         dt = time.perf_counter() - t0
         step_times.append(dt)
         metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples_per_s": G / dt, "tokens_per_s": G * tokens_per_sample / dt})

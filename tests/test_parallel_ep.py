@@ -1,0 +1,195 @@
+"""Expert parallelism and ZeRO under DeepSpeed on 2 CPU ranks (gloo), plus config errors.
+
+One launch of 2 ranks runs, in each process, the trainer four times:
+
+1. tiny MoE, ZeRO-2, EP=1 (plain data parallelism: the reference);
+2. the same with EP=2 (experts sharded, all-to-all dispatch, expert grads reduced over the
+   expert-data-parallel group): same seed, same global batch;
+3. tiny dense with ZeRO-3;
+4. tiny MoE with ZeRO-3 and EP=1 (z3 leaf MoE modules).
+
+It records per-step losses, grad norms and the fully reduced gradients of every parameter
+(expert shards gathered over the EP group), the outputs on a fixed input, and exports
+``final/``. The tests then compare EP=2 with EP=1 (fp32, rtol 1e-4: an expert gradient that
+came out ``ep_size`` times too large, or an all-to-all that mixed tokens, fails here), load the
+EP=2 export in this single process, and check that the ZeRO-3 runs learned.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from _launch import TINY_DENSE, TINY_MOE, launch
+
+STEPS = 3
+
+
+def _fixed_input(cfg, seed: int = 123):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, cfg.in_channels, 6, 12, 12, generator=g)
+    t = torch.rand(2, generator=g)
+    text = torch.randn(2, 5, cfg.text_dim, generator=g)
+    return x, t, text
+
+
+def _losses(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# --------------------------------------------------------------------------------------------
+# The rank worker (python tests/test_parallel_ep.py OUT)
+# --------------------------------------------------------------------------------------------
+
+
+def _worker(out: Path) -> None:
+    import torch.distributed as dist
+    from deepspeed.utils import safe_get_full_grad
+
+    from sparse_dit.config import load_recipe
+    from sparse_dit.parallel import gather_expert_tensor, is_expert_param
+    from sparse_dit.recipes.train import train
+
+    torch.set_num_threads(1)
+    common = ["train.global_batch_size=4", "train.lr=0.003", "train.warmup_steps=1", "parallel.precision=fp32", "train.save_every=1000"]
+    results = {}
+
+    def record(name: str, ep: int) -> dict:
+        rec: dict = {"grads": [], "out": None, "ema_out": None}
+
+        def before_step(engine, step):
+            grads = {}
+            for n, p in engine.module.named_parameters():
+                g = safe_get_full_grad(p)
+                g = g.detach().float().clone() if g is not None else torch.zeros(p.shape)
+                grads[n] = gather_expert_tensor(g, ep) if is_expert_param(p) else g
+            rec["grads"].append(grads)
+
+        @torch.no_grad()
+        def at_end(engine, ema, info):
+            model = engine.module
+            model.eval()
+            x, t, text = _fixed_input(model.config)
+            rec["out"] = model(x, t, text_emb=text).float()
+            ema.copy_to(model)  # this rank's EMA shard: outputs of the EMA weights under EP
+            rec["ema_out"] = model(x, t, text_emb=text).float()
+
+        results[name] = rec
+        return {"before_step": before_step, "at_end": at_end}
+
+    for ep in (1, 2):
+        recipe = load_recipe(TINY_MOE, common + [f"parallel.ep_size={ep}", "parallel.zero_stage=2", f"train.max_steps={STEPS}", f"output_dir={out}/moe_ep{ep}"])
+        train(recipe, record(f"ep{ep}", ep))
+    dense3 = load_recipe(TINY_DENSE, common + ["parallel.zero_stage=3", "train.max_steps=6", f"output_dir={out}/dense_z3"])
+    train(dense3)
+    moe3 = load_recipe(TINY_MOE, common + ["parallel.zero_stage=3", "parallel.ep_size=1", "train.max_steps=6", f"output_dir={out}/moe_z3"])
+    train(moe3)
+    if dist.get_rank() == 0:
+        torch.save(results, out / "results.pt")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep")
+    launch([__file__, str(out)], world=2, timeout=420)
+    return out, torch.load(out / "results.pt", weights_only=False)
+
+
+@pytest.mark.timeout(480)
+def test_ep2_equals_ep1_losses_grad_norms_and_reduced_grads(runs):
+    out, res = runs
+    l1, l2 = _losses(out / "moe_ep1"), _losses(out / "moe_ep2")
+    assert len(l1) == len(l2) == STEPS
+    for a, b in zip(l1, l2):
+        for key in ("loss", "mse", "moe/aux_loss", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key, a[key], b[key])
+    g1, g2 = res["ep1"]["grads"], res["ep2"]["grads"]
+    assert len(g1) == len(g2) == STEPS
+    expert_keys = [k for k in g1[0] if ".experts." in k]
+    assert expert_keys, "the tiny MoE recipe must have experts"
+    for s in range(STEPS):
+        assert set(g1[s]) == set(g2[s])
+        for k in g1[s]:
+            # An expert grad ep_size times too large (or mixed up between experts) fails here.
+            torch.testing.assert_close(g2[s][k], g1[s][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k, s=s: f"step {s} {k}: {m}")
+    # adaLN-Zero gates the FFN to 0 at step 0; from step 1 on the experts get gradients
+    assert all(any(g1[s][k].abs().sum() > 0 for k in expert_keys) for s in range(1, STEPS))
+    torch.testing.assert_close(res["ep2"]["out"], res["ep1"]["out"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(res["ep2"]["ema_out"], res["ep1"]["ema_out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(480)
+def test_ep2_export_loads_in_one_process_with_the_same_outputs(runs):
+    from sparse_dit.dit import SparseDiT
+
+    out, res = runs
+    model = SparseDiT.from_pretrained(out / "moe_ep2" / "final").eval()
+    assert model.blocks[0].mlp.experts.num_experts == 4  # all experts, gathered from both ranks
+    x, t, text = _fixed_input(model.config)
+    with torch.no_grad():
+        y = model(x, t, text_emb=text)
+    torch.testing.assert_close(y, res["ep2"]["ema_out"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(480)
+@pytest.mark.parametrize("run", ["dense_z3", "moe_z3"])
+def test_zero3_runs_train(runs, run):
+    from sparse_dit.config import DiffusionConfig
+    from sparse_dit.data.synthetic import moving_squares
+    from sparse_dit.diffusion import FlowMatching
+    from sparse_dit.dit import SparseDiT
+
+    out, _ = runs
+    rows = _losses(out / run)
+    assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    trained = SparseDiT.from_pretrained(out / run / "final").eval()
+    init = SparseDiT(trained.config).eval()  # adaLN-Zero: predicts 0 before training
+    fm = FlowMatching(DiffusionConfig(timestep_sampling="uniform", shift=1.0))
+    g = torch.Generator().manual_seed(5)
+    x0, _, _ = moving_squares(16, 6, 12, 12, generator=g)
+    t, noise = torch.rand(16, generator=g), torch.randn(x0.shape, generator=g)
+    with torch.no_grad():
+        before = fm.training_losses(init, x0, t=t, noise=noise)["mse"].item()
+        after = fm.training_losses(trained, x0, t=t, noise=noise)["mse"].item()
+    assert after < 0.9 * before, (before, after)
+
+
+# --------------------------------------------------------------------------------------------
+# Clear errors (no launch)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides, world, match",
+    [
+        (["parallel.ep_size=3"], 6, r"parallel.ep_size=3 does not divide model.moe.num_experts=4; allowed ep_size values: \[1, 2, 4\]"),
+        (["parallel.ep_size=2", "parallel.zero_stage=3"], 2, r"zero_stage=3 is not supported.*zero_stage=1 or 2"),
+        (["parallel.ep_size=2", "parallel.zero_stage=0"], 2, r"zero_stage=0 is not supported.*zero_stage=1 or 2"),
+        (["parallel.ep_size=4"], 2, r"parallel.ep_size=4 must divide the number of ranks \(2\)"),
+    ],
+)
+def test_bad_parallel_settings_get_clear_errors(overrides, world, match):
+    from sparse_dit.config import ConfigError, load_recipe
+    from sparse_dit.parallel import check_parallel_config
+
+    recipe = load_recipe(TINY_MOE, overrides)
+    with pytest.raises(ConfigError, match=match):
+        check_parallel_config(recipe, world)
+
+
+def test_bad_zero_stage_and_dense_ep_are_rejected():
+    from sparse_dit.config import ConfigError, load_recipe
+    from sparse_dit.parallel import check_parallel_config
+
+    with pytest.raises(ConfigError, match=r"parallel.zero_stage=4 is not allowed; choose one of \[0, 1, 2, 3\]"):
+        load_recipe(TINY_MOE, ["parallel.zero_stage=4"])
+    with pytest.raises(ConfigError, match="needs an MoE model"):
+        check_parallel_config(load_recipe(TINY_DENSE, ["parallel.ep_size=2"]), 2)
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))
