@@ -55,11 +55,11 @@ def bench_generation(num_videos: int, frames: int, height: int, width: int) -> d
 
 def bench_loader(path: str, frames: int, budget_tokens: int, workers: int, epochs: int = 2) -> float:
     from sparse_dit.data.bucketing import BucketBatchSampler
-    from sparse_dit.data.loaders import PhysicsVideoDataset
+    from sparse_dit.data.loaders import PhysicsVideoDataset, collate_clips
 
     ds = PhysicsVideoDataset(path, num_frames=frames, random_crop=True)
     sampler = BucketBatchSampler(ds.sample_shapes(), token_budget=budget_tokens, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_clips)
     next(iter(loader))  # start workers outside the timing
     count, start = 0, time.perf_counter()
     for epoch in range(epochs):

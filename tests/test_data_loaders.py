@@ -14,6 +14,7 @@ from sparse_dit.data import (
     HFVideoDataset,
     PhysicsVideoDataset,
     VideoFolderDataset,
+    collate_clips,
     decode_states,
     decode_video,
     generate_physics_videos,
@@ -80,6 +81,11 @@ def test_physics_torch_dataset(tmp_path):
     states = ds.states(item["index"])
     assert states["position"].shape == (10, 1, 2) and ds.params(item["index"])["scenario"] == "parabola"
     assert isinstance(item["caption"], str) and "ball" in item["caption"]
+    items = [ds[0], ds[2]]
+    ours, reference = collate_clips(items), torch.utils.data.default_collate(items)
+    assert ours.keys() == reference.keys() and ours["caption"] == reference["caption"]
+    for key in ("video", "index", "fps", "frame_indices"):
+        assert ours[key].dtype == reference[key].dtype and torch.equal(ours[key], reference[key])
 
 
 def test_corrupt_video_is_skipped_and_counted(tmp_path, capsys):

@@ -33,7 +33,7 @@ from typing import Any
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["DEFAULT_ASPECT_RATIOS", "BucketBatchSampler", "assign_bucket", "make_buckets", "tokens_per_sample"], "bucketing"),
     **dict.fromkeys(["VIDEO_ENCODING", "decode_states", "decode_video", "encode_video", "load_video_dataset", "write_dataset", "write_physics_dataset"], "hf"),
-    **dict.fromkeys(["ClipDataset", "HFVideoDataset", "PhysicsVideoDataset", "VideoFolderDataset", "read_captions_jsonl"], "loaders"),
+    **dict.fromkeys(["ClipDataset", "HFVideoDataset", "PhysicsVideoDataset", "VideoFolderDataset", "collate_clips", "read_captions_jsonl"], "loaders"),
     **dict.fromkeys(["GRAVITY", "ID_RANGES", "OOD_RANGES", "SCENARIOS", "SPLITS", "generate_physics_videos", "generate_video", "iter_physics_videos", "simulate"], "physics"),
     **dict.fromkeys(["BACKGROUND", "OCCLUDER_COLOR", "PALETTE", "PALETTE_NAMES", "ball_centroids", "ball_masks", "render_balls"], "render"),
     **dict.fromkeys(["DIRECTIONS", "MovingSquares", "moving_squares"], "synthetic"),
@@ -88,6 +88,7 @@ __all__ = [
     "VideoFolderDataset",
     "HFVideoDataset",
     "read_captions_jsonl",
+    "collate_clips",
     # video utilities
     "VideoMeta",
     "probe_video",

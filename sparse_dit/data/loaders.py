@@ -32,7 +32,34 @@ from torch.utils.data import Dataset
 from sparse_dit.data.bucketing import Shape, assign_bucket
 from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, clip_indices, probe_video, read_video, resize_crop, stride_for_fps, to_model_video
 
-__all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl"]
+__all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl", "collate_clips"]
+
+
+def collate_clips(items: list[dict]) -> dict:
+    """Batch dataset items: tensors stacked, strings and numbers listed/tensored.
+
+    Same result as ``torch.utils.data.default_collate`` but stacks with NumPy (one thread): in
+    the main process torch's multi-threaded stack was measured 30x slower on a loaded 2-core
+    machine (33 ms vs ~1 ms for 8 clips of 3x16x32x32).
+
+    Args:
+        items: dicts from one of these datasets, all with the same shapes.
+    """
+    out: dict = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if isinstance(values[0], torch.Tensor):
+            shapes = {tuple(v.shape) for v in values}
+            if len(shapes) != 1:
+                raise ValueError(f"cannot batch {key!r} of different shapes {sorted(shapes)}; use a BucketBatchSampler")
+            out[key] = torch.from_numpy(np.stack([v.numpy() for v in values]))
+        elif isinstance(values[0], str):
+            out[key] = values
+        elif isinstance(values[0], float):
+            out[key] = torch.tensor(values, dtype=torch.float64)  # as default_collate
+        else:
+            out[key] = torch.tensor(values)
+    return out
 
 
 class ClipDataset(Dataset):
