@@ -184,3 +184,14 @@ def test_bad_arguments_raise_clear_errors():
         generate_video("uniform", "test", 0, 4, 32, 32, 0)
     with pytest.raises(ValueError, match="resolution"):
         generate_video("uniform", "id", 0, 4, 4, 32, 0)
+
+
+def test_colour_coverage_follows_blends_not_nearest_points():
+    from sparse_dit.data.render import color_coverage
+
+    colors = np.array([PALETTE["red"], PALETTE["yellow"]])
+    for a in (0.3, 0.6, 1.0):
+        pixel = (1 - a) * np.array(BACKGROUND) + a * np.array(PALETTE["yellow"])
+        cov = color_coverage(np.rint(pixel), colors)
+        assert cov[0] == 0.0 and cov[1] == pytest.approx(a, abs=0.01)
+    assert color_coverage(np.array(OCCLUDER_COLOR), np.array(list(PALETTE.values()))).max() == 0.0
