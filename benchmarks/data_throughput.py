@@ -7,7 +7,8 @@ next to what a small DiT training step consumes, measured side by side in one ru
 Generation: ``generate_physics_videos`` over all five scenarios with 1 worker and with all cores
 (render-only and simulate-only times per video are printed too). Storage: bytes per video in the
 written dataset. Loading: ``PhysicsVideoDataset`` + ``BucketBatchSampler`` through a
-``DataLoader`` with 0 and 2 workers. Training: forward+backward+AdamW of the ``debug`` DiT preset
+``DataLoader`` with 0 and 2 workers and ``collate_clips`` (and, for comparison, torch's
+``default_collate`` with 0 workers). Training: forward+backward+AdamW of the ``debug`` DiT preset
 (as in ``sparse-dit quickstart``) on batches of the same shape; the ratio loader / trainer says
 how many times faster the data arrives than the model eats it.
 """
@@ -53,13 +54,14 @@ def bench_generation(num_videos: int, frames: int, height: int, width: int) -> d
     return out
 
 
-def bench_loader(path: str, frames: int, budget_tokens: int, workers: int, epochs: int = 2) -> float:
+def bench_loader(path: str, frames: int, budget_tokens: int, workers: int, epochs: int = 2, default_collate: bool = False) -> float:
     from sparse_dit.data.bucketing import BucketBatchSampler
     from sparse_dit.data.loaders import PhysicsVideoDataset, collate_clips
 
     ds = PhysicsVideoDataset(path, num_frames=frames, random_crop=True)
     sampler = BucketBatchSampler(ds.sample_shapes(), token_budget=budget_tokens, seed=0)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_clips)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+                                         collate_fn=None if default_collate else collate_clips)
     next(iter(loader))  # start workers outside the timing
     count, start = 0, time.perf_counter()
     for epoch in range(epochs):
@@ -120,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             row = {"write_videos_per_s": args.videos / write_s, "bytes_per_video": stored, "raw_bytes": t * h * w * 3}
             for workers in (0, 2):
                 row[f"loader_samples_per_s_workers{workers}"] = bench_loader(path, t, args.token_budget, workers)
+            row["loader_samples_per_s_workers0_default_collate"] = bench_loader(path, t, args.token_budget, 0, default_collate=True)
             batch = max(1, args.token_budget // tokens_per_sample((t, h, w)))
             # One step at >8k tokens per sample: full attention makes it take tens of seconds.
             steps = args.train_steps if tokens_per_sample((t, h, w)) <= 8192 else 1
