@@ -80,6 +80,9 @@ def test_physics_torch_dataset(tmp_path):
     assert np.array_equal(np.diff(idx), np.ones(5)) and 0 <= idx[0] <= 4
     states = ds.states(item["index"])
     assert states["position"].shape == (10, 1, 2) and ds.params(item["index"])["scenario"] == "parabola"
+    videos, all_states = ds.ground_truth()
+    assert videos.shape == (3, 10, 16, 24, 3) and videos.dtype == np.uint8 and len(all_states) == 3
+    assert np.array_equal(all_states[1]["position"], states["position"]) and np.array_equal(videos[1], ds.raw_video(1))
     assert isinstance(item["caption"], str) and "ball" in item["caption"]
     items = [ds[0], ds[2]]
     ours, reference = collate_clips(items), torch.utils.data.default_collate(items)

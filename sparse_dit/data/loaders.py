@@ -417,6 +417,18 @@ class PhysicsVideoDataset(HFVideoDataset):
         """
         return json.loads(self.dataset[int(index)]["params"])
 
+    def ground_truth(self, indices: Sequence[int] | None = None) -> tuple[np.ndarray, list[dict[str, np.ndarray]]]:
+        """Stored videos and their states, the input of ``sparse_dit.evals.physics.score``.
+
+        Args:
+            indices: row indices (default: every row); videos must share one shape.
+
+        Returns:
+            ``(videos uint8 (N, T, H, W, 3), [states of each row])``.
+        """
+        rows = range(len(self.dataset)) if indices is None else [int(i) for i in indices]
+        return np.stack([self.raw_video(i) for i in rows]), [self.states(i) for i in rows]
+
     def raw_video(self, index: int) -> np.ndarray:
         """The stored uint8 (T, H, W, 3) video of row ``index``.
 
