@@ -93,11 +93,14 @@ class GroupedExperts(nn.Module):
         """The backend ``"auto"`` picks for this input (see the module docstring)."""
         if self.backend != "auto":
             return self.backend
-        align = 16 // x.element_size()
-        aligned = self.dim % align == 0 and self.hidden_dim % align == 0
-        if grouped_mm_available() and aligned and self.b1 is None and x.dtype in (torch.float32, torch.bfloat16):
+        if grouped_mm_available() and self.grouped_mm_aligned(x.dtype) and self.b1 is None and x.dtype in (torch.float32, torch.bfloat16):
             return "grouped_mm"
         return "loop"
+
+    def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
+        """``torch._grouped_mm`` needs 16-byte-aligned strides: D and F multiples of 16 / itemsize."""
+        align = max(1, 16 // torch.empty((), dtype=dtype).element_size())
+        return self.dim % align == 0 and self.hidden_dim % align == 0
 
     def forward(
         self, x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, split_sizes: Optional[Sequence[int]] = None
@@ -122,7 +125,18 @@ class GroupedExperts(nn.Module):
         if backend == "loop":
             return self._forward_loop(x_sorted, tokens_per_expert, split_sizes)
         if backend == "grouped_mm":
-            return self._forward_grouped_mm(x_sorted, tokens_per_expert)
+            if not grouped_mm_available():
+                raise RuntimeError("backend='grouped_mm' needs torch._grouped_mm (torch >= 2.8); use backend='loop'")
+            if not self.grouped_mm_aligned(x_sorted.dtype):
+                raise ValueError(
+                    f"backend='grouped_mm' needs dim and hidden_dim to be multiples of "
+                    f"{16 // x_sorted.element_size()} in {x_sorted.dtype} (16-byte strides); got dim={self.dim}, "
+                    f"hidden_dim={self.hidden_dim}. Use backend='auto' or 'loop'."
+                )
+            if x_sorted.is_cuda:
+                return self._forward_grouped_mm(x_sorted, tokens_per_expert)  # sync-free
+            # CPU: the fused op with grouped GEMMs (its bias adds and sums need the host sizes).
+            return self._forward_loop(x_sorted, tokens_per_expert, split_sizes, grouped=True)
         return self._forward_megablocks(x_sorted, tokens_per_expert)
 
     def _act(self, h1: torch.Tensor, h3: Optional[torch.Tensor]) -> torch.Tensor:
@@ -130,11 +144,13 @@ class GroupedExperts(nn.Module):
             return F.gelu(h1, approximate="tanh")
         return F.silu(h1) * h3
 
-    def _forward_loop(self, x: torch.Tensor, counts: torch.Tensor, split_sizes: Optional[Sequence[int]]) -> torch.Tensor:
+    def _forward_loop(
+        self, x: torch.Tensor, counts: torch.Tensor, split_sizes: Optional[Sequence[int]], grouped: bool = False
+    ) -> torch.Tensor:
         sizes = list(split_sizes) if split_sizes is not None else counts.tolist()  # the one host sync
         if sum(sizes) > x.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(sizes)} > {x.shape[0]} rows")
-        return experts_loop(x, sizes, self.activation, self.w1, self.w2, self.w3, self.b1, self.b2)
+        return experts_loop(x, sizes, self.activation, grouped, self.w1, self.w2, self.w3, self.b1, self.b2)
 
     def _forward_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not grouped_mm_available():
