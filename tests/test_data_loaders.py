@@ -152,6 +152,11 @@ def test_hf_dataset_with_frames_or_file_column(tmp_path):
     level = (loader[0]["video"][0, :, 8, 8].numpy() + 1) * 127.5
     assert np.allclose(level, [0, 16, 32, 48], atol=3)
 
+    # A datasets.Video column (paths) is read with PyAV, without torchcodec.
+    typed = datasets.Dataset.from_dict({"video": [str(tmp_path / "a.mp4")], "caption": ["ramp"]}).cast_column("video", datasets.Video())
+    level = (HFVideoDataset(typed, num_frames=3, frame_stride=3, random_crop=False)[0]["video"][0, :, 8, 8].numpy() + 1) * 127.5
+    assert np.allclose(level, [0, 24, 48], atol=3)
+
 
 def test_buckets_on_real_videos_give_uniform_batches(tmp_path):
     write_mp4(tmp_path / "wide.mp4", ramp_video(12, 18, 32), fps=10)
