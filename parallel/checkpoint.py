@@ -140,6 +140,12 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> dict:
     load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")
+    # DeepSpeed restores the module from the rank-0 model file, so under expert parallelism
+    # every other EP rank would start with rank 0's experts; ZeRO-1/2 restore each rank's fp32
+    # master partitions (experts included) from its own shard but do not write them back to the
+    # module. Write them back: the module then holds exactly the weights it had at save time.
+    if hasattr(engine.optimizer, "update_lp_params") and engine.zero_optimization_stage() in (1, 2):
+        engine.optimizer.update_lp_params()
     return state
 
 
