@@ -196,7 +196,8 @@ class HFTextEncoder(TextEncoder):
         if not (path / "config.json").exists():
             raise ValueError(f"path={str(path)!r} is not a Hugging Face model directory (no config.json)")
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=dtype).to(device).eval()
+        # Cast after loading: the dtype keyword changed name across transformers 4.x -> 5.x.
+        self.model = AutoModel.from_pretrained(str(path), local_files_only=True).to(device=device, dtype=dtype).eval()
         self.model.requires_grad_(False)
         self.dim = int(self.model.config.hidden_size)
         self.max_length = int(max_length)
