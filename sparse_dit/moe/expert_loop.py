@@ -75,10 +75,16 @@ class _Mat:
         return out
 
     def bias_grad(self, g: torch.Tensor, sizes: Sequence[int]) -> torch.Tensor:
-        """``[E, n]`` per-expert row sums as one segmented reduction (E separate sums cost E
-        parallel regions, which on a busy 2-core machine was 40x slower for E=64)."""
-        lengths = torch.tensor(list(sizes), dtype=torch.int64, device=g.device)
-        return torch.segment_reduce(g[: self.kept], "sum", lengths=lengths, axis=0)
+        """``[E, n]`` per-expert row sums as one ``index_add_`` into the small [E, n] table.
+
+        E separate sums cost E parallel regions (40x slower for E=64 on a busy 2-core machine);
+        ``torch.segment_reduce`` does it in one op but measured 4.7x slower than ``index_add_``.
+        """
+        E = len(sizes)
+        expert_of_row = torch.repeat_interleave(
+            torch.arange(E, device=g.device), torch.tensor(list(sizes), device=g.device), output_size=self.kept
+        )
+        return g.new_zeros(E, g.shape[1]).index_add_(0, expert_of_row, g[: self.kept])
 
 
 class _ExpertsLoop(torch.autograd.Function):

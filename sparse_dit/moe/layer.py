@@ -19,6 +19,7 @@ from torch import nn
 from sparse_dit.modules.mlp import FeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts
+from sparse_dit.moe.fused_local import fused_local_moe
 from sparse_dit.moe.router import Router
 from sparse_dit.moe.stats import MoEAux, balance_loss, max_violation, router_entropy, timestep_bin_load, z_loss
 
@@ -199,18 +200,37 @@ class MoEFeedForward(nn.Module):
         B, N, D = x.shape
         # 1. Route (fp32)
         r = self.router(x, cond if self.router.cond_proj is not None else None)
-        # 2. Dispatch: sort routes by expert, gather their rows
         x_TD = x.reshape(B * N, D)
-        x_sorted, counts_L, meta = self.dispatcher.dispatch(
-            x_TD, r.expert_idx, r.weight, num_experts=self.num_experts, token_idx=r.token_idx, may_drop=r.may_drop
-        )  # (R, D)
-        # 3. Experts on contiguous row groups, then weighted un-sort
-        y_sorted = self.experts(x_sorted, counts_L, meta.local_split_sizes)  # (R, D)
-        y_TD = self.dispatcher.combine(y_sorted, meta)  # (T, D)
+        local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
+        if local and self.experts.resolve_backend(x) == "loop":
+            # 2+3. Single process: gather, experts, weighting and scatter-add in one op that
+            # never materialises (R, D) copies (sparse_dit/moe/fused_local.py).
+            y_TD = self._fused_local(x_TD, r)
+        else:
+            # 2. Dispatch: sort routes by expert, gather their rows (or exchange them under EP)
+            x_sorted, counts_L, meta = self.dispatcher.dispatch(
+                x_TD, r.expert_idx, r.weight, num_experts=self.num_experts, token_idx=r.token_idx, may_drop=r.may_drop
+            )  # (R, D)
+            # 3. Experts on contiguous row groups, then weighted un-sort
+            y_sorted = self.experts(x_sorted, counts_L, meta.local_split_sizes)  # (R, D)
+            y_TD = self.dispatcher.combine(y_sorted, meta)  # (T, D)
         # 4. Shared experts see every token
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(B, N, D), self._aux(r, B, N, timesteps)
+
+    def _fused_local(self, x_TD: torch.Tensor, r: Any) -> torch.Tensor:
+        e_R = r.expert_idx.reshape(-1)
+        _, perm = torch.sort(e_R, stable=True)  # dropped routes (sentinel E) sort last
+        if r.token_idx is None:
+            tok = torch.div(perm, r.expert_idx.shape[1], rounding_mode="floor")
+        else:
+            tok = r.token_idx.reshape(-1).index_select(0, perm)
+        sizes = torch.bincount(e_R, minlength=self.num_experts + 1)[: self.num_experts].tolist()  # the one host sync
+        ex = self.experts
+        return fused_local_moe(
+            x_TD, tok, r.weight.reshape(-1).index_select(0, perm), sizes, ex.activation, ex.w1, ex.w2, ex.w3, ex.b1, ex.b2
+        )
 
     def _aux(self, r: Any, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
         K = self.top_k
