@@ -1,0 +1,180 @@
+"""``sparse-dit eval``: quality, inference cost and dense-vs-sparse reports.
+
+    sparse-dit eval compare RUN_DIR [RUN_DIR ...] --out DIR [--data id=PATH --data ood=PATH]
+    sparse-dit eval physics [RUN_DIR] --data id=PATH      (calibration baselines; a run's scores)
+    sparse-dit eval cost PRESET_OR_RUN --size 8,32,32 --size 16,64,64 [--no-measure]
+    sparse-dit eval loss RUN_DIR --data id=PATH
+
+Validation data is either saved physics datasets (``--data NAME=PATH``, repeatable; the first
+is the headline split) or simulated on the fly (``--scenario uniform --fps 5 --num-videos 48``
+makes an ``id`` split, plus ``ood`` with ``--ood``), at the size given by ``--frames/--height/
+--width`` or else the first run's recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def _size(text: str) -> tuple[int, int, int]:
+    try:
+        t, h, w = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be three comma-separated ints T,H,W") from None
+    return t, h, w
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("validation data")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a saved physics dataset as split NAME (repeatable)")
+    g.add_argument("--limit", type=int, default=None, help="use the first N videos of each --data split")
+    g.add_argument("--scenario", default="uniform", help="simulate splits of this scenario when no --data is given")
+    g.add_argument("--fps", type=float, default=5.0)
+    g.add_argument("--num-videos", type=int, default=48)
+    g.add_argument("--data-seed", type=int, default=1_000_001, help="seed of simulated splits (not the training seed)")
+    g.add_argument("--ood", action="store_true", help="also simulate an out-of-distribution split")
+    g.add_argument("--frames", type=int, default=None)
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--context-frames", type=int, default=3, help="given frames (PhyWorld: 3)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    p.add_argument("--sampler", choices=("euler", "heun"), default=None)
+    p.add_argument("--seed", type=int, default=0, help="noise seed shared by all runs")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--bf16", action="store_true", help="evaluate under bfloat16 autocast")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="eval_command", metavar="EVAL")
+    sub.required = True
+    p = sub.add_parser("compare", help="evaluate finished runs on the same data and noise; write a report")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--latency-repeats", type=int, default=5, help="timed generations per model (>= 5; 0 = skip)")
+    p.add_argument("--size", type=_size, action="append", default=[], help="extra T,H,W for the cost table (repeatable)")
+    p.add_argument("--samples", type=int, default=4, help="videos per sample GIF")
+    _data_args(p)
+    _eval_args(p)
+    p = sub.add_parser("physics", help="physics scores of the calibration baselines (and of a run)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR")
+    _data_args(p)
+    _eval_args(p)
+    p = sub.add_parser("cost", help="params, MACs per video, latency and memory at several sizes")
+    p.add_argument("model", help="a preset name, or a run / save_pretrained folder")
+    p.add_argument("--size", type=_size, action="append", default=[], help="T,H,W (repeatable; default 8,32,32)")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--sampler", choices=("euler", "heun"), default="euler")
+    p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-measure", action="store_true", help="analytic numbers only")
+    p = sub.add_parser("loss", help="held-out flow-matching loss at a fixed t grid with fixed noise")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--num-t", type=int, default=10)
+    _data_args(p)
+    _eval_args(p)
+    for sp in sub.choices.values():
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _splits(args: argparse.Namespace) -> list:
+    from sparse_dit.evals.compare import load_run, load_split, physics_split
+
+    if args.data:
+        out = []
+        for item in args.data:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise SystemExit(f"sparse-dit eval: --data {item!r} must look like NAME=PATH")
+            out.append(load_split(name, path, args.limit))
+        return out
+    T, H, W = args.frames, args.height, args.width
+    runs = getattr(args, "runs", None) or []
+    if runs and None in (T, H, W):
+        r = load_run(runs[0]).recipe
+        if r is not None:
+            T, H, W = T or r.data.num_frames, H or r.data.height, W or r.data.width
+    T, H, W = T or 8, H or 32, W or 32
+    splits = [physics_split("id", args.scenario, "id", args.num_videos, T, H, W, args.data_seed, args.fps)]
+    if args.ood:
+        splits.append(physics_split("ood", args.scenario, "ood", args.num_videos, T, H, W, args.data_seed, args.fps))
+    return splits
+
+
+def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    return {"num_inference_steps": args.steps, "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
+            "autocast_dtype": torch.bfloat16 if args.bf16 else None}
+
+
+def _print(obj: Any, as_json: bool) -> None:
+    from sparse_dit.evals.report import _clean
+
+    if as_json:
+        print(json.dumps(_clean(obj)))
+    else:
+        print(json.dumps(_clean(obj), indent=2))
+
+
+def run(args: argparse.Namespace) -> int:
+    cmd = args.eval_command
+    if cmd == "compare":
+        from sparse_dit.evals.compare import compare
+        from sparse_dit.evals.report import write_report
+
+        splits = _splits(args)
+        report, videos = compare(args.runs, splits, context_frames=args.context_frames, latency_repeats=args.latency_repeats,
+                                 cost_sizes=args.size, **_eval_kwargs(args))
+        write_report(report, videos, args.out, num_samples=args.samples)
+        out = Path(args.out).resolve()
+        if args.json:
+            _print(report, True)
+        else:
+            print((out / "report.md").read_text())
+            print(f"wrote {out}/report.md, report.json, plots, sample GIFs and tb/")
+        return 0
+    if cmd == "physics":
+        from sparse_dit.evals.compare import evaluate_run, load_run
+        from sparse_dit.evals.physics import score_baselines
+
+        splits = _splits(args)
+        result: dict[str, Any] = {"baselines": {s.name: score_baselines(s.videos, s.states, args.context_frames) for s in splits}}
+        for d in args.runs:
+            m, _ = evaluate_run(load_run(d), splits, context_frames=args.context_frames, latency_repeats=0,
+                                log=lambda s: None, **_eval_kwargs(args))
+            result[str(d)] = {s: {k: v[k] for k in ("velocity_error", "position_error", "detection_rate")} for s, v in m["splits"].items()}
+        _print(result, args.json)
+        return 0
+    if cmd == "cost":
+        from sparse_dit.dit import SparseDiT, preset_config
+        from sparse_dit.evals.compare import load_run
+        from sparse_dit.evals.cost import cost_report
+
+        model = load_run(args.model).model if Path(args.model).is_dir() else SparseDiT(preset_config(args.model)).eval()
+        sizes = args.size or [(8, 32, 32)]
+        rows = cost_report(model, sizes, num_inference_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
+                           measure=not args.no_measure, **({} if args.no_measure else {"batch_size": args.batch_size, "repeats": args.repeats}))
+        _print(rows, args.json)
+        return 0
+    if cmd == "loss":
+        from sparse_dit.evals.compare import load_run
+        from sparse_dit.evals.loss import heldout_loss
+
+        splits = _splits(args)
+        result = {}
+        for d in args.runs:
+            model = load_run(d).model
+            result[str(d)] = {s.name: heldout_loss(model, s.model_videos(), context_frames=args.context_frames, num_t=args.num_t,
+                                                   seed=args.seed, batch_size=args.batch_size) for s in splits}
+        _print(result, args.json)
+        return 0
+    raise SystemExit(f"sparse-dit eval: unknown command {cmd!r}")

@@ -1,0 +1,389 @@
+"""Dense-vs-sparse comparison: evaluate finished runs on the same data and the same noise.
+
+A run directory is what the trainer writes (``sparse_dit.recipes.train``)::
+
+    RUN_DIR/final/config.json + model.safetensors   the EMA weights (SparseDiT.save_pretrained)
+    RUN_DIR/recipe.yaml (or config.yaml, recipe.json) the recipe it trained (train FLOPs, shapes)
+    RUN_DIR/summary.json (or train_summary.json)      optional: steps done, wall time, losses
+
+A folder holding ``config.json`` + ``model.safetensors`` itself also works (no train FLOPs
+then). Every run is evaluated on the same validation videos, with the same fixed-t, fixed-noise
+held-out loss (:mod:`sparse_dit.evals.loss`) and the same sampling noise, so differences come
+from the models alone. :func:`compare` returns one JSON-friendly report; :mod:`.report` writes
+it out (report.md, report.json, plots, sample GIFs, TensorBoard scalars).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from sparse_dit.config import ConfigError, RecipeConfig, from_dict, load_recipe
+from sparse_dit.dit import SparseDiT
+from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
+from sparse_dit.evals.frechet import trajectory_frechet_distance
+from sparse_dit.evals.loss import heldout_loss
+from sparse_dit.evals.physics import baseline_videos, score
+from sparse_dit.evals.video_metrics import frame_metrics, to_uint8_videos
+from sparse_dit.flops import count
+
+__all__ = [
+    "EvalSplit",
+    "Run",
+    "load_run",
+    "load_split",
+    "physics_split",
+    "training_flops",
+    "generate_predictions",
+    "evaluate_run",
+    "compare",
+    "HEADLINE_METRICS",
+]
+
+# Metrics a report puts in its headline table, taken from the first split ("id").
+HEADLINE_METRICS = ("velocity_error", "position_error", "detection_rate")
+
+_RECIPE_FILES = ("recipe.yaml", "config.yaml", "recipe.yml", "recipe.json")
+_SUMMARY_FILES = ("summary.json", "train_summary.json")
+
+
+@dataclass
+class EvalSplit:
+    """Validation videos of one split with their ground truth.
+
+    Args:
+        name: split name (``"id"``, ``"ood"``).
+        videos: uint8 (N, T, H, W, 3).
+        states: the dataset's ``states`` rows, one per video.
+    """
+
+    name: str
+    videos: np.ndarray
+    states: list
+
+    def __post_init__(self) -> None:
+        v = np.asarray(self.videos)
+        if v.dtype != np.uint8 or v.ndim != 5 or v.shape[-1] != 3:
+            raise ValueError(f"split {self.name!r}: videos must be uint8 (N, T, H, W, 3); got {v.dtype} {v.shape}")
+        if len(self.states) != v.shape[0]:
+            raise ValueError(f"split {self.name!r}: {v.shape[0]} videos but {len(self.states)} states rows")
+        self.videos = v
+
+    def model_videos(self) -> torch.Tensor:
+        """The videos in the model convention: float (N, 3, T, H, W) in [-1, 1]."""
+        return torch.from_numpy(self.videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
+
+
+def physics_split(name: str, scenario: str, split: str, num_videos: int, frames: int, height: int, width: int,
+                  seed: int, fps: float = 10.0, workers: int | None = 1) -> EvalSplit:
+    """Simulate a validation split in memory (``sparse_dit.data.generate_physics_videos``).
+
+    Args:
+        name: the split's name in the report.
+        scenario: physics scenario(s) (see ``sparse_dit.data.SCENARIOS``).
+        split: ``"id"`` or ``"ood"``.
+        num_videos: videos N.
+        frames: frames T.
+        height: frame height.
+        width: frame width.
+        seed: dataset seed (use one the training set did not use).
+        fps: frames per second.
+        workers: generator processes.
+    """
+    from sparse_dit.data import generate_physics_videos
+
+    rows = generate_physics_videos(scenario, split, num_videos, frames, height, width, seed=seed, fps=fps, workers=workers)
+    return EvalSplit(name, np.stack([r["video"] for r in rows]), [r["states"] for r in rows])
+
+
+def load_split(name: str, path: str | Path, limit: int | None = None) -> EvalSplit:
+    """Read a saved physics dataset (``sparse-dit data physics`` / ``write_physics_dataset``).
+
+    Args:
+        name: the split's name in the report.
+        path: the dataset directory.
+        limit: use only the first ``limit`` videos.
+    """
+    from sparse_dit.data import PhysicsVideoDataset
+
+    ds = PhysicsVideoDataset(str(path))
+    n = len(ds) if limit is None else min(len(ds), int(limit))
+    if n < 1:
+        raise ValueError(f"dataset {path} holds no videos")
+    return EvalSplit(name, np.stack([ds.raw_video(i) for i in range(n)]), [ds.states(i) for i in range(n)])
+
+
+@dataclass
+class Run:
+    """A finished training run: its EMA model, recipe (if found) and train summary (if found)."""
+
+    name: str
+    path: Path
+    model: SparseDiT
+    recipe: RecipeConfig | None = None
+    summary: dict = field(default_factory=dict)
+
+
+def _read_recipe(path: Path) -> RecipeConfig | None:
+    for name in _RECIPE_FILES:
+        f = path / name
+        if f.is_file():
+            if f.suffix == ".json":
+                return from_dict(RecipeConfig, json.loads(f.read_text()))
+            return load_recipe(f)
+    return None
+
+
+def load_run(run_dir: str | Path, name: str | None = None) -> Run:
+    """Load a run directory (see the module docstring).
+
+    Args:
+        run_dir: the run's output directory (or a ``save_pretrained`` folder).
+        name: its name in the report (default: the directory name).
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"run directory {str(path)!r} does not exist")
+    weights = path / "final" if (path / "final" / "config.json").is_file() else path
+    if not (weights / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no final/config.json (nor config.json): is it a finished run?")
+    model = SparseDiT.from_pretrained(weights).eval()
+    summary: dict = {}
+    for f in _SUMMARY_FILES:
+        if (path / f).is_file():
+            summary = json.loads((path / f).read_text())
+            break
+    try:
+        recipe = _read_recipe(path)
+    except ConfigError:
+        recipe = None
+    return Run(name or path.resolve().name, path, model, recipe, summary)
+
+
+def training_flops(config: Any, latent_shape: tuple[int, int, int, int], steps: int, batch_size: int, text_len: int = 0) -> float:
+    """Training FLOPs: 3 forward passes' worth (forward + backward) x 2 FLOPs per MAC.
+
+    The backward pass costs about twice the forward (Kaplan et al. 2020), so one training
+    sample costs ``6 x forward MACs`` FLOPs; active MACs for MoE models.
+
+    Args:
+        config: the model config.
+        latent_shape: (C, T, H, W) of one training sample.
+        steps: optimizer steps.
+        batch_size: global batch size.
+        text_len: caption tokens.
+    """
+    return 6.0 * count(config, latent_shape, text_len=text_len)["macs"] * steps * batch_size
+
+
+@torch.no_grad()
+def generate_predictions(model: SparseDiT, split: EvalSplit, *, context_frames: int = 3, num_inference_steps: int = 25,
+                         sampler: str = "euler", shift: float = 1.0, seed: int = 0, batch_size: int = 16,
+                         autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Predict every video of ``split`` from its first ``context_frames`` frames.
+
+    The initial noise is one tensor for the whole split drawn from ``seed``, so every model
+    (and every batch size) starts from the same noise.
+
+    Returns:
+        uint8 (N, T, H, W, 3) whose first ``context_frames`` frames are the given ones.
+    """
+    from sparse_dit.diffusion import sample
+
+    x = split.model_videos()
+    N, C, T = x.shape[:3]
+    if not 1 <= context_frames < T:
+        raise ValueError(f"context_frames={context_frames} must lie in [1, T={T})")
+    noise = torch.randn(tuple(x.shape), generator=torch.Generator().manual_seed(seed))
+    device = next(model.parameters()).device
+    outs = []
+    for s in range(0, N, batch_size):
+        xb = x[s : s + batch_size].to(device)
+        mask = torch.zeros(xb.shape[0], T, dtype=torch.bool, device=device)
+        mask[:, :context_frames] = True
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
+            out = sample(model, tuple(xb.shape), {}, num_inference_steps=num_inference_steps, sampler=sampler, shift=shift,
+                         latents=noise[s : s + batch_size], context=xb, context_mask=mask, device=device)
+        outs.append(out.float().clamp(-1, 1).cpu())
+    vids = to_uint8_videos(torch.cat(outs))
+    vids[:, :context_frames] = split.videos[:, :context_frames]  # exact given frames (no rounding)
+    return vids
+
+
+def _finite(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
+
+
+def evaluate_run(
+    run: Run,
+    splits: Sequence[EvalSplit],
+    *,
+    context_frames: int = 3,
+    num_inference_steps: int | None = None,
+    sampler: str | None = None,
+    shift: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 16,
+    num_t: int = 10,
+    latency_repeats: int = 5,
+    cost_sizes: Sequence[tuple[int, int, int]] = (),
+    autocast_dtype: torch.dtype | None = None,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Evaluate one run on every split.
+
+    Args:
+        run: from :func:`load_run`.
+        splits: validation splits; the first one is the headline (in-distribution).
+        context_frames: given frames (PhyWorld: 3).
+        num_inference_steps: sampler steps (default: the recipe's, else 25).
+        sampler: ``"euler"``/``"heun"`` (default: the recipe's, else euler).
+        shift: sampling timestep shift.
+        seed: noise seed shared by every run (held-out loss and sampling).
+        batch_size: videos per forward pass.
+        num_t: held-out loss timestep grid size.
+        latency_repeats: timed generations of one video (>= 5); 0 skips the measurement.
+        cost_sizes: extra (T, H, W) sizes for the analytic + measured cost table.
+        autocast_dtype: evaluate under autocast (default: fp32).
+        log: progress printer.
+
+    Returns:
+        (metrics dict, split name -> generated uint8 videos).
+    """
+    model, cfg = run.model, run.model.config
+    diff = run.recipe.diffusion if run.recipe is not None else None
+    steps = num_inference_steps or (diff.num_inference_steps if diff else 25)
+    sampler = sampler or (diff.sampler if diff else "euler")
+    first = splits[0]
+    T, H, W = first.videos.shape[1:4]
+    latent = (cfg.in_channels, T, H, W)
+    gen = generation_macs(cfg, latent, steps, sampler)
+    m: dict[str, Any] = {
+        "run_dir": str(run.path),
+        "total_params": gen["total_params"],
+        "active_params": gen["active_params"],
+        "gmacs_per_sample": gen["gmacs_per_sample"],
+        "gmacs_per_video": gen["gmacs_per_video"],
+        "model_calls_per_video": gen["model_calls"],
+        "tokens": gen["tokens"],
+        "num_inference_steps": steps,
+        "sampler": sampler,
+        "moe": {"num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k} if cfg.moe.enabled else None,
+    }
+    # Training compute: the steps the run actually made (summary) else the recipe's max_steps.
+    if run.recipe is not None:
+        r = run.recipe
+        train_steps = int(run.summary.get("steps", r.train.max_steps))
+        shape = (cfg.in_channels, r.data.num_frames, r.data.height, r.data.width)
+        m.update(train_steps=train_steps, train_batch=r.train.global_batch_size,
+                 train_flops=training_flops(cfg, shape, train_steps, r.train.global_batch_size))
+    else:
+        m.update(train_steps=run.summary.get("steps"), train_batch=run.summary.get("batch_size"), train_flops=run.summary.get("train_flops"))
+    m["train_seconds"] = run.summary.get("train_seconds")
+
+    t0 = time.monotonic()
+    val = heldout_loss(model, first.model_videos(), context_frames=context_frames, num_t=num_t, seed=seed,
+                       batch_size=batch_size, autocast_dtype=autocast_dtype)
+    m["val_loss"], m["val_loss_per_t"], m["val_loss_t"] = val["loss"], val["per_t"], val["t"]
+    log(f"  {run.name}: held-out loss {val['loss']:.4f} ({time.monotonic() - t0:.0f}s)")
+
+    videos: dict[str, np.ndarray] = {}
+    m["splits"] = {}
+    for split in splits:
+        t0 = time.monotonic()
+        pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=steps, sampler=sampler,
+                                    shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        videos[split.name] = pred
+        phys = score(pred, split.states, context_frames)
+        frames = frame_metrics(pred, split.videos, context_frames)
+        try:
+            tfd = trajectory_frechet_distance(pred, split.videos, split.states, context_frames=context_frames)
+        except ValueError:
+            tfd = float("nan")  # fewer than 2 generated frames, or too few balls for a covariance
+        m["splits"][split.name] = {**phys, "psnr": frames["psnr"], "ssim": frames["ssim"],
+                                   "psnr_per_frame": frames["psnr_per_frame"], "ssim_per_frame": frames["ssim_per_frame"],
+                                   "trajectory_fd": tfd}
+        log(f"  {run.name}/{split.name}: velocity error {phys['velocity_error']:.3f} px/frame, position error "
+            f"{phys['position_error']:.2f} px, detection {phys['detection_rate']:.3f} ({time.monotonic() - t0:.0f}s)")
+    head = m["splits"][first.name]
+    for k in (*HEADLINE_METRICS, "psnr", "ssim", "trajectory_fd"):
+        m[k] = head[k]
+
+    if latency_repeats:
+        lat = measure_generation(model, (T, H, W), batch_size=1, num_inference_steps=steps, sampler=sampler,
+                                 context_frames=context_frames, repeats=latency_repeats, autocast_dtype=autocast_dtype)
+        m.update(latency_ms=lat["latency_ms"], latency_runs_ms=lat["latency_runs_ms"],
+                 throughput_videos_per_s=lat["throughput_videos_per_s"], peak_memory_bytes=lat["peak_memory_bytes"],
+                 peak_memory_kind=lat["peak_memory_kind"])
+        log(f"  {run.name}: latency {lat['latency_ms']:.0f} ms per video ({steps} steps, median of {latency_repeats})")
+    if cost_sizes:
+        m["cost"] = cost_report(model, cost_sizes, num_inference_steps=steps, sampler=sampler, measure=bool(latency_repeats),
+                                repeats=max(5, latency_repeats), context_frames=0, autocast_dtype=autocast_dtype)
+    return m, videos
+
+
+def compare(
+    run_dirs: Sequence[str | Path] | Mapping[str, str | Path],
+    splits: Sequence[EvalSplit],
+    *,
+    context_frames: int = 3,
+    log: Callable[[str], None] = print,
+    **eval_kwargs: Any,
+) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
+    """Evaluate several runs and the calibration baselines on the same splits.
+
+    Args:
+        run_dirs: run directories, or a mapping name -> directory.
+        splits: validation splits (first = headline).
+        context_frames: given frames.
+        log: progress printer.
+        **eval_kwargs: passed to :func:`evaluate_run` (steps, seed, latency_repeats, ...).
+
+    Returns:
+        (report, videos): ``report`` has ``models`` (name -> metrics), ``baselines`` (baseline
+        name -> headline-split score), ``baselines_by_split`` (split -> baseline -> score),
+        ``splits`` (name -> size), ``settings``; ``videos`` maps split -> name -> uint8 videos
+        (ground truth, each baseline, each model) for the sample GIFs.
+    """
+    if not splits:
+        raise ValueError("compare needs at least one validation split")
+    named = dict(run_dirs) if isinstance(run_dirs, Mapping) else {}
+    if not named:
+        for d in run_dirs:  # type: ignore[union-attr]
+            base = Path(d).resolve().name
+            name, i = base, 2
+            while name in named:
+                name, i = f"{base}_{i}", i + 1
+            named[name] = d
+    if not named:
+        raise ValueError("compare needs at least one run directory")
+    videos: dict[str, dict[str, np.ndarray]] = {s.name: {"ground_truth": s.videos} for s in splits}
+    baselines_by_split: dict[str, dict[str, Any]] = {}
+    for s in splits:
+        base = baseline_videos(s.videos, s.states, context_frames)
+        baselines_by_split[s.name] = {k: score(v, s.states, context_frames) for k, v in base.items()}
+        videos[s.name].update({k: v for k, v in base.items() if k != "ground_truth"})
+    models: dict[str, Any] = {}
+    for name, d in named.items():
+        log(f"evaluating {name} ({d})")
+        run = load_run(d, name)
+        models[name], vids = evaluate_run(run, splits, context_frames=context_frames, log=log, **eval_kwargs)
+        for split_name, v in vids.items():
+            videos[split_name][name] = v
+    first = splits[0].name
+    report = {
+        "models": models,
+        "baselines": baselines_by_split[first],
+        "baselines_by_split": baselines_by_split,
+        "splits": {s.name: {"num_videos": int(s.videos.shape[0]), "shape": list(s.videos.shape[1:4])} for s in splits},
+        "headline_split": first,
+        "settings": {"context_frames": context_frames, **{k: v for k, v in eval_kwargs.items() if isinstance(v, (int, float, str, type(None)))}},
+    }
+    return report, videos
