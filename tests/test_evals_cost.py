@@ -9,7 +9,7 @@ import torch
 
 from sparse_dit.config import ModelConfig
 from sparse_dit.diffusion import FlowMatching
-from sparse_dit.dit import SparseDiT
+from sparse_dit.dit import DiTAux, SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation, sampler_calls
 from sparse_dit.evals.loss import fixed_noise, heldout_loss, timestep_grid
 from sparse_dit.flops import count, match_compute
@@ -98,7 +98,7 @@ class _Zero(torch.nn.Module):
 
     def forward(self, x, t, context_mask=None, return_aux=False, **kw):
         out = x * self.w
-        return (out, None) if return_aux else out
+        return (out, DiTAux(loss=out.new_zeros(()))) if return_aux else out
 
 
 def test_heldout_loss_matches_hand_computation_and_is_batch_invariant():
