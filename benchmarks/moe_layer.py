@@ -16,6 +16,7 @@ MACs per token. DeepSpeed's ``deepspeed.moe.layer.MoE`` gets the same expert mod
     python benchmarks/moe_layer.py                       # all shapes, fp32 + bf16, with DeepSpeed
     python benchmarks/moe_layer.py --shapes A C --dtypes fp32 --repeats 7 --no-deepspeed
     python benchmarks/moe_layer.py --backends loop grouped_mm   # compare our expert backends
+    python benchmarks/moe_layer.py --threads 1                  # intrinsic overhead, less sensitive to load
 """
 
 from __future__ import annotations
@@ -116,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE")
     p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped_mm"])
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, 2 here)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
     if not args.no_deepspeed:
         _init_dist()

@@ -67,12 +67,27 @@ def _compare(layer: MoEFeedForward, x: torch.Tensor, cond=None, atol: float = 1e
 
 CASES = [(E, k) for E in (1, 4, 8, 64) for k in (1, 2, 4) if k <= E]
 
+# "loop": the fused single-process op; "loop-protocol": the same experts behind the
+# dispatch()/combine() protocol that an expert-parallel dispatcher uses; "grouped_mm".
+BACKENDS = ["loop", "loop-protocol", "grouped_mm"]
+
+
+class _ProtocolDispatcher(LocalDispatcher):
+    """A LocalDispatcher subclass: the layer then takes the dispatch/experts/combine path."""
+
+
+def _layer(*args, backend: str = "loop", **kwargs) -> MoEFeedForward:
+    layer = MoEFeedForward(*args, backend=backend.replace("-protocol", ""), **kwargs)
+    if backend.endswith("-protocol"):
+        layer.dispatcher = _ProtocolDispatcher()
+    return layer
+
 
 @pytest.mark.parametrize("E,k", CASES)
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_token_choice_matches_reference(E: int, k: int, backend: str) -> None:
     torch.manual_seed(E * 10 + k)
-    layer = MoEFeedForward(16, 32, E, k, backend=backend)
+    layer = _layer(16, 32, E, k, backend=backend)
     # Non-zero biases and a sharper router so that every weight matters.
     with torch.no_grad():
         layer.experts.b1.normal_()
@@ -82,18 +97,19 @@ def test_token_choice_matches_reference(E: int, k: int, backend: str) -> None:
 
 
 @pytest.mark.parametrize("E,k", [(4, 2), (8, 4)])
-def test_swiglu_sigmoid_shared_timestep_matches_reference(E: int, k: int) -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_swiglu_sigmoid_shared_timestep_matches_reference(E: int, k: int, backend: str) -> None:
     torch.manual_seed(7)
-    layer = MoEFeedForward(16, 32, E, k, activation="swiglu", score_func="sigmoid", shared_experts=1, cond_dim=8)
+    layer = _layer(16, 32, E, k, activation="swiglu", score_func="sigmoid", shared_experts=1, cond_dim=8, backend=backend)
     with torch.no_grad():
         layer.router.cond_proj.weight.normal_()
     _compare(layer, torch.randn(2, 10, 16), cond=torch.randn(2, 8))
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_capacity_dropping_matches_reference(backend: str) -> None:
     torch.manual_seed(3)
-    layer = MoEFeedForward(16, 32, 4, 2, capacity_factor=0.5, backend=backend)
+    layer = _layer(16, 32, 4, 2, capacity_factor=0.5, backend=backend)
     with torch.no_grad():
         layer.router.gate.weight.normal_(std=1.0)
     x = torch.randn(2, 16, 16)
@@ -102,10 +118,10 @@ def test_capacity_dropping_matches_reference(backend: str) -> None:
     _compare(layer, x)
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_expert_choice_matches_reference(backend: str) -> None:
     torch.manual_seed(5)
-    layer = MoEFeedForward(16, 32, 8, 2, router="expert_choice", backend=backend)
+    layer = _layer(16, 32, 8, 2, router="expert_choice", backend=backend)
     _compare(layer, torch.randn(3, 10, 16))
 
 

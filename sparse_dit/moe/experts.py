@@ -13,11 +13,13 @@ Backends:
   parameter in an autograd loop makes its backward allocate and accumulate a full-size
   [E, ...] gradient per expert (5-9x slower backward on CPU, /work/shared/PITFALLS.md).
 * ``"grouped_mm"``: ``torch._grouped_mm`` with int32 cumulative offsets. It has no bias
-  argument (the GELU biases are added by a per-row gather) and needs 16-byte-aligned strides
-  (D and F multiples of 4 in fp32, of 8 in bf16). Needs no host sync.
+  argument and needs 16-byte-aligned strides (D and F multiples of 4 in fp32, of 8 in bf16).
+  On CUDA it runs under autograd with per-row bias gathers and needs no host sync; on CPU it
+  runs inside the expert op of :mod:`sparse_dit.moe.expert_loop` (one GEMM call per shape).
 * ``"megablocks"``: optional CUDA backend; megablocks is imported lazily.
-* ``"auto"``: grouped_mm for bias-free (SwiGLU) experts on aligned shapes, the loop otherwise
-  (both measured in benchmarks/moe_layer.py; on CPU the loop's fused bias wins for GELU).
+* ``"auto"``: the loop on CPU (fused with gather and scatter by the single-process layer, see
+  :mod:`sparse_dit.moe.fused_local`), grouped_mm on CUDA for aligned shapes (measured in
+  benchmarks/moe_layer.py).
 """
 
 from __future__ import annotations
@@ -93,7 +95,10 @@ class GroupedExperts(nn.Module):
         """The backend ``"auto"`` picks for this input (see the module docstring)."""
         if self.backend != "auto":
             return self.backend
-        if grouped_mm_available() and self.grouped_mm_aligned(x.dtype) and self.b1 is None and x.dtype in (torch.float32, torch.bfloat16):
+        # CPU: the loop, which the single-process layer fuses with gather and scatter
+        # (fused_local.py; 1.2-1.6x faster than grouped_mm for E=64, k=8, on par for E=8, k=2;
+        # BENCHMARKS.md). GPU: grouped_mm needs no host sync.
+        if x.is_cuda and grouped_mm_available() and self.grouped_mm_aligned(x.dtype):
             return "grouped_mm"
         return "loop"
 
