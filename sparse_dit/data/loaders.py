@@ -39,8 +39,8 @@ def collate_clips(items: list[dict]) -> dict:
     """Batch dataset items: tensors stacked, strings and numbers listed/tensored.
 
     Same result as ``torch.utils.data.default_collate`` but stacks with NumPy (one thread): in
-    the main process torch's multi-threaded stack was measured 30x slower on a loaded 2-core
-    machine (33 ms vs ~1 ms for 8 clips of 3x16x32x32).
+    the main process torch's multi-threaded stack took ~33 ms for 8 clips of 3x16x32x32 on a
+    loaded 2-core machine, making loading 5-16x slower (BENCHMARKS.md, issue 4).
 
     Args:
         items: dicts from one of these datasets, all with the same shapes.
