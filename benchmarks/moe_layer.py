@@ -27,12 +27,19 @@ import statistics
 import sys
 import time
 
-import torch
+# OpenMP threads that spin while waiting (libgomp's default) turn every parallel region into a
+# scheduler lottery when other processes load the cores: on this shared 2-core machine, with
+# load average 6-7, a dense FFN step took 350 ms spinning and 196 ms passive, and the MoE layer
+# (many more, smaller parallel regions) 827 ms vs 235 ms. PASSIVE is set before torch starts
+# OpenMP; pass OMP_WAIT_POLICY=ACTIVE in the environment to measure the default behaviour.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from sparse_dit.config import ModelConfig
-from sparse_dit.modules.mlp import FeedForward
-from sparse_dit.moe import MoEFeedForward
-from sparse_dit.moe.flops import match_compute
+import torch  # noqa: E402
+
+from sparse_dit.config import ModelConfig  # noqa: E402
+from sparse_dit.modules.mlp import FeedForward  # noqa: E402
+from sparse_dit.moe import MoEFeedForward  # noqa: E402
+from sparse_dit.moe.flops import match_compute  # noqa: E402
 
 SHAPES = {"A": (384, 4096, 8, 2), "B": (768, 16384, 8, 2), "C": (512, 4096, 64, 8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -121,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load avg {os.getloadavg()}")
+    print(
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+        f"load avg {tuple(round(v, 2) for v in os.getloadavg())}"
+    )
     if not args.no_deepspeed:
         _init_dist()
     for s in args.shapes:
         for dt in args.dtypes:
             bench_shape(s, DTYPES[dt], args.repeats, not args.no_deepspeed, args.backends)
-    print(f"\nload avg at end {os.getloadavg()}")
+    print(f"\nload avg at end {tuple(round(v, 2) for v in os.getloadavg())}")
     return 0
 
 
