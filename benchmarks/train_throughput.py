@@ -102,7 +102,7 @@ def main() -> None:
         }
         for rep in range(repeats):
             for name, (make, world, ep) in configs.items():
-                recipe = make(steps, str(tmp / f"run_{len(best)}_{rep}_{world}_{ep}"))
+                recipe = make(steps, str(tmp / f"run_{rep}_{name.replace(' ', '').replace(',', '_')}"))
                 recipe["parallel"]["ep_size"] = ep
                 sps = run_ranks(recipe, world, tmp)
                 best[name] = max(best.get(name, 0.0), sps)

@@ -11,14 +11,14 @@ would, with no sampler or RNG state to checkpoint.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparse_dit.config import ConfigError, RecipeConfig
 
-__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "Conditioner"]
+__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "collate", "Conditioner"]
 
 # Tasks a context-frame mask teaches (Open-Sora 1.2 style masking): predict the future from
 # the first frames, extend backward in time, interpolate between clean start and end frames,
@@ -150,11 +150,24 @@ class BatchSource:
 
     def batch(self, step: int, micro: int) -> dict[str, Any]:
         """Collated micro-batch: ``video`` (B, C, T, H, W), ``caption`` list, ``label`` (B,) if any."""
-        items = [self.dataset[i] for i in self.indices(step, micro)]
-        out: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "caption": [it.get("caption", "") for it in items]}
-        if all("label" in it for it in items):
-            out["label"] = torch.tensor([int(it["label"]) for it in items])
-        return out
+        return collate([self.dataset[i] for i in self.indices(step, micro)])
+
+    def loader(self, start_step: int, end_step: int, num_workers: int = 0) -> Iterator[dict[str, Any]]:
+        """Micro-batches of steps ``start_step .. end_step - 1`` in order, decoded by
+        ``num_workers`` DataLoader workers (0 = in this process). The index lists are fixed
+        up front, so workers change only speed, never the order."""
+        if num_workers == 0:
+            return (self.batch(s, m) for s in range(start_step, end_step) for m in range(self.accum))
+        batches = [self.indices(s, m) for s in range(start_step, end_step) for m in range(self.accum)]
+        return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, persistent_workers=False))
+
+
+def collate(items: list[dict]) -> dict[str, Any]:
+    """Stack items into a batch: ``video`` (B, C, T, H, W), ``caption`` list, ``label`` (B,) if all have one."""
+    out: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "caption": [it.get("caption", "") for it in items]}
+    if all("label" in it for it in items):
+        out["label"] = torch.tensor([int(it["label"]) for it in items])
+    return out
 
 
 class Conditioner:

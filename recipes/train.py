@@ -146,11 +146,21 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
     out_dir = Path(recipe.output_dir)
     ckpt_root = out_dir / "checkpoints"
     metrics_path = out_dir / "metrics.jsonl"
+    import yaml
+
+    saved_recipe = out_dir / "recipe.yaml"
+    if (ckpt_root / "latest").is_file() and saved_recipe.is_file():
+        # Resuming: the checkpoint must hold this model (a reused output_dir is the usual mistake)
+        before = (yaml.safe_load(saved_recipe.read_text()) or {}).get("model")
+        if before != to_dict(recipe.model):
+            diff = sorted(k for k in set(before or {}) | set(to_dict(recipe.model)) if (before or {}).get(k) != to_dict(recipe.model).get(k))
+            raise ConfigError(
+                f"output_dir={str(out_dir)!r} holds checkpoints of a different model (model.{diff[0] if diff else '?'} differs); "
+                "use a new output_dir, or the recipe that wrote it to resume"
+            )
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
-
-        (out_dir / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        saved_recipe.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
     # 1. Model: same initialisation on every rank, then experts sharded over the EP group
     torch.manual_seed(tc.seed)
@@ -195,6 +205,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
     last_tag = tag
     engine.train()
     bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.max_steps, desc="train", unit="step", disable=rank != 0)
+    batches = source.loader(start_step, end_step, recipe.data.num_workers)
     for step in bar:
         t0 = time.perf_counter()
         lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
@@ -202,7 +213,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         hist = None
         for m in range(accum):
             g = step_generator(tc.seed, step, m, rank)
-            batch = source.batch(step, m)
+            batch = next(batches)
             x0 = batch["video"].to(device=device, dtype=dtype)
             kwargs = drop_conditioning(cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
             ctx = random_context_mask(x0.shape[0], x0.shape[2], tc.context_prob, g).to(device)

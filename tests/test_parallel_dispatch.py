@@ -38,12 +38,13 @@ def _case(kwargs: dict, rank: int, group) -> None:
     ((y_ep * w).sum() + aux_ep.loss).backward()
     torch.testing.assert_close(y_ep, y_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ep.router.gate.weight.grad, ref.router.gate.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ep.router.gate.weight.grad, ref.router.gate.weight.grad, rtol=1e-4, atol=1e-5)
     lo, hi = ep.expert_slice
     for name, p in ref.experts.named_parameters():
         full = p.grad.clone()
         dist.all_reduce(full, group=group)  # each expert sees the tokens of both ranks
-        torch.testing.assert_close(getattr(ep.experts, name).grad, full[lo:hi], rtol=1e-5, atol=1e-6)
+        # fp32 sums over both ranks' tokens in another order than the reference: 1e-4 relative
+        torch.testing.assert_close(getattr(ep.experts, name).grad, full[lo:hi], rtol=1e-4, atol=1e-5)
 
 
 def _worker(rank: int, port: int, failures) -> None:

@@ -103,5 +103,7 @@ def test_one_process_cli_run_without_a_launcher(tmp_path):
     assert summary["steps"] == 3 and summary["final_dir"] == str(tmp_path / "final")
     assert "1 rank(s), ZeRO-0" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
+    other = cli(["train", TINY_MOE, "--set", "train.max_steps=3", f"output_dir={tmp_path}"])  # reused output_dir
+    assert other.returncode == 2 and "holds checkpoints of a different model" in other.stderr, other.stderr[-2000:]
     bad = cli(["train", TINY_MOE, "--num-procs", "2", "--set", "parallel.ep_size=3"])
     assert bad.returncode == 2 and "parallel.ep_size=3 does not divide model.moe.num_experts=4" in bad.stderr
