@@ -229,3 +229,16 @@ def test_sync_free_grouped_mm_path_matches_loop(activation: str) -> None:
         outs.append((y, grads[0][:15], *grads[1:]))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bf16_layer_tracks_fp32(backend: str) -> None:
+    # bf16 compute (router still fp32) stays within bf16 rounding of the fp32 layer, k=8 routes
+    # per token included (the fused path accumulates them in fp32).
+    torch.manual_seed(6)
+    layer = _layer(16, 32, 16, 8, backend=backend)
+    x = torch.randn(2, 12, 16)
+    y32, _ = layer(x)
+    y16, _ = layer.to(torch.bfloat16)(x.bfloat16())
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y32, atol=3e-2, rtol=3e-2)

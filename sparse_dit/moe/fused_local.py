@@ -58,13 +58,18 @@ class _FusedLocalMoE(torch.autograd.Function):
             h = F.silu(a) * g
         # 2. second GEMM, weight the rows while hot, scatter-add into the tokens
         y = x.new_empty(kept, D)
-        out = x.new_zeros(T, D)
+        # Accumulate the k contributions per token in fp32 when computing in bf16/fp16 (as a
+        # GEMM accumulates), not by repeated low-precision adds.
+        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        out = torch.zeros(T, D, dtype=acc, device=x.device)
         for e, s, t in spans:
             if b2 is not None:
                 torch.addmm(b2[e], h[s:t], w2[e], out=y[s:t])
             else:
                 torch.mm(h[s:t], w2[e], out=y[s:t])
-            out.index_add_(0, tok[s:t], torch.mul(y[s:t], wc[s:t], out=buf[: t - s]))
+            yw = torch.mul(y[s:t], wc[s:t], out=buf[: t - s])
+            out.index_add_(0, tok[s:t], yw if acc == x.dtype else yw.to(acc))
+        out = out.to(x.dtype)
         if activation == "gelu_tanh":
             ctx.save_for_backward(x, tok, w, w1, w2, hp, h, y)
         else:
@@ -123,7 +128,8 @@ class _FusedLocalMoE(torch.autograd.Function):
             grads_in = [(da, w1), (dg, w3)]
         dws = [stacked(flag, (E, D, Fh)) for flag in ((need_w1,) if act == "gelu_tanh" else (need_w1, need_w3))]
         # 3. per expert: re-gather the token rows for the weight gradients, scatter-add dx
-        dx = x.new_zeros(T, D) if need_x else None
+        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+        dx = torch.zeros(T, D, dtype=acc, device=x.device) if need_x else None
         dxe_buf = x.new_empty(ctx.nmax, D)
         for e, s, t in spans:
             xe = torch.index_select(x, 0, tok[s:t], out=buf[: t - s])
@@ -136,7 +142,7 @@ class _FusedLocalMoE(torch.autograd.Function):
                     else:
                         dxe.addmm_(gin[s:t], wmat[e].t())
             if dx is not None:
-                dx.index_add_(0, tok[s:t], dxe)
+                dx.index_add_(0, tok[s:t], dxe if acc == x.dtype else dxe.to(acc))
         db1 = None
         if act == "gelu_tanh" and need_b1:
             # One index_add_ into the small [E, F] table, not E reductions (see expert_loop.py).
@@ -144,6 +150,8 @@ class _FusedLocalMoE(torch.autograd.Function):
                 torch.arange(E, device=x.device), torch.tensor(list(ctx.sizes), device=x.device), output_size=kept
             )
             db1 = x.new_zeros(E, Fh).index_add_(0, expert_of_row, dhp)
+        if dx is not None:
+            dx = dx.to(x.dtype)
         if act == "gelu_tanh":
             return dx, None, gw, None, None, dws[0], dw2, None, db1, db2
         return dx, None, gw, None, None, dws[0], dw2, dws[1], None, None
