@@ -89,6 +89,15 @@ def _ema_init(model: torch.nn.Module, decay: float, zero3: bool) -> Any:
     return EMA(model, decay=decay)
 
 
+def _plain_grad_norm(model: torch.nn.Module) -> float | None:
+    """Global L2 norm of ``p.grad`` (ZeRO-0: gradients are all-reduced in place and replicated,
+    expert parallelism is refused there, so every rank computes the same value)."""
+    grads = [p.grad.detach().float() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return None
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
 def _write_metrics(path: Path, row: dict) -> None:
     with open(path, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(row) + "\n")
@@ -239,12 +248,14 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
             if h is not None:
                 hist = h if hist is None else hist + h
             engine.backward(out["loss"])
-            if m == accum - 1 and "before_step" in hooks:
-                hooks["before_step"](engine, step)
+            if m == accum - 1:
+                if "before_step" in hooks:
+                    hooks["before_step"](engine, step)
+                pre_norm = _plain_grad_norm(model) if par.zero_stage == 0 else None
             engine.step()
         # after the optimizer step: grad norm, balance biases (counts summed over all ranks), EMA
-        gn = engine.get_global_grad_norm()
-        grad_norm = float(gn) if gn is not None else float("nan")
+        gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
+        grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
         update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
         _ema_update(ema, model, zero3)
         mean = (sums / accum).tolist()

@@ -102,6 +102,8 @@ def test_one_process_cli_run_without_a_launcher(tmp_path):
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 3 and summary["final_dir"] == str(tmp_path / "final")
     assert "1 rank(s), ZeRO-0" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)  # ZeRO-0 norm computed by the trainer
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
     other = cli(["train", TINY_MOE, "--set", "train.max_steps=3", f"output_dir={tmp_path}"])  # reused output_dir
     assert other.returncode == 2 and "holds checkpoints of a different model" in other.stderr, other.stderr[-2000:]
