@@ -83,7 +83,7 @@ def quickstart_recipes(out: str | Path, budget: float = 1.0, seed: int = 0) -> d
         recipes[name] = RecipeConfig(
             model=model,
             diffusion=DiffusionConfig(timestep_sampling="uniform", shift=1.0, sampler="euler",
-                                      num_inference_steps=q["sampler_steps"], guidance_scale=1.0, cond_dropout=0.0),
+                                      num_inference_steps=_sampler_steps(budget), guidance_scale=1.0, cond_dropout=0.0),
             train=TrainConfig(max_steps=steps, global_batch_size=q["batch_size"], lr=q["lr"], min_lr_ratio=0.1,
                               warmup_steps=min(q["warmup_steps"], max(1, steps // 4)), weight_decay=0.0, betas=(0.9, 0.99),
                               grad_clip=1.0, ema_decay=q["ema_decay"], seed=seed, save_every=max(steps, 1), log_every=10,
@@ -111,20 +111,21 @@ def _lr_at(step: int, train: TrainConfig) -> float:
 
 
 def _experts_in_fp32(model: torch.nn.Module) -> None:
-    """Feed MoE experts fp32 rows under bf16 autocast.
+    """Run MoE layers in fp32 under bf16 autocast.
 
     The expert kernels (sparse_dit.moe) take rows in their weights' dtype and torch.autocast
-    does not reach them (they are not nn.Linear), so their input is cast back to fp32 here:
-    the experts then run in fp32, the rest of the model in bf16.
+    does not reach them (they are not nn.Linear), so each MoE layer runs with autocast off on
+    fp32 input: the experts compute in fp32, the rest of the model in bf16.
     """
-    from sparse_dit.moe import GroupedExperts
-
-    def cast(module: torch.nn.Module, args: tuple) -> tuple:
-        return (args[0].to(module.w1.dtype), *args[1:])
+    from sparse_dit.moe import MoEFeedForward
 
     for m in model.modules():
-        if isinstance(m, GroupedExperts):
-            m.register_forward_pre_hook(cast)
+        if isinstance(m, MoEFeedForward):
+            def forward(x: torch.Tensor, *args: Any, _inner: Callable = m.forward, **kwargs: Any) -> Any:
+                with torch.autocast("cpu", enabled=False):
+                    return _inner(x.float(), *args, **kwargs)
+
+            m.forward = forward  # type: ignore[method-assign]
 
 
 def _train_local(recipe: RecipeConfig, context_frames: int, desc: str = "train") -> dict[str, Any]:
@@ -190,12 +191,21 @@ def _train(recipe: RecipeConfig, context_frames: int, desc: str) -> dict[str, An
 # --------------------------------------------------------------------------------------------
 
 
+def _val_videos(budget: float) -> int:
+    # Below budget 0.25 the run is a smoke test of the pipeline: a few validation videos.
+    return QUICKSTART["val_videos"] if budget >= 0.25 else 4
+
+
+def _sampler_steps(budget: float) -> int:
+    return QUICKSTART["sampler_steps"] if budget >= 0.25 else 4
+
+
 def _write_data(out: Path, budget: float, seed: int, log: Callable[[str], None]) -> dict[str, Path]:
     from sparse_dit.data import write_physics_dataset
 
     q = QUICKSTART
     n_train = q["train_videos"] if budget >= 1 else max(64, int(q["train_videos"] * budget))
-    n_val = q["val_videos"] if budget >= 0.25 else 8
+    n_val = _val_videos(budget)
     paths = {"train": out / "data" / "train", "id": out / "data" / "val_id", "ood": out / "data" / "val_ood"}
     # Disjoint seeds: the validation scenes are never trained on.
     plan = {"train": ("id", n_train, seed), "id": ("id", n_val, seed + 1_000_001), "ood": ("ood", n_val, seed + 2_000_003)}
@@ -250,7 +260,7 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
     log(f"[4/4] evaluating both on the same videos and noise ({time.monotonic() - t_start:.0f}s elapsed)")
     splits = [load_split("id", paths["id"]), load_split("ood", paths["ood"])]
     report, videos = compare({k: r.output_dir for k, r in recipes.items()}, splits, context_frames=q["context_frames"],
-                             seed=seed, num_inference_steps=q["sampler_steps"], log=lambda m: log("    " + m))
+                             seed=seed, num_inference_steps=_sampler_steps(budget), log=lambda m: log("    " + m))
     report["description"] = (
         f"Quickstart: a dense and a compute-matched sparse video DiT trained for {recipes['dense'].train.max_steps} steps x batch "
         f"{q['batch_size']} on PhyWorld's `{q['scenario']}` scenario, then asked to continue held-out videos from their first "
