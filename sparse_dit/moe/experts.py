@@ -17,9 +17,8 @@ Backends:
   On CUDA it runs under autograd with per-row bias gathers and needs no host sync; on CPU it
   runs inside the expert op of :mod:`sparse_dit.moe.expert_loop` (one GEMM call per shape).
 * ``"megablocks"``: optional CUDA backend; megablocks is imported lazily.
-* ``"auto"``: grouped_mm on CUDA for aligned shapes; on CPU the loop (fused with gather and
-  scatter by the single-process layer, see :mod:`sparse_dit.moe.fused_local`), or grouped_mm
-  for aligned shapes when the layer sets ``prefer_grouped_on_cpu`` (top_k <= 2); measured in
+* ``"auto"``: grouped_mm on CUDA for aligned shapes; on CPU the loop, fused with gather and
+  scatter by the single-process layer (:mod:`sparse_dit.moe.fused_local`); measured in
   benchmarks/moe_layer.py.
 """
 
@@ -66,8 +65,6 @@ class GroupedExperts(nn.Module):
             raise ValueError(f"num_experts={num_experts}, dim={dim}, hidden_dim={hidden_dim} must all be >= 1")
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.activation, self.backend = activation, backend
-        # Set by MoEFeedForward: whether "auto" should take grouped_mm on CPU (few routes per token).
-        self.prefer_grouped_on_cpu = False
         E, D, Fh = num_experts, dim, hidden_dim
         self.w1 = nn.Parameter(torch.empty(E, D, Fh))  # [E, D, F]
         self.w2 = nn.Parameter(torch.empty(E, Fh, D))  # [E, F, D]
@@ -99,12 +96,10 @@ class GroupedExperts(nn.Module):
         if self.backend != "auto":
             return self.backend
         # GPU: grouped_mm needs no host sync. CPU: the loop, which the single-process layer fuses
-        # with gather and scatter (fused_local.py; 1.27x faster than grouped_mm at E=64, k=8),
-        # except where the layer prefers grouped_mm (k <= 2: 3-7 % faster; BENCHMARKS.md).
-        aligned = grouped_mm_available() and self.grouped_mm_aligned(x.dtype)
-        if x.is_cuda and aligned:
-            return "grouped_mm"
-        if self.prefer_grouped_on_cpu and aligned and x.dtype in (torch.float32, torch.bfloat16):
+        # with gather and scatter (fused_local.py). grouped_mm behind dispatch/combine was 3-7 %
+        # faster at d=384, E=8, k=2, but 1.3x slower at E=64, k=8 and ~1.7x slower at d=768 with
+        # 16k tokens, where its (R, D) copies are 100 MB each (BENCHMARKS.md).
+        if x.is_cuda and grouped_mm_available() and self.grouped_mm_aligned(x.dtype):
             return "grouped_mm"
         return "loop"
 

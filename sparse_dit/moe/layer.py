@@ -101,9 +101,6 @@ class MoEFeedForward(nn.Module):
             cond_dim=cond_dim, capacity_factor=capacity_factor, bias_balancing=bias_update_rate > 0,
         )
         self.experts = GroupedExperts(num_experts, dim, hidden_dim, activation, backend)
-        # With k <= 2 routes per token the (R, D) copies of the dispatch path are small and
-        # grouped GEMMs win on CPU; with more, the fused per-expert path does (BENCHMARKS.md).
-        self.experts.prefer_grouped_on_cpu = router == "token_choice" and top_k <= 2
         self.shared = FeedForward(dim, shared_experts * hidden_dim, activation) if shared_experts else None
         self.num_shared_experts = shared_experts
         # Global experts [lo, hi) held by self.experts (all of them unless shard_experts ran).
@@ -171,7 +168,6 @@ class MoEFeedForward(nn.Module):
         lo = ep_rank * n
         old = self.experts
         new = GroupedExperts(n, old.dim, old.hidden_dim, old.activation, old.backend).to(old.w1.device, old.w1.dtype)
-        new.prefer_grouped_on_cpu = old.prefer_grouped_on_cpu
         with torch.no_grad():
             for name in ("w1", "w2", "w3", "b1", "b2"):
                 src = getattr(old, name)
