@@ -499,6 +499,12 @@ class DataConfig(_Config):
     # its width follows model.text_dim), "minilm" or a local HF model directory. Models with
     # model.num_classes > 0 and no text train on class labels instead (the trainer's switch).
     text_encoder: str = "hash"
+    # Any-size training (sparse_dit.data.bucketing, used by the trainer): a token budget per
+    # micro-batch turns on (T, H, W) buckets with aspect-ratio buckets built from these square-
+    # equivalent sides and durations; None = every clip cropped to num_frames x height x width.
+    token_budget: Optional[int] = field(default=None, metadata=rule(ge=1))
+    bucket_resolutions: tuple[int, ...] = (32,)
+    bucket_frame_counts: tuple[int, ...] = (8, 16)
 
 
 @dataclass
