@@ -96,9 +96,8 @@ class GroupedExperts(nn.Module):
         if self.backend != "auto":
             return self.backend
         # GPU: grouped_mm needs no host sync. CPU: the loop, which the single-process layer fuses
-        # with gather and scatter (fused_local.py). grouped_mm behind dispatch/combine was 3-7 %
-        # faster at d=384, E=8, k=2, but 1.3x slower at E=64, k=8 and ~1.7x slower at d=768 with
-        # 16k tokens, where its (R, D) copies are 100 MB each (BENCHMARKS.md).
+        # with gather and scatter (fused_local.py). grouped_mm behind dispatch/combine was within
+        # +-7 % of it for E=8, k=2 and 1.27x slower at E=64, k=8 (BENCHMARKS.md).
         if x.is_cuda and grouped_mm_available() and self.grouped_mm_aligned(x.dtype):
             return "grouped_mm"
         return "loop"
