@@ -11,6 +11,7 @@ would, with no sampler or RNG state to checkpoint.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterator, Optional
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparse_dit.config import ConfigError, RecipeConfig
 
-__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "collate", "Conditioner"]
+__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "BucketSource", "bucket_shapes", "collate", "Conditioner"]
 
 # Tasks a context-frame mask teaches (Open-Sora 1.2 style masking): predict the future from
 # the first frames, extend backward in time, interpolate between clean start and end frames,
@@ -78,6 +79,19 @@ def random_context_mask(batch: int, frames: int, prob: float, generator: torch.G
     return mask
 
 
+def bucket_shapes(recipe: RecipeConfig) -> list[tuple[int, int, int]]:
+    """The (T, H, W) buckets of ``data.bucket_resolutions`` x ``bucket_frame_counts`` x the
+    default aspect ratios, with H and W multiples of 8 and of the spatial patch."""
+    from sparse_dit.data.bucketing import make_buckets
+
+    d, (pt, ph, pw) = recipe.data, recipe.model.patch_size
+    multiple = math.lcm(8, ph, pw)
+    bad = [t for t in d.bucket_frame_counts if t % pt]
+    if bad:
+        raise ConfigError(f"data.bucket_frame_counts={list(d.bucket_frame_counts)} must be multiples of the temporal patch {pt}")
+    return make_buckets(d.bucket_resolutions, d.bucket_frame_counts, multiple=multiple)
+
+
 def build_dataset(recipe: RecipeConfig, held_out: bool = False) -> Dataset:
     """The training (or a small held-out) dataset of ``recipe.data``.
 
@@ -99,7 +113,9 @@ def build_dataset(recipe: RecipeConfig, held_out: bool = False) -> Dataset:
         return MovingSquares(4 if held_out else d.num_videos, d.num_frames, d.height, d.width, seed=seed)
     if d.path is None:
         raise ConfigError(f"data.source={d.source!r} needs data.path (a dataset folder)")
-    kwargs = dict(num_frames=d.num_frames, size=(d.height, d.width))
+    kwargs: dict[str, Any] = dict(num_frames=d.num_frames, size=(d.height, d.width))
+    if d.token_budget is not None and not held_out:
+        kwargs = dict(buckets=bucket_shapes(recipe))
     if d.source == "physics":
         from sparse_dit.data.loaders import PhysicsVideoDataset
 
@@ -160,6 +176,39 @@ class BatchSource:
             return (self.batch(s, m) for s in range(start_step, end_step) for m in range(self.accum))
         batches = [self.indices(s, m) for s in range(start_step, end_step) for m in range(self.accum)]
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, persistent_workers=False))
+
+
+class BucketSource(BatchSource):
+    """Any-size micro-batches: the data package's ``BucketBatchSampler`` (one shape per batch,
+    batch size from ``data.token_budget``), sharded over ranks and positioned by the step like
+    :class:`BatchSource` (epoch = k // batches per rank, ``set_epoch``, position = the rest).
+
+    Args:
+        dataset: a dataset with ``sample_shapes()`` (built with buckets).
+        token_budget: tokens per micro-batch.
+        patch_size: the model's (pt, ph, pw).
+        accum, rank, world_size, seed: as :class:`BatchSource`.
+    """
+
+    def __init__(self, dataset: Dataset, token_budget: int, patch_size: tuple[int, int, int], accum: int, rank: int, world_size: int, seed: int) -> None:
+        from sparse_dit.data.bucketing import BucketBatchSampler
+
+        self.dataset, self.accum, self.micro_batch = dataset, accum, None
+        # drop_last: every rank gets the same number of full batches, so no collective waits
+        self.sampler = BucketBatchSampler(dataset.sample_shapes(), token_budget, patch_size=patch_size, shuffle=True,
+                                          seed=seed, rank=rank, world_size=world_size, drop_last=True)
+        self.per_epoch = len(self.sampler)
+        if self.per_epoch < 1:
+            raise ConfigError(f"data.token_budget={token_budget} leaves no full bucket batch per rank; add data or lower the budget")
+        self._epoch, self._order = None, []
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        k = step * self.accum + micro
+        epoch, pos = divmod(k, self.per_epoch)
+        if epoch != self._epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._epoch = list(iter(self.sampler)), epoch
+        return self._order[pos]
 
 
 def collate(items: list[dict]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -40,7 +41,8 @@ from sparse_dit.config import ConfigError, RecipeConfig, load_recipe, to_dict
 __all__ = ["TrainingDiverged", "train", "add_arguments", "run", "main"]
 
 # Order of the per-micro-step values all-reduced in one collective (mean over ranks).
-_REDUCED = ("loss", "mse", "moe/aux_loss", "moe/balance_loss", "moe/z_loss", "moe/max_violation", "moe/router_entropy", "moe/dropped_fraction")
+_REDUCED = ("loss", "mse", "moe/aux_loss", "moe/balance_loss", "moe/z_loss", "moe/max_violation", "moe/router_entropy", "moe/dropped_fraction",
+            "samples", "tokens")
 
 
 class TrainingDiverged(RuntimeError):
@@ -141,7 +143,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
         load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
     )
-    from sparse_dit.recipes.batches import BatchSource, Conditioner, build_dataset, random_context_mask, step_generator
+    from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, random_context_mask, step_generator
     from sparse_dit.recipes.tb import add_expert_histogram, open_writer
 
     hooks = hooks or {}
@@ -185,11 +187,13 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
 
     # 2. Data: every rank is a data-parallel rank (EP shards experts, not the batch)
     dataset = build_dataset(recipe)
-    source = BatchSource(dataset, micro, accum, rank, world, tc.seed)
+    if recipe.data.token_budget is not None:  # any-size: one bucket shape per micro-batch
+        source = BucketSource(dataset, recipe.data.token_budget, recipe.model.patch_size, accum, rank, world, tc.seed)
+    else:
+        source = BatchSource(dataset, micro, accum, rank, world, tc.seed)
     sample0 = dataset[0]["video"]
     C, T, H, W = sample0.shape
     macs = count(recipe.model, (C, T, H, W), text_len=getattr(cond.encoder, "max_length", 0) if cond.encoder else 0)
-    tokens_per_sample = macs["tokens"]
 
     # 3. Resume
     start_step = 0
@@ -211,6 +215,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
     losses: list[float] = []
     step_times: list[float] = []
+    step_samples: list[tuple[float, float]] = []
     last_tag = tag
     engine.train()
     bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.max_steps, desc="train", unit="step", disable=rank != 0)
@@ -227,9 +232,11 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
             kwargs = drop_conditioning(cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
             ctx = random_context_mask(x0.shape[0], x0.shape[2], tc.context_prob, g).to(device)
             rec = _Recorder(engine, recipe.model)
-            out = fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=tokens_per_sample)
+            n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
+            out = fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)
             scalars, h = summarize_aux(rec.aux.moe if rec.aux is not None else [])
-            vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:]]
+            vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:-2]]
+            vals += [float(x0.shape[0]), float(x0.shape[0] * n_tok)]  # samples and tokens (summed below)
             vals_t = torch.tensor(vals, dtype=torch.float64)
             dist.all_reduce(vals_t)  # one collective: NaN check, global loss and MoE stats
             vals_t /= world
@@ -259,10 +266,12 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
         _ema_update(ema, model, zero3)
         mean = (sums / accum).tolist()
-        metrics = dict(zip(_REDUCED, mean))
+        metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
+        samples, tokens = sums[-2].item() * world, sums[-1].item() * world  # summed over micro-steps and ranks
         dt = time.perf_counter() - t0
         step_times.append(dt)
-        metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples_per_s": G / dt, "tokens_per_s": G * tokens_per_sample / dt})
+        metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt, "tokens_per_s": tokens / dt})
+        step_samples.append((samples, tokens))
         losses.append(metrics["loss"])
         if hist is not None:
             dist.all_reduce(hist)
@@ -275,9 +284,10 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
                 writer.add_scalar("train/grad_norm", grad_norm, step + 1)
                 writer.add_scalar("perf/samples_per_s", metrics["samples_per_s"], step + 1)
                 writer.add_scalar("perf/tokens_per_s", metrics["tokens_per_s"], step + 1)
-                writer.add_scalar("perf/model_tflops", 3 * macs["macs"] * 2 * metrics["samples_per_s"] / 1e12, step + 1)
+                if recipe.data.token_budget is None:  # one shape: analytic FLOPs per sample apply
+                    writer.add_scalar("perf/model_tflops", 3 * macs["macs"] * 2 * metrics["samples_per_s"] / 1e12, step + 1)
                 if hist is not None:
-                    for k in _REDUCED[2:]:
+                    for k in _REDUCED[2:-2]:
                         writer.add_scalar(k, metrics[k], step + 1)
                     add_expert_histogram(writer, "moe/tokens_per_expert", hist, step + 1)
             bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", lr=f"{lr:.2e}")
@@ -300,11 +310,13 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         _rank0_print(rank, f"exported EMA weights to {final_dir}")
     if writer is not None:
         writer.close()
-    timed = step_times[1:] or step_times  # the first step pays warm-up costs
-    sps = G * len(timed) / sum(timed) if timed else float("nan")
+    skip = 1 if len(step_times) > 1 else 0  # the first step pays warm-up costs
+    secs = sum(step_times[skip:])
+    sps = sum(s for s, _ in step_samples[skip:]) / secs if secs else float("nan")
+    tps = sum(t for _, t in step_samples[skip:]) / secs if secs else float("nan")
     return {
         "steps": end_step, "start_step": start_step, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "samples_per_s": sps, "tokens_per_s": sps * tokens_per_sample,
+        "last_loss": losses[-1] if losses else None, "samples_per_s": sps, "tokens_per_s": tps,
         "final_dir": final_dir, "output_dir": str(out_dir), "world_size": world, "checkpoint": last_tag,
     }
 

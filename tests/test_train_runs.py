@@ -97,6 +97,27 @@ def test_rerunning_the_same_command_resumes_exactly(reference, tmp_path):
     assert (tmp_path / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.timeout(300)
+def test_any_size_batches_from_buckets_on_two_ranks(tmp_path):
+    """A physics dataset of 16x16 and 16x24 clips, token budget 1536: 3 or 2 clips per batch."""
+    import datasets
+
+    from sparse_dit.data import write_physics_dataset
+
+    for name, width, seed in (("a", 16, 0), ("b", 24, 1)):
+        write_physics_dataset(tmp_path / name, "bounce", "id", 12, frames=8, height=16, width=width, seed=seed, progress=False, workers=1)
+    datasets.concatenate_datasets([datasets.load_from_disk(tmp_path / n) for n in "ab"]).save_to_disk(tmp_path / "mixed")
+    out = tmp_path / "run"
+    launch(["-m", "sparse_dit.recipes.train", TINY_MOE, "--set", "train.max_steps=6", "data.source=physics",
+            f"data.path={tmp_path / 'mixed'}", "data.token_budget=1536", "data.bucket_resolutions=[16]",
+            "data.bucket_frame_counts=[8]", "parallel.ep_size=2", f"output_dir={out}"], world=2)
+    rows = _rows(out)
+    assert len(rows) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(r["samples"] in (4, 5, 6) for r in rows)  # 2 ranks x (3 of 8x16x16 or 2 of 8x16x24)
+    per_sample = {round(r["tokens_per_s"] / r["samples_per_s"]) for r in rows}
+    assert all(512 <= t <= 768 for t in per_sample) and len(per_sample) > 1  # both shapes were trained on
+
+
 # --------------------------------------------------------------------------------------------
 # NaN stop (one rank)
 # --------------------------------------------------------------------------------------------
