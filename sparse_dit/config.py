@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def _type_name(tp: Any) -> str:
 
 
 _NO = object()
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -143,6 +145,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             return _NO
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            # PyYAML follows YAML 1.1, where "3e-3" (no dot) is a string, not a float: accept it.
+            return float(value)
         return float(value) if isinstance(value, (int, float)) else _NO
     if tp is str:
         return value if isinstance(value, str) else _NO

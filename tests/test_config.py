@@ -72,3 +72,11 @@ def test_overrides_parse_yaml_values_and_roundtrip(tmp_path):
         apply_overrides({}, ["train.max_steps"])
     with pytest.raises(ConfigError, match="unknown key 'train.max_step'"):
         load_recipe(path, ["train.max_step=3"])
+
+
+def test_yaml_11_exponent_without_dot_is_accepted_as_float(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("train:\n  lr: 3e-3\n")  # PyYAML reads this as the string '3e-3'
+    assert load_recipe(path).train.lr == 3e-3
+    with pytest.raises(ConfigError, match="train.lr='fast'"):
+        load_recipe(path, ["train.lr=fast"])
