@@ -15,6 +15,16 @@ from sparse_dit.moe.flops import dense_ffn_counts
 from sparse_dit.moe.presets import fullwidth_compute_ratio, parse_moe_preset
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from 2 threads, and on a loaded machine OpenMP's spinning
+    threads stall every parallel region (docs/moe.md): run these tests single-threaded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(**moe) -> ModelConfig:
     return ModelConfig(hidden_size=32, num_heads=4, depth=2, moe=MoEConfig(**moe))
 
