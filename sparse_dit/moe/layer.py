@@ -19,7 +19,6 @@ from torch import nn
 from sparse_dit.modules.mlp import FeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts
-from sparse_dit.moe.fused_local import fused_local_moe
 from sparse_dit.moe.router import Router
 from sparse_dit.moe.stats import MoEAux, balance_loss, max_violation, router_entropy, timestep_bin_load, z_loss
 
@@ -226,11 +225,10 @@ class MoEFeedForward(nn.Module):
             tok = torch.div(perm, r.expert_idx.shape[1], rounding_mode="floor")
         else:
             tok = r.token_idx.reshape(-1).index_select(0, perm)
-        sizes = torch.bincount(e_R, minlength=self.num_experts + 1)[: self.num_experts].tolist()  # the one host sync
-        ex = self.experts
-        return fused_local_moe(
-            x_TD, tok, r.weight.reshape(-1).index_select(0, perm), sizes, ex.activation, ex.w1, ex.w2, ex.w3, ex.b1, ex.b2
-        )
+        counts = torch.bincount(e_R, minlength=self.num_experts + 1)[: self.num_experts]
+        sizes = counts.tolist()  # the one host sync
+        # Through experts.__call__, so that module hooks (ZeRO-3 gathering) run.
+        return self.experts(x_TD, counts, sizes, token_sorted=tok, weight_sorted=r.weight.reshape(-1).index_select(0, perm))
 
     def _aux(self, r: Any, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
         K = self.top_k
