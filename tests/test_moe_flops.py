@@ -124,3 +124,6 @@ def test_presets_are_compute_matched_and_named() -> None:
     assert full.moe.expert_hidden_dim == full.ffn_hidden
     assert fullwidth_compute_ratio("S/2-E8A2-fullwidth", (4, 1, 16, 16)) > 1.3
     assert abs(fullwidth_compute_ratio("S/2-E8A2", (4, 1, 16, 16)) - 1) < 0.01
+    # DiT-MoE's layout (top-2 + 1 shared, full width) is the "about 2.2x" of issue 3 on DiT's
+    # 256-token image latents.
+    assert 2.1 < fullwidth_compute_ratio("DiT-S/2-E8A2S1-fullwidth", (4, 1, 32, 32)) < 2.3

@@ -7,9 +7,12 @@
 * ``S/2-E16A2S1``: 16 routed experts, 2 active, plus 1 shared expert (all of one width), still
   compute-matched.
 * ``S/2-E8A2-fullwidth``: NOT compute-matched. Experts keep the dense FFN width, as DiT-MoE
-  (Fei et al. 2024) builds them, so each token runs ``A`` full FFNs: about ``A``x the FFN
-  compute of the dense model. The name says so; :func:`fullwidth_compute_ratio` gives the
-  whole-model ratio for a latent shape (printed in docs/moe.md).
+  (Fei et al. 2024) builds them, so each token runs ``A`` (+ ``S``) full FFNs: ``A + S`` times
+  the FFN compute of the dense model. The name says so; :func:`fullwidth_compute_ratio` gives
+  the whole-model ratio for a latent shape. ``E8A2S1-fullwidth`` is DiT-MoE's layout (top-2
+  plus a shared expert): 3 dense FFNs per token, about 2.2x the dense model's forward MACs on
+  256-token image latents (DiT-S/2 2.20x, DiT-XL/2 2.28x) and 1.6-2.0x on 2048-token video
+  latents; ``E8A2-fullwidth`` 1.5-1.6x and 1.3-1.5x (docs/moe.md).
 
 The dense base comes from :func:`sparse_dit.dit.preset_config` (imported lazily: the DiT imports
 this module for MoE names).
@@ -36,6 +39,8 @@ def _curated() -> list[str]:
     for size in ("S", "B", "L", "XL"):
         names += [f"{size}/2-E16A4", f"{size}/2-E64A8", f"{size}/2-E16A2S1"]
     names += ["S/2-E8A2-fullwidth", "B/2-E8A2-fullwidth", "XL/2-E8A2-fullwidth"]
+    # DiT-MoE's layout (top-2 + 1 shared expert, all dense-width): ~2.2x dense compute.
+    names += ["S/2-E8A2S1-fullwidth", "XL/2-E8A2S1-fullwidth", "DiT-S/2-E8A2S1-fullwidth", "DiT-XL/2-E8A2S1-fullwidth"]
     return names
 
 
