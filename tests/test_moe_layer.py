@@ -207,3 +207,18 @@ def test_bad_arguments_raise_clear_errors() -> None:
         moe(torch.randn(3, 8))
     with pytest.raises(ImportError, match="megablocks"):
         MoEFeedForward(8, 16, 2, 1, backend="megablocks")(torch.randn(1, 3, 8))
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_bf16_autocast_runs_experts_in_bf16_and_router_in_fp32(backend: str) -> None:
+    torch.manual_seed(0)
+    moe = MoEFeedForward(16, 32, 4, 2, shared_experts=1, backend=backend)
+    x = torch.randn(2, 6, 16)
+    y32, _ = moe(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, aux = moe(x)
+    assert y.dtype == torch.bfloat16 and aux.z_loss.dtype == torch.float32
+    torch.testing.assert_close(y.float(), y32, atol=3e-2, rtol=3e-2)
+    y.float().square().sum().backward()
+    assert moe.experts.w1.grad is not None and moe.experts.w1.grad.dtype == torch.float32
+    assert moe.router.gate.weight.grad is not None and moe.shared.fc1.weight.grad is not None

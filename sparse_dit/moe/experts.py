@@ -91,6 +91,12 @@ class GroupedExperts(nn.Module):
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation}, backend={self.backend}"
 
+    def params_in(self, dtype: torch.dtype) -> tuple[Optional[torch.Tensor], ...]:
+        """``(w1, w2, w3, b1, b2)`` in ``dtype``: the parameters themselves when they already have
+        it, else differentiable casts (mixed precision: fp32 master weights, bf16 compute, as
+        autocast does for ``nn.Linear``)."""
+        return tuple(None if p is None else (p if p.dtype == dtype else p.to(dtype)) for p in (self.w1, self.w2, self.w3, self.b1, self.b2))
+
     # ----------------------------------------------------------------------------------------
     def resolve_backend(self, x: torch.Tensor) -> str:
         """The backend ``"auto"`` picks for this input (see the module docstring)."""
@@ -140,7 +146,7 @@ class GroupedExperts(nn.Module):
                 raise ValueError("fused mode needs token_sorted and weight_sorted of the same shape (R,)")
             sizes = list(split_sizes) if split_sizes is not None else tokens_per_expert.tolist()
             return fused_local_moe(
-                x_sorted, token_sorted, weight_sorted, sizes, self.activation, self.w1, self.w2, self.w3, self.b1, self.b2
+                x_sorted, token_sorted, weight_sorted, sizes, self.activation, *self.params_in(x_sorted.dtype)
             )
         if x_sorted.ndim != 2 or x_sorted.shape[1] != self.dim:
             raise ValueError(f"x_sorted must be (rows, {self.dim}), got {tuple(x_sorted.shape)}")
@@ -175,7 +181,7 @@ class GroupedExperts(nn.Module):
         sizes = list(split_sizes) if split_sizes is not None else counts.tolist()  # the one host sync
         if sum(sizes) > x.shape[0]:
             raise ValueError(f"tokens_per_expert sums to {sum(sizes)} > {x.shape[0]} rows")
-        return experts_loop(x, sizes, self.activation, grouped, self.w1, self.w2, self.w3, self.b1, self.b2)
+        return experts_loop(x, sizes, self.activation, grouped, *self.params_in(x.dtype))
 
     def _forward_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not grouped_mm_available():

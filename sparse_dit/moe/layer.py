@@ -25,6 +25,14 @@ from sparse_dit.moe.stats import MoEAux, balance_loss, max_violation, router_ent
 __all__ = ["MoEFeedForward", "expert_hidden_dim"]
 
 
+def _linear_dtype(ffn: nn.Module, dtype: torch.dtype):
+    """Call a dense FFN on inputs of ``dtype`` even when its weights are fp32 (mixed precision)."""
+    w = next(ffn.parameters())
+    if w.dtype == dtype:
+        return ffn
+    return lambda x: torch.func.functional_call(ffn, {n: p.to(dtype) for n, p in ffn.named_parameters()}, (x,))
+
+
 def expert_hidden_dim(cfg: Any) -> int:
     """Expert hidden width of a :class:`~sparse_dit.config.ModelConfig`: ``moe.expert_hidden_dim``,
     else the dense FFN width divided by ``moe.granularity``."""
@@ -196,6 +204,19 @@ class MoEFeedForward(nn.Module):
         """
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):
+            # Autocast does not reach the expert kernels (they are not nn.Linear) and would turn
+            # the router's fp32 linear into bf16: run with autocast off, experts in the autocast
+            # dtype (differentiable weight casts, as autocast does), router in fp32.
+            dtype = torch.get_autocast_dtype(dev)
+            with torch.autocast(dev, enabled=False):
+                return self._forward(x.to(dtype), cond, timesteps)
+        return self._forward(x, cond, timesteps)
+
+    def _forward(
+        self, x: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, MoEAux]:
         B, N, D = x.shape
         # 1. Route (fp32)
         r = self.router(x, cond if self.router.cond_proj is not None else None)
@@ -215,7 +236,7 @@ class MoEFeedForward(nn.Module):
             y_TD = self.dispatcher.combine(y_sorted, meta)  # (T, D)
         # 4. Shared experts see every token
         if self.shared is not None:
-            y_TD = y_TD + self.shared(x_TD)
+            y_TD = y_TD + _linear_dtype(self.shared, x_TD.dtype)(x_TD)
         return y_TD.view(B, N, D), self._aux(r, B, N, timesteps)
 
     def _fused_local(self, x_TD: torch.Tensor, r: Any) -> torch.Tensor:
