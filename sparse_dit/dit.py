@@ -28,10 +28,11 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from sparse_dit.config import ConfigError, ModelConfig, MoEConfig, from_dict, to_dict
+from sparse_dit.config import ConfigError, ModelConfig, from_dict, to_dict
 from sparse_dit.modules.attention import CrossAttention, RotaryEmbedding3D, SelfAttention
 from sparse_dit.modules.embeddings import LabelEmbedder, PatchEmbed3D, TextEmbedder, TimestepEmbedder, sincos_pos_embed
 from sparse_dit.modules.mlp import FeedForward
+from sparse_dit.moe.placement import is_moe_layer
 
 __all__ = [
     "SparseDiT",
@@ -49,11 +50,6 @@ __all__ = [
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation; x is (B, Tc, S, D), shift/scale (B, Tc, 1, D)."""
     return x * (1 + scale) + shift
-
-
-def is_moe_layer(moe: MoEConfig, layer_idx: int) -> bool:
-    """Whether block ``layer_idx`` gets an MoE FFN: after ``first_dense`` dense blocks, every ``every``-th."""
-    return moe.enabled and layer_idx >= moe.first_dense and (layer_idx - moe.first_dense) % moe.every == 0
 
 
 @dataclass

@@ -51,7 +51,7 @@ def _dense_ffn_counts(config: ModelConfig) -> dict[str, int]:
 
 
 def _ffn_counts(config: ModelConfig, layer_idx: int) -> dict[str, int]:
-    from sparse_dit.dit import is_moe_layer
+    from sparse_dit.moe.placement import is_moe_layer
 
     if is_moe_layer(config.moe, layer_idx):
         from sparse_dit.moe.flops import moe_layer_counts
@@ -116,7 +116,8 @@ def count(
                 N * 2 * D * D + L * 2 * D * D + 2 * N * L * D,
             )
         f = _ffn_counts(config, i)
-        add("ffn", f["total_params"], N * f["macs_per_token"], a=f["active_params"])
+        # macs_per_sample: per-sample work of an MoE layer (the timestep-aware router's projection)
+        add("ffn", f["total_params"], N * f["macs_per_token"] + f.get("macs_per_sample", 0), a=f["active_params"])
 
     Co = config.out_channels
     add("final", D * 2 * D + 2 * D + D * P * Co + P * Co, 2 * D * D + N * D * P * Co)

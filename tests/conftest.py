@@ -3,6 +3,9 @@
 import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine spinning threads
+# stalled the MoE tests 20x (see benchmarks/moe_layer.py). Set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest
 import torch
