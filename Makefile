@@ -43,7 +43,7 @@ install: $(VENV)/.pkg-installed
 install-dev: $(VENV)/.dev-installed
 
 demo: install
-	DS_ACCELERATOR=cpu $(BIN)/sparse-dit quickstart --out $(DEMO_OUT)
+	DS_ACCELERATOR=cpu OMP_WAIT_POLICY=PASSIVE $(BIN)/sparse-dit quickstart --out $(DEMO_OUT)
 
 test: install-dev
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest $(PYTEST_ARGS)
