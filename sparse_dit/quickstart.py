@@ -105,8 +105,11 @@ def quickstart_recipes(out: str | Path, budget: float = 1.0, seed: int = 0) -> d
 
 
 # --------------------------------------------------------------------------------------------
-# Training. The library trainer (sparse_dit.recipes.train.train) is used when it is installed;
-# the loop below is the single-process fallback with the same objective and schedule.
+# Training. `--trainer local` (default): the single-process loop below, the same objective,
+# optimizer and schedule as the library trainer, with every sample given its first frames as
+# context (the one task the demo asks). `--trainer library`: sparse_dit.recipes.train under
+# DeepSpeed, whose context masks are random tasks (train.context_prob); docs/world_model.md
+# measures the difference.
 # --------------------------------------------------------------------------------------------
 
 
@@ -192,7 +195,25 @@ def _train_local(recipe: RecipeConfig, context_frames: int, desc: str = "train")
     return summary
 
 
-def _train(recipe: RecipeConfig, context_frames: int, desc: str) -> dict[str, Any]:
+def _train_library(recipe: RecipeConfig) -> dict[str, Any]:
+    """The library trainer (DeepSpeed, ``sparse_dit.recipes.train``); its context-frame masks
+    are random tasks (``train.context_prob``), not always the first frames."""
+    from sparse_dit.recipes.train import train
+
+    start = time.monotonic()
+    summary = dict(train(recipe))
+    summary.update(train_seconds=round(time.monotonic() - start, 1), batch_size=recipe.train.global_batch_size,
+                   first_loss=summary.get("first_loss"), final_loss=summary.get("last_loss"),
+                   trainer="sparse_dit.recipes.train (DeepSpeed)")
+    (Path(recipe.output_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _train(recipe: RecipeConfig, context_frames: int, desc: str, trainer: str = "local") -> dict[str, Any]:
+    if trainer == "library":
+        return _train_library(recipe)
+    if trainer != "local":
+        raise ValueError(f"trainer={trainer!r} is not supported; choose 'local' or 'library'")
     return _train_local(recipe, context_frames, desc)
 
 
@@ -226,7 +247,8 @@ def _write_data(out: Path, budget: float, seed: int, log: Callable[[str], None])
     return paths
 
 
-def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: int = 0, log: Callable[[str], None] = print) -> dict:
+def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: int = 0, log: Callable[[str], None] = print,
+               trainer: str = "local") -> dict:
     """Run the main job; returns the report (also written to ``out/report.json``).
 
     Args:
@@ -234,6 +256,8 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
         budget: multiplies the training steps (1 = about 30 minutes on 2 CPU cores).
         seed: seeds data, initialisation and sampling.
         log: progress printer.
+        trainer: ``"local"`` (single process, every sample gets the first frames as context) or
+            ``"library"`` (``sparse_dit.recipes.train`` under DeepSpeed, random context tasks).
     """
     from sparse_dit.evals.compare import compare, load_split
     from sparse_dit.evals.report import write_report
@@ -260,7 +284,7 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
     for i, (name, r) in enumerate(recipes.items()):
         log(f"[{2 + i}/4] training {name}: {r.train.max_steps} steps x batch {r.train.global_batch_size} "
             f"({time.monotonic() - t_start:.0f}s elapsed)")
-        summaries[name] = _train(r, q["context_frames"], desc=name)
+        summaries[name] = _train(r, q["context_frames"], desc=name, trainer=trainer)
         if i == 0:
             eta = summaries[name]["train_seconds"] * 1.3 + 120
             log(f"      {name}: loss {summaries[name]['first_loss']:.3f} -> {summaries[name]['final_loss']:.3f}; "
@@ -292,8 +316,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=float, default=1.0,
                         help="multiplies the training steps (1 = ~30 min on 2 CPU cores; 0.02 = a one-minute smoke run)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trainer", choices=("local", "library"), default="local",
+                        help="local: single-process loop, always the first 3 frames as context (default); "
+                             "library: sparse_dit.recipes.train under DeepSpeed with random context tasks")
 
 
 def run(args: argparse.Namespace) -> int:
-    quickstart(args.out, budget=args.budget, seed=args.seed)
+    quickstart(args.out, budget=args.budget, seed=args.seed, trainer=args.trainer)
     return 0
