@@ -6,7 +6,7 @@
     sparse-dit eval loss RUN_DIR --data id=PATH
 
 Validation data is either saved physics datasets (``--data NAME=PATH``, repeatable; the first
-is the headline split) or simulated on the fly (``--scenario uniform --fps 5 --num-videos 48``
+is the headline split) or simulated on the fly (``--scenario uniform --fps 4 --num-videos 48``
 makes an ``id`` split, plus ``ood`` with ``--ood``), at the size given by ``--frames/--height/
 --width`` or else the first run's recipe.
 """
@@ -34,7 +34,7 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a saved physics dataset as split NAME (repeatable)")
     g.add_argument("--limit", type=int, default=None, help="use the first N videos of each --data split")
     g.add_argument("--scenario", default="uniform", help="simulate splits of this scenario when no --data is given")
-    g.add_argument("--fps", type=float, default=5.0)
+    g.add_argument("--fps", type=float, default=4.0, help="frame rate of simulated splits (the quickstart's: 4)")
     g.add_argument("--num-videos", type=int, default=48)
     g.add_argument("--data-seed", type=int, default=1_000_001, help="seed of simulated splits (not the training seed)")
     g.add_argument("--ood", action="store_true", help="also simulate an out-of-distribution split")

@@ -238,11 +238,15 @@ def _write_data(out: Path, budget: float, seed: int, log: Callable[[str], None])
     paths = {"train": out / "data" / "train", "id": out / "data" / "val_id", "ood": out / "data" / "val_ood"}
     # Disjoint seeds: the validation scenes are never trained on.
     plan = {"train": ("id", n_train, seed), "id": ("id", n_val, seed + 1_000_001), "ood": ("ood", n_val, seed + 2_000_003)}
+    spec = {k: [*v, q["scenario"], q["frames"], q["height"], q["width"], q["fps"]] for k, v in plan.items()}
+    marker = out / "data" / "plan.json"
+    old = json.loads(marker.read_text()) if marker.is_file() else {}
     for name, (split, n, s) in plan.items():
-        if (paths[name] / "dataset_info.json").is_file():
-            continue
+        if old.get(name) == spec[name] and (paths[name] / "dataset_info.json").is_file():
+            continue  # already written with these settings (a rerun in the same folder)
         write_physics_dataset(paths[name], q["scenario"], split, n, q["frames"], q["height"], q["width"], seed=s, fps=q["fps"],
                               workers=None if n >= 256 else 1, progress=n >= 256, overwrite=True)
+    marker.write_text(json.dumps(spec))
     log(f"      {n_train} training videos, {n_val} + {n_val} validation videos (id, ood) under {out / 'data'}")
     return paths
 
