@@ -6,6 +6,9 @@
 - ``fvd``: Frechet Video Distance with StyleGAN-V's I3D TorchScript from a local path.
 - ``video_metrics``: PSNR and SSIM over generated frames.
 - ``tracking``: the colour-based ball finder and disc renderer the physics metrics use.
+- ``loss``: held-out flow-matching loss on a fixed grid of t with fixed noise.
+- ``cost``: inference cost (params, MACs per generated video, latency, peak memory, throughput).
+- ``compare`` / ``report``: dense-vs-sparse comparison of finished runs (``sparse-dit eval compare``).
 """
 
 from sparse_dit.evals.frechet import (
@@ -28,8 +31,18 @@ from sparse_dit.evals.physics import (
     score_splits,
 )
 from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim, to_uint8_videos
+from sparse_dit.evals.loss import heldout_loss
+from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
+from sparse_dit.evals.compare import compare, evaluate_run, load_run
 
 __all__ = [
+    "heldout_loss",
+    "cost_report",
+    "generation_macs",
+    "measure_generation",
+    "compare",
+    "evaluate_run",
+    "load_run",
     "BASELINES",
     "TRAJECTORY_FEATURE_NAMES",
     "baseline_videos",
