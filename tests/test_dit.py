@@ -167,6 +167,8 @@ def test_model_code_never_imports_deepspeed_or_torch_distributed():
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
+                names = [f"{node.value.id}.{node.attr}"]  # torch.distributed.* without an import
             for n in names:
                 if n.split(".")[0] == "deepspeed" or n.startswith("torch.distributed"):
                     offenders.append(f"{path.relative_to(root.parent)}: {n}")
