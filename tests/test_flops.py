@@ -79,3 +79,16 @@ def test_flops_cli_json_and_list():
     names = subprocess.run([sys.executable, "-m", "sparse_dit.cli", "flops", "--list"], capture_output=True,
                            text=True, check=True).stdout.split()
     assert "DiT-S/2" in names and "debug" in names and "XL/2" in names
+
+
+def test_flops_cli_reads_a_recipe_yaml(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("preset: debug\nmodel:\n  depth: 3\n")
+    out = subprocess.run([sys.executable, "-m", "sparse_dit.cli", "flops", str(recipe), "--latent", "3,4,8,8", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    d = json.loads(out)
+    expected = count(preset_config("debug").replace(depth=3), (3, 4, 8, 8))
+    assert d["total_params"] == expected["total_params"] and d["macs"] == expected["macs"]
+    bad = subprocess.run([sys.executable, "-m", "sparse_dit.cli", "flops", "DiT-S/2", "--latent", "4,1,31,32"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "H=31 must be a positive multiple of the patch size 2" in bad.stderr
