@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparse_dit.moe.expert_loop import experts_loop
-from sparse_dit.moe.fused_local import fused_local_moe
+from sparse_dit.moe.fused_local import BlockPlan, fused_local_moe
 
 __all__ = ["GroupedExperts", "load_dense_into_experts", "BACKENDS", "grouped_mm_available"]
 
@@ -120,8 +120,8 @@ class GroupedExperts(nn.Module):
         tokens_per_expert: torch.Tensor,
         split_sizes: Optional[Sequence[int]] = None,
         *,
-        token_sorted: Optional[torch.Tensor] = None,
-        weight_sorted: Optional[torch.Tensor] = None,
+        plan: Optional[BlockPlan] = None,
+        weight_route: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Run expert e on its rows.
 
@@ -132,22 +132,20 @@ class GroupedExperts(nn.Module):
             tokens_per_expert: (E,) int64 rows per expert, on the device of ``x_sorted``.
             split_sizes: the same counts on the host when the caller already has them (saves
                 the loop backend's one device-to-host sync).
-            token_sorted, weight_sorted: fused mode (the single-process path of
-                :class:`~sparse_dit.moe.MoEFeedForward`, loop backend): (R,) token and combine
-                weight of each route, routes grouped by expert; the experts then gather, weight
-                and scatter-add themselves (:mod:`sparse_dit.moe.fused_local`). It goes through
-                this ``forward`` so that module hooks (ZeRO-3 parameter gathering) still run.
+            plan, weight_route: fused mode (the single-process path of
+                :class:`~sparse_dit.moe.MoEFeedForward`, loop backend): the route layout from
+                :func:`sparse_dit.moe.fused_local.plan_routes` and the combine weight of each
+                route; the experts then gather, weight and combine themselves
+                (:mod:`sparse_dit.moe.fused_local`). It goes through this ``forward`` so that
+                module hooks (ZeRO-3 parameter gathering) still run.
 
         Returns:
             (R, D) expert outputs in the same row order; in fused mode the (T, D) weighted sums.
         """
-        if token_sorted is not None:
-            if weight_sorted is None or token_sorted.shape != weight_sorted.shape:
-                raise ValueError("fused mode needs token_sorted and weight_sorted of the same shape (R,)")
-            sizes = list(split_sizes) if split_sizes is not None else tokens_per_expert.tolist()
-            return fused_local_moe(
-                x_sorted, token_sorted, weight_sorted, sizes, self.activation, *self.params_in(x_sorted.dtype)
-            )
+        if plan is not None:
+            if weight_route is None:
+                raise ValueError("fused mode needs weight_route (the combine weight of each planned route)")
+            return fused_local_moe(x_sorted, weight_route, plan, self.activation, *self.params_in(x_sorted.dtype))
         if x_sorted.ndim != 2 or x_sorted.shape[1] != self.dim:
             raise ValueError(f"x_sorted must be (rows, {self.dim}), got {tuple(x_sorted.shape)}")
         if tokens_per_expert.shape != (self.num_experts,):

@@ -1,167 +1,419 @@
-"""One autograd op: gather, expert FFNs, weighting and scatter-add, one expert at a time.
+"""One autograd op for the single-process MoE FFN: gather, batched expert GEMMs, combine.
 
-# T = tokens, R = routes kept (sorted by expert), D = model dim, F = expert hidden, E = experts
+# T = tokens, R = routes, E = experts, D = model dim, F = expert hidden, K = routes per token,
+# P = rows of the padded block layout (>= kept routes)
 
-The single-process fast path of :class:`sparse_dit.moe.MoEFeedForward` (used when the layer
-holds all experts and the expert backend is ``"loop"``). It computes the same thing as
-``LocalDispatcher.dispatch`` -> experts -> ``LocalDispatcher.combine``, but never materialises
-the (R, D) sorted copies of the tokens, of the expert outputs' un-sorting or of their
-gradients: each expert gathers its rows into a small reused buffer, and its weighted output is
-scatter-added (``index_add_``) straight into the (T, D) result while the chunk is still in
-cache. With k=8 routes per token the (R, D) copies are 8x the layer's input; avoiding them is
-what keeps fine-grained MoE close to the dense FFN (BENCHMARKS.md, issue 3).
+The CPU fast path of :class:`sparse_dit.moe.MoEFeedForward` (the layer holds all experts and
+the expert backend is ``"loop"``). It computes what ``LocalDispatcher.dispatch`` -> experts ->
+``LocalDispatcher.combine`` compute, in one op with a hand-written backward.
 
-Saved for backward: the (R, F) pre-activations and activations (as a dense FFN saves its (T, F)
-ones) and the (R, D) unweighted expert outputs, which the router-weight gradient
-``<grad_out[token], y_route>`` needs; the token rows are re-gathered from the input.
+**Block layout.** A per-expert loop of GEMMs runs each small GEMM on both cores and pays the
+split's synchronisation; a batched GEMM (``torch.bmm``) hands whole GEMMs to each core instead:
+for E=64 experts of width 252 it is 1.3x faster in fp32 and 4.4x faster in bf16
+(BENCHMARKS.md). ``bmm`` needs equal row counts, so :func:`plan_routes` lays the routes out as
+an (E, cap) block, each expert padded to ``cap`` rows, followed by *overflow spans*: the rows of
+an expert past ``cap``, each run as that expert's own GEMM. :func:`choose_capacity` picks the
+cap that minimises a cost model of padding rows against overflow rows and calls. A balanced
+router gets a cap near its median load (a few % padding); a skewed one keeps its hot experts'
+excess in a few large per-expert GEMMs; expert choice (equal loads) has neither. Padding rows
+read token 0 and carry a zero combine weight, so they add exact zeros to every output and
+gradient.
+
+**Combine.** Token-choice routes are token-major (K per token): each token's output is the
+weighted sum of its K expert rows, computed as K gathers of (T, D) accumulated in place (in
+fp32 for bf16 inputs), with no scatter. A general route table (expert choice) is combined with
+one ``index_add_``.
+
+**Memory.** Saved for backward are the (P, F) pre-activations and activations (what a dense
+FFN saves, over (T, 4D)) and three index vectors. The (P, D) gathered tokens and expert outputs
+are not saved: the backward re-gathers the tokens, and it gets the router-weight gradient
+``<grad_out[token], y_route>`` from the hidden side, ``<grad_out W2^T, h> + <grad_out, b2>``.
+Temporaries of (P, D) and (T, D) live in a per-thread scratch workspace that is reused from
+call to call: on Linux, glibc returns allocations over 32 MB to the OS on free, so a fresh
+(R, D) buffer of a k=8 layer would pay its page faults on every call (about 15 ms per 67 MB
+here). :func:`release_workspace` frees it.
 """
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["fused_local_moe"]
+__all__ = ["BlockPlan", "choose_capacity", "plan_routes", "fused_local_moe", "release_workspace"]
+
+OVERFLOW_COST = 2.0
+"""Cost of a row in an expert's own GEMM, in rows of the batched block (:func:`choose_capacity`):
+a per-expert GEMM of a few dozen rows runs at about half the batched GEMM's speed here."""
+SPAN_COST = 32.0
+"""Call overhead of one per-expert overflow GEMM, in block rows (:func:`choose_capacity`)."""
 
 
-class _FusedLocalMoE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, tok, w, sizes, activation, w1, w2, w3, b1, b2):  # type: ignore[override]
-        T, D = x.shape
-        x = x.contiguous()
-        spans, s = [], 0
-        for e, n in enumerate(sizes):
-            if n:
-                spans.append((e, s, s + n))
-            s += n
-        kept = s
-        nmax = max(sizes) if sizes else 0
-        Fh = w1.shape[2]
-        buf = x.new_empty(nmax, D)
-        wc = w[:kept].to(x.dtype)[:, None]  # (R, 1) combine weights in the compute dtype
-        # 1. gather each expert's rows (cache-sized buffer) and run the first GEMM(s)
-        if activation == "gelu_tanh":
-            hp = x.new_empty(kept, Fh)
-            for e, s, t in spans:
-                xe = torch.index_select(x, 0, tok[s:t], out=buf[: t - s])
-                torch.addmm(b1[e], xe, w1[e], out=hp[s:t])
-            h = F.gelu(hp, approximate="tanh")
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+def choose_capacity(sizes: Sequence[int], overflow_cost: float = OVERFLOW_COST, span_cost: float = SPAN_COST) -> int:
+    """Rows per expert of the batched block: the cap that minimises the modelled GEMM cost.
+
+    ``cost(cap) = E * cap + overflow_cost * sum_e max(0, sizes[e] - cap) + span_cost * #{e: sizes[e] > cap}``:
+    the block computes ``E * cap`` rows (padding included); the rows of an expert past ``cap``
+    run as that expert's own GEMM, each row costing ``overflow_cost`` block rows and each such
+    GEMM ``span_cost`` rows of call overhead. The optimum is one of the sizes (or 0).
+    """
+    E = len(sizes)
+    if E == 0:
+        return 0
+    desc = sorted(sizes, reverse=True)
+    # cap = desc[i]: experts desc[:i] overflow (desc[:i] > cap or equal, equal costs nothing)
+    best_cap, best = 0, overflow_cost * sum(desc) + span_cost * sum(1 for c in desc if c > 0)
+    above, first = 0, 0  # sum of desc[:i]; first index holding the value desc[i]
+    for i, cap in enumerate(desc):
+        if i and cap != desc[i - 1]:
+            first = i
+        # desc[:first] overflow (size > cap); desc[first:i] equal cap and add nothing
+        cost = E * cap + overflow_cost * (above - i * cap) + span_cost * first
+        if cost < best:
+            best_cap, best = cap, cost
+        above += cap
+    return best_cap
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Where every route's row lives in the layout: a padded (E, cap) block, then overflow spans.
+
+    Attributes:
+        cap: rows per expert in the batched block (rows ``[0, E * cap)``, expert e at
+            ``[e * cap, (e + 1) * cap)``; an expert with fewer routes is padded).
+        spans: ``(expert, first row, end row)`` of each expert's routes past ``cap``, each run as
+            that expert's own GEMM.
+        rows: P, rows of the layout (padding included).
+        num_experts: E.
+        num_tokens: T.
+        top_k: K when the routes are token-major (route r belongs to token r // K); ``None`` for
+            a general route table.
+        pos_route: (R,) int64 layout row of each route, in route order; ``rows`` for a dropped
+            route (it reads a zero row).
+        tok_pad: (P,) int64 token of each layout row. Padding rows read token 0 and carry a zero
+            combine weight, so they add exact zeros to every output and gradient.
+        kept: routes that are not dropped.
+    """
+
+    cap: int
+    spans: tuple[tuple[int, int, int], ...]
+    rows: int
+    num_experts: int
+    num_tokens: int
+    top_k: Optional[int]
+    pos_route: torch.Tensor
+    tok_pad: torch.Tensor
+    kept: int
+
+    @property
+    def padding(self) -> float:
+        """Padding rows as a fraction of the kept rows."""
+        return (self.rows - self.kept) / max(self.kept, 1)
+
+
+def plan_routes(
+    expert_idx: torch.Tensor,
+    num_experts: int,
+    num_tokens: int,
+    token_idx: Optional[torch.Tensor] = None,
+    cap: Optional[int] = None,
+) -> BlockPlan:
+    """Sort routes by expert and lay them out for :func:`fused_local_moe`; one device-to-host sync.
+
+    Args:
+        expert_idx: token choice: (T, K) expert per route, ``num_experts`` for a dropped route;
+            with ``token_idx``: any shape, one expert per route.
+        num_experts: E.
+        num_tokens: T.
+        token_idx: the token of each route (same shape as ``expert_idx``) for a general route
+            table; ``None`` = token-major.
+        cap: rows per expert of the batched block; ``None`` = :func:`choose_capacity`.
+    """
+    e_R = expert_idx.reshape(-1)
+    R = e_R.numel()
+    if token_idx is None:
+        if expert_idx.ndim != 2 or expert_idx.shape[0] != num_tokens:
+            raise ValueError(f"token-major expert_idx must be ({num_tokens}, K), got {tuple(expert_idx.shape)}")
+        top_k: Optional[int] = expert_idx.shape[1]
+    else:
+        if token_idx.shape != expert_idx.shape:
+            raise ValueError(f"token_idx shape {tuple(token_idx.shape)} != expert_idx shape {tuple(expert_idx.shape)}")
+        top_k = None
+    if cap is not None and cap < 0:
+        raise ValueError(f"cap={cap} must be >= 0")
+    dev = e_R.device
+    E = num_experts
+    sizes = torch.bincount(e_R, minlength=E + 1).tolist()[:E]  # the one host sync
+    kept = sum(sizes)
+    if cap is None:
+        cap = choose_capacity(sizes)
+    # Sorted position p of a route of expert e, rank j = p - start[e] within the expert:
+    #   j < cap: row e * cap + j            (the block)
+    #   else:    row ovf[e] + j - cap       (the expert's overflow span)
+    start, ovf, spans, s, row = [], [], [], 0, E * cap
+    for e, n in enumerate(sizes):
+        start.append(s)
+        ovf.append(row)
+        if n > cap:
+            spans.append((e, row, row + n - cap))
+            row += n - cap
+        s += n
+    rows = row
+    e_sorted, perm = torch.sort(e_R, stable=True)  # dropped routes (sentinel E) sort last
+    p = torch.arange(R, device=dev)
+    e_kept = e_sorted[:kept]
+    rank = p[:kept] - torch.tensor(start, dtype=torch.int64, device=dev).index_select(0, e_kept)
+    in_block = e_kept * cap + rank
+    in_span = torch.tensor(ovf, dtype=torch.int64, device=dev).index_select(0, e_kept) + rank - cap
+    pos_sorted = torch.full((R,), rows, dtype=torch.int64, device=dev)
+    pos_sorted[:kept] = torch.where(rank < cap, in_block, in_span)
+    pos_route = torch.empty_like(pos_sorted).index_copy_(0, perm, pos_sorted)
+    if top_k is not None:
+        tok_sorted = torch.div(perm[:kept], top_k, rounding_mode="floor")
+    else:
+        tok_sorted = token_idx.reshape(-1).index_select(0, perm[:kept])
+    tok_pad = torch.zeros(rows, dtype=torch.int64, device=dev)
+    tok_pad.index_copy_(0, pos_sorted[:kept], tok_sorted)
+    return BlockPlan(cap, tuple(spans), rows, E, num_tokens, top_k, pos_route, tok_pad, kept)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scratch workspace
+# ---------------------------------------------------------------------------------------------
+_tls = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reusable buffer of ``shape`` (uninitialised), private to this thread and op phase."""
+    cache = getattr(_tls, "buffers", None)
+    if cache is None:
+        cache = _tls.buffers = {}
+    key = (name, like.dtype, like.device)
+    n = 1
+    for d in shape:
+        n *= d
+    buf = cache.get(key)
+    if buf is None or buf.numel() < n:
+        buf = cache[key] = torch.empty(n, dtype=like.dtype, device=like.device)
+    return buf[:n].view(shape)
+
+
+def release_workspace() -> None:
+    """Free this thread's scratch buffers of the fused MoE op (they are re-created on demand)."""
+    _tls.buffers = {}
+
+
+def _rowdot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out[r] = <a[r], b[r]>`` in chunks of rows through a cache-sized scratch product (a batched
+    (1, F) @ (F, 1) GEMM is 3-4x slower, ``linalg.vecdot`` allocates the full product)."""
+    n, w = a.shape
+    step = max(1, (1 << 20) // max(w, 1))
+    tmp = _scratch("rowdot", (min(step, n), w), a)
+    for r in range(0, n, step):
+        e = min(n, r + step)
+        torch.sum(torch.mul(a[r:e], b[r:e], out=tmp[: e - r]), 1, out=out[r:e])
+    return out
+
+
+def _gather_sum(src: torch.Tensor, pos_TK: torch.Tensor, weight_TK: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_k weight[t, k] * src[pos[t, k]]`` (weight None = 1), as K gathers of (T, D)
+    accumulated in place (in fp32 for bf16/fp16 inputs). A single (T*K, D) gather followed by a
+    reduction measured up to 2x slower (the (T*K, D) temporary falls out of cache)."""
+    T, K = pos_TK.shape
+    D = src.shape[1]
+    acc = torch.float32 if src.dtype in (torch.bfloat16, torch.float16) else src.dtype
+    if acc == src.dtype:
+        out = torch.index_select(src, 0, pos_TK[:, 0])
+    else:
+        out = torch.index_select(src, 0, pos_TK[:, 0], out=_scratch("gsum_tmp", (T, D), src)).to(acc)
+    if weight_TK is not None:
+        out.mul_(weight_TK[:, :1])
+    tmp = _scratch("gsum_tmp", (T, D), src)
+    for k in range(1, K):
+        row = torch.index_select(src, 0, pos_TK[:, k], out=tmp)
+        if weight_TK is None:
+            out.add_(row)
         else:
-            a = x.new_empty(kept, Fh)
-            g = x.new_empty(kept, Fh)
-            for e, s, t in spans:
-                xe = torch.index_select(x, 0, tok[s:t], out=buf[: t - s])
-                torch.mm(xe, w1[e], out=a[s:t])
-                torch.mm(xe, w3[e], out=g[s:t])
-            h = F.silu(a) * g
-        # 2. second GEMM, weight the rows while hot, scatter-add into the tokens
-        y = x.new_empty(kept, D)
-        # Accumulate the k contributions per token in fp32 when computing in bf16/fp16 (as a
-        # GEMM accumulates), not by repeated low-precision adds.
-        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        out = torch.zeros(T, D, dtype=acc, device=x.device)
-        for e, s, t in spans:
-            if b2 is not None:
-                torch.addmm(b2[e], h[s:t], w2[e], out=y[s:t])
+            out.addcmul_(row, weight_TK[:, k : k + 1])
+    return out.to(like.dtype)
+
+
+class _Layout:
+    """The GEMMs of the op over the plan's layout: one batched GEMM over the (E, cap) block, then
+    one GEMM per overflow span."""
+
+    def __init__(self, cap: int, spans: tuple[tuple[int, int, int], ...], num_experts: int) -> None:
+        self.cap, self.spans, self.E = cap, spans, num_experts
+        self.block_rows = num_experts * cap
+
+    def _block(self, t: torch.Tensor) -> torch.Tensor:
+        return t[: self.block_rows].view(self.E, self.cap, t.shape[-1])
+
+    def rows(self, a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, bias: Optional[torch.Tensor] = None, accumulate: bool = False) -> None:
+        """``out[rows of e] (+)= a[rows of e] @ w[e] (+ bias[e])`` for every expert (w may be a transposed view)."""
+        if self.cap:
+            ob = self._block(out)
+            if accumulate:
+                ob.baddbmm_(self._block(a), w)
+            elif bias is not None:
+                torch.baddbmm(bias[:, None, :], self._block(a), w, out=ob)
             else:
-                torch.mm(h[s:t], w2[e], out=y[s:t])
-            yw = torch.mul(y[s:t], wc[s:t], out=buf[: t - s])
-            out.index_add_(0, tok[s:t], yw if acc == x.dtype else yw.to(acc))
-        out = out.to(x.dtype)
-        if activation == "gelu_tanh":
-            ctx.save_for_backward(x, tok, w, w1, w2, hp, h, y)
+                torch.bmm(self._block(a), w, out=ob)
+        for e, r0, r1 in self.spans:
+            if accumulate:
+                out[r0:r1].addmm_(a[r0:r1], w[e])
+            elif bias is not None:
+                torch.addmm(bias[e], a[r0:r1], w[e], out=out[r0:r1])
+            else:
+                torch.mm(a[r0:r1], w[e], out=out[r0:r1])
+
+    def weight_grad(self, a: torch.Tensor, b: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Stacked ``[E, m, n]``: ``[e] = a[rows of e]^T @ b[rows of e]``."""
+        if self.cap:
+            out = torch.bmm(self._block(a).transpose(1, 2), self._block(b), out=a.new_empty(shape))
         else:
-            ctx.save_for_backward(x, tok, w, w1, w2, w3, a, g, h, y)
-        ctx.spans, ctx.kept, ctx.nmax, ctx.activation, ctx.w_dtype = spans, kept, nmax, activation, w.dtype
-        ctx.num_routes, ctx.sizes = w.shape[0], sizes
+            out = a.new_zeros(shape)
+        for e, r0, r1 in self.spans:
+            out[e].addmm_(a[r0:r1].t(), b[r0:r1])
+        return out
+
+    def bias_grad(self, g: torch.Tensor) -> torch.Tensor:
+        """``[E, n]`` per-expert row sums."""
+        if self.cap:
+            out = torch.sum(self._block(g), 1)
+        else:
+            out = g.new_zeros(self.E, g.shape[1])
+        for e, r0, r1 in self.spans:
+            out[e].add_(g[r0:r1].sum(0))
+        return out
+
+    def rowdot_bias(self, g: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[r] += <g[r], bias[expert of r]>``."""
+        if self.cap:
+            self._block(out[:, None]).baddbmm_(self._block(g), bias[:, :, None])
+        for e, r0, r1 in self.spans:
+            out[r0:r1].addmv_(g[r0:r1], bias[e])
+
+
+# ---------------------------------------------------------------------------------------------
+# The op
+# ---------------------------------------------------------------------------------------------
+class _FusedMoE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_route, pos_route, tok_pad, layout, rows, top_k, activation, w1, w2, w3, b1, b2):  # type: ignore[override]
+        T, D = x.shape
+        Fh = w1.shape[2]
+        dt = x.dtype
+        L: _Layout = layout
+        # Combine weight of every layout row: padding rows get 0, dropped routes write the
+        # extra slot `rows`, which is then cleared.
+        w_pad = x.new_zeros(rows + 1)
+        w_pad.index_copy_(0, pos_route, w_route.reshape(-1).to(dt))
+        w_pad[rows] = 0
+        # 1. gather the tokens into the layout
+        xp = torch.index_select(x, 0, tok_pad, out=_scratch("a", (rows, D), x))
+        # 2. first GEMM(s), bias fused
+        if activation == "gelu_tanh":
+            hp = x.new_empty(rows, Fh)
+            L.rows(xp, w1, hp, bias=b1)
+            h = F.gelu(hp, approximate="tanh")
+            saved = (hp, h)
+        else:
+            a = x.new_empty(rows, Fh)
+            g = x.new_empty(rows, Fh)
+            L.rows(xp, w1, a)
+            L.rows(xp, w3, g)
+            h = F.silu(a).mul_(g)
+            saved = (a, g, h)
+        # 3. second GEMM, into a layout with a zero row at `rows` (read by dropped routes)
+        y = _scratch("b", (rows + 1, D), x)
+        y[rows].zero_()
+        L.rows(h, w2, y, bias=b2)
+        # 4. combine
+        if top_k is not None:
+            out = _gather_sum(y, pos_route.view(T, top_k), w_route.reshape(T, top_k).to(dt), x)
+        else:
+            acc = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+            yw = y[:rows].mul_(w_pad[:rows, None])
+            out = torch.zeros(T, D, dtype=acc, device=x.device)
+            out.index_add_(0, tok_pad, yw if acc == dt else yw.to(acc))
+            out = out.to(dt)
+        ctx.save_for_backward(x, w_route, pos_route, tok_pad, w_pad, w1, w2, w3, b2, *saved)
+        ctx.layout, ctx.rows, ctx.top_k, ctx.activation = layout, rows, top_k, activation
         return out
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        spans, kept, act = ctx.spans, ctx.kept, ctx.activation
-        need_x, _, need_w, _, _, need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad
-        if act == "gelu_tanh":
-            x, tok, w, w1, w2, hp, h, y = ctx.saved_tensors
-        else:
-            x, tok, w, w1, w2, w3, a, g, h, y = ctx.saved_tensors
-        gout = grad_out.contiguous()
+        x, w_route, pos_route, tok_pad, w_pad, w1, w2, w3, b2, *saved = ctx.saved_tensors
+        L: _Layout = ctx.layout
+        rows, K, act = ctx.rows, ctx.top_k, ctx.activation
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad[8:13]
         T, D = x.shape
         E, _, Fh = w1.shape
-        buf = x.new_empty(ctx.nmax, D)
-        wc = w[:kept].to(x.dtype)[:, None]
-        busy = {e for e, _, _ in spans}
-
-        def stacked(flag: bool, shape: tuple[int, ...]) -> Optional[torch.Tensor]:
-            if not flag:
-                return None
-            out = x.new_empty(shape)
-            for e in range(shape[0]):
-                if e not in busy:
-                    out[e].zero_()  # idle experts; the others are overwritten with out=
-            return out
-
-        dw2 = stacked(need_w2, (E, Fh, D))
-        db2 = stacked(need_b2, (E, D))
-        gw = torch.zeros(ctx.num_routes, dtype=ctx.w_dtype, device=x.device) if need_w else None
-        dh = x.new_empty(kept, Fh)
-        # 1. per expert: gather the output gradient rows, router-weight gradient, then the
-        #    gradient through the second GEMM
-        for e, s, t in spans:
-            ge = torch.index_select(gout, 0, tok[s:t], out=buf[: t - s])  # dL/d(weighted y)
-            if gw is not None:
-                gw[s:t] = torch.linalg.vecdot(ge, y[s:t]).to(ctx.w_dtype)
-            ge.mul_(wc[s:t])  # dL/dy
-            if dw2 is not None:
-                torch.mm(h[s:t].t(), ge, out=dw2[e])
-            if db2 is not None:
-                torch.sum(ge, 0, out=db2[e])
-            torch.mm(ge, w2[e].t(), out=dh[s:t])
-        # 2. activation backward over all rows at once
+        h = saved[-1]
+        # 1. gather the output gradient of every layout row
+        ge = torch.index_select(grad_out.contiguous(), 0, tok_pad, out=_scratch("a", (rows, D), x))
+        # 2. u = ge @ W2^T: the hidden gradient before the combine weight
+        u = x.new_empty(rows, Fh)
+        L.rows(ge, w2.transpose(1, 2), u)
+        gw = None
+        if need_w:
+            # dL/dw_route = <grad_out[token], y_route> = <u, h> + <ge, b2[expert]>
+            gw_pad = x.new_zeros(rows + 1)
+            _rowdot(u, h, gw_pad[:rows])
+            if b2 is not None:
+                L.rowdot_bias(ge, b2, gw_pad[:rows])
+            gw = gw_pad.index_select(0, pos_route).to(w_route.dtype).view_as(w_route)
+        # 3. weight the rows (padding rows become exact zeros): dL/dy = w * ge, dL/dh = w * u
+        wcol = w_pad[:rows, None]
+        dy = ge.mul_(wcol)
+        dw2 = L.weight_grad(h, dy, (E, Fh, D)) if need_w2 else None
+        db2 = L.bias_grad(dy) if need_b2 else None
+        dh = u.mul_(wcol)
+        # 4. activation backward over all rows
         if act == "gelu_tanh":
-            dhp = torch.ops.aten.gelu_backward(dh, hp, approximate="tanh")
-            grads_in = [(dhp, w1)]
+            dhp = torch.ops.aten.gelu_backward(dh, saved[0], approximate="tanh")
+            grads_in = [(dhp, w1, need_w1)]
         else:
+            a, g = saved[0], saved[1]
             da = torch.ops.aten.silu_backward(dh * g, a)
-            dg = dh * F.silu(a)
-            grads_in = [(da, w1), (dg, w3)]
-        dws = [stacked(flag, (E, D, Fh)) for flag in ((need_w1,) if act == "gelu_tanh" else (need_w1, need_w3))]
-        # 3. per expert: re-gather the token rows for the weight gradients, scatter-add dx
-        acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
-        dx = torch.zeros(T, D, dtype=acc, device=x.device) if need_x else None
-        dxe_buf = x.new_empty(ctx.nmax, D)
-        for e, s, t in spans:
-            xe = torch.index_select(x, 0, tok[s:t], out=buf[: t - s])
-            for j, (gin, wmat) in enumerate(grads_in):
-                if dws[j] is not None:
-                    torch.mm(xe.t(), gin[s:t], out=dws[j][e])
-                if dx is not None:
-                    if j == 0:
-                        dxe = torch.mm(gin[s:t], wmat[e].t(), out=dxe_buf[: t - s])
-                    else:
-                        dxe.addmm_(gin[s:t], wmat[e].t())
-            if dx is not None:
-                dx.index_add_(0, tok[s:t], dxe if acc == x.dtype else dxe.to(acc))
-        db1 = None
-        if act == "gelu_tanh" and need_b1:
-            # One index_add_ into the small [E, F] table, not E reductions (see expert_loop.py).
-            expert_of_row = torch.repeat_interleave(
-                torch.arange(E, device=x.device), torch.tensor(list(ctx.sizes), device=x.device), output_size=kept
-            )
-            db1 = x.new_zeros(E, Fh).index_add_(0, expert_of_row, dhp)
-        if dx is not None:
-            dx = dx.to(x.dtype)
+            dg = dh.mul_(F.silu(a))
+            grads_in = [(da, w1, need_w1), (dg, w3, need_w3)]
+        db1 = L.bias_grad(dhp) if act == "gelu_tanh" and need_b1 else None
+        # 5. weight gradients on the re-gathered tokens, then the layout's input gradient
+        xp = torch.index_select(x, 0, tok_pad, out=_scratch("a", (rows, D), x))
+        dws = [L.weight_grad(xp, gin, (E, D, Fh)) if need else None for gin, _, need in grads_in]
+        dx = None
+        if need_x:
+            dxp = _scratch("b", (rows + 1, D), x)
+            dxp[rows].zero_()
+            for j, (gin, wmat, _) in enumerate(grads_in):
+                L.rows(gin, wmat.transpose(1, 2), dxp, accumulate=j > 0)
+            # 6. back to the tokens: each token sums the input gradients of its routes
+            if K is not None:
+                dx = _gather_sum(dxp, pos_route.view(T, K), None, x)
+            else:
+                acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+                dx = torch.zeros(T, D, dtype=acc, device=x.device)
+                dx.index_add_(0, tok_pad, dxp[:rows] if acc == x.dtype else dxp[:rows].to(acc))
+                dx = dx.to(x.dtype)
         if act == "gelu_tanh":
-            return dx, None, gw, None, None, dws[0], dw2, None, db1, db2
-        return dx, None, gw, None, None, dws[0], dw2, dws[1], None, None
+            return dx, gw, None, None, None, None, None, None, dws[0], dw2, None, db1, db2
+        return dx, gw, None, None, None, None, None, None, dws[0], dw2, dws[1], None, None
 
 
 def fused_local_moe(
     x_TD: torch.Tensor,
-    token_sorted: torch.Tensor,
-    weight_sorted: torch.Tensor,
-    sizes: Sequence[int],
+    weight_route: torch.Tensor,
+    plan: BlockPlan,
     activation: str,
     w1: torch.Tensor,
     w2: torch.Tensor,
@@ -169,14 +421,13 @@ def fused_local_moe(
     b1: Optional[torch.Tensor] = None,
     b2: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``out[t] = sum over routes r of token t of weight[r] * FFN_{expert(r)}(x[t])``.
+    """``out[t] = sum over kept routes r of token t of weight[r] * FFN_{expert(r)}(x[t])``.
 
     Args:
         x_TD: (T, D) tokens.
-        token_sorted: (R,) int64 token of each route, routes grouped by expert (``sizes[e]`` for
-            expert e first, then any dropped routes, which are ignored).
-        weight_sorted: (R,) combine weight of each route (differentiable).
-        sizes: routes per expert on the host.
+        weight_route: combine weight of each route, in route order (the order of the
+            ``expert_idx`` given to :func:`plan_routes`); differentiable.
+        plan: from :func:`plan_routes`.
         activation: ``"gelu_tanh"`` (needs b1, b2) or ``"swiglu"`` (needs w3).
         w1, w2, w3, b1, b2: stacked expert weights ``[E, D, F]``, ``[E, F, D]``, ``[E, D, F]``,
             ``[E, F]``, ``[E, D]``.
@@ -190,4 +441,14 @@ def fused_local_moe(
         raise ValueError("activation='swiglu' needs the gate weight w3")
     if any(p is not None and p.dtype != x_TD.dtype for p in (w1, w2, w3, b1, b2)):
         raise ValueError(f"expert weights must have the input dtype {x_TD.dtype}; cast the module (model.to(dtype))")
-    return _FusedLocalMoE.apply(x_TD, token_sorted, weight_sorted, tuple(int(n) for n in sizes), activation, w1, w2, w3, b1, b2)
+    if x_TD.ndim != 2 or x_TD.shape[0] != plan.num_tokens:
+        raise ValueError(f"x_TD must be ({plan.num_tokens}, D) as planned, got {tuple(x_TD.shape)}")
+    if weight_route.numel() != plan.pos_route.numel():
+        raise ValueError(f"weight_route has {weight_route.numel()} routes, the plan {plan.pos_route.numel()}")
+    if w1.shape[0] != plan.num_experts:
+        raise ValueError(f"the plan is for {plan.num_experts} experts, the weights hold {w1.shape[0]}")
+    layout = _Layout(plan.cap, plan.spans, plan.num_experts)
+    return _FusedMoE.apply(
+        x_TD.contiguous(), weight_route, plan.pos_route, plan.tok_pad, layout, plan.rows, plan.top_k, activation,
+        w1, w2, w3, b1, b2,
+    )

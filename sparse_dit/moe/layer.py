@@ -19,6 +19,7 @@ from torch import nn
 from sparse_dit.modules.mlp import FeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts
+from sparse_dit.moe.fused_local import plan_routes
 from sparse_dit.moe.router import Router
 from sparse_dit.moe.stats import MoEAux, balance_loss, max_violation, router_entropy, timestep_bin_load, z_loss
 
@@ -223,8 +224,8 @@ class MoEFeedForward(nn.Module):
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
         if local and self.experts.resolve_backend(x) == "loop":
-            # 2+3. Single process: gather, experts, weighting and scatter-add in one op that
-            # never materialises (R, D) copies (sparse_dit/moe/fused_local.py).
+            # 2+3. Single process: gather, batched expert GEMMs and the weighted combine in one
+            # op (sparse_dit/moe/fused_local.py).
             y_TD = self._fused_local(x_TD, r)
         else:
             # 2. Dispatch: sort routes by expert, gather their rows (or exchange them under EP)
@@ -240,16 +241,9 @@ class MoEFeedForward(nn.Module):
         return y_TD.view(B, N, D), self._aux(r, B, N, timesteps)
 
     def _fused_local(self, x_TD: torch.Tensor, r: Any) -> torch.Tensor:
-        e_R = r.expert_idx.reshape(-1)
-        _, perm = torch.sort(e_R, stable=True)  # dropped routes (sentinel E) sort last
-        if r.token_idx is None:
-            tok = torch.div(perm, r.expert_idx.shape[1], rounding_mode="floor")
-        else:
-            tok = r.token_idx.reshape(-1).index_select(0, perm)
-        counts = torch.bincount(e_R, minlength=self.num_experts + 1)[: self.num_experts]
-        sizes = counts.tolist()  # the one host sync
+        plan = plan_routes(r.expert_idx, self.num_experts, x_TD.shape[0], r.token_idx)  # the one host sync
         # Through experts.__call__, so that module hooks (ZeRO-3 gathering) run.
-        return self.experts(x_TD, counts, sizes, token_sorted=tok, weight_sorted=r.weight.reshape(-1).index_select(0, perm))
+        return self.experts(x_TD, r.counts, plan=plan, weight_route=r.weight)
 
     def _aux(self, r: Any, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
         K = self.top_k
