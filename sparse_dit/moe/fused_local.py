@@ -99,6 +99,9 @@ class BlockPlan:
             route (it reads a zero row).
         tok_pad: (P,) int64 token of each layout row. Padding rows read token 0 and carry a zero
             combine weight, so they add exact zeros to every output and gradient.
+        expert_route: (R,) int64 expert of each route, ``num_experts`` for a dropped one.
+        token_route: (R,) int64 token of each route for a general route table; ``None`` when
+            token-major.
         kept: routes that are not dropped.
     """
 
@@ -110,6 +113,8 @@ class BlockPlan:
     top_k: Optional[int]
     pos_route: torch.Tensor
     tok_pad: torch.Tensor
+    expert_route: torch.Tensor
+    token_route: Optional[torch.Tensor]
     kept: int
 
     @property
@@ -181,7 +186,8 @@ def plan_routes(
         tok_sorted = token_idx.reshape(-1).index_select(0, perm[:kept])
     tok_pad = torch.zeros(rows, dtype=torch.int64, device=dev)
     tok_pad.index_copy_(0, pos_sorted[:kept], tok_sorted)
-    return BlockPlan(cap, tuple(spans), rows, E, num_tokens, top_k, pos_route, tok_pad, kept)
+    token_route = None if token_idx is None else token_idx.reshape(-1)
+    return BlockPlan(cap, tuple(spans), rows, E, num_tokens, top_k, pos_route, tok_pad, e_R, token_route, kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,27 +228,38 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
     return out
 
 
-def _gather_sum(src: torch.Tensor, pos_TK: torch.Tensor, weight_TK: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+def _gather_sum(src: torch.Tensor, pos_TK: torch.Tensor, weight_TK: Optional[torch.Tensor]) -> torch.Tensor:
     """``out[t] = sum_k weight[t, k] * src[pos[t, k]]`` (weight None = 1), as K gathers of (T, D)
-    accumulated in place (in fp32 for bf16/fp16 inputs). A single (T*K, D) gather followed by a
-    reduction measured up to 2x slower (the (T*K, D) temporary falls out of cache)."""
+    accumulated in place; the result is in fp32 for bf16/fp16 ``src``. A single (T*K, D) gather
+    followed by a reduction measured up to 2x slower (the (T*K, D) temporary falls out of cache)."""
     T, K = pos_TK.shape
     D = src.shape[1]
-    acc = torch.float32 if src.dtype in (torch.bfloat16, torch.float16) else src.dtype
-    if acc == src.dtype:
-        out = torch.index_select(src, 0, pos_TK[:, 0])
+    tmp = _scratch("gsum_tmp", (T, D), src)
+    if src.dtype in (torch.bfloat16, torch.float16):
+        out = torch.index_select(src, 0, pos_TK[:, 0], out=tmp).float()
     else:
-        out = torch.index_select(src, 0, pos_TK[:, 0], out=_scratch("gsum_tmp", (T, D), src)).to(acc)
+        out = torch.index_select(src, 0, pos_TK[:, 0])
     if weight_TK is not None:
         out.mul_(weight_TK[:, :1])
-    tmp = _scratch("gsum_tmp", (T, D), src)
     for k in range(1, K):
         row = torch.index_select(src, 0, pos_TK[:, k], out=tmp)
         if weight_TK is None:
             out.add_(row)
         else:
             out.addcmul_(row, weight_TK[:, k : k + 1])
-    return out.to(like.dtype)
+    return out
+
+
+def _route_matrix(T: int, E: int, w_route: torch.Tensor, expert_route: torch.Tensor, token_route: Optional[torch.Tensor], top_k: Optional[int]) -> torch.Tensor:
+    """(T, E + 1) ``S[t, e]`` = combine weight of token t's route to expert e (column E collects
+    dropped routes and is ignored). The output bias term is ``S @ b2`` and its gradient
+    ``S^T @ grad_out``: per-expert biases handled in token space, with no pass over (R, D)."""
+    S = w_route.new_zeros(T, E + 1)
+    if top_k is not None:
+        S.scatter_(1, expert_route.view(T, top_k), w_route.reshape(T, top_k))
+    else:
+        S.index_put_((token_route, expert_route), w_route.reshape(-1), accumulate=True)
+    return S
 
 
 class _Layout:
@@ -294,24 +311,20 @@ class _Layout:
             out[e].add_(g[r0:r1].sum(0))
         return out
 
-    def rowdot_bias(self, g: torch.Tensor, bias: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[r] += <g[r], bias[expert of r]>``."""
-        if self.cap:
-            self._block(out[:, None]).baddbmm_(self._block(g), bias[:, :, None])
-        for e, r0, r1 in self.spans:
-            out[r0:r1].addmv_(g[r0:r1], bias[e])
-
 
 # ---------------------------------------------------------------------------------------------
 # The op
 # ---------------------------------------------------------------------------------------------
 class _FusedMoE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, w_route, pos_route, tok_pad, layout, rows, top_k, activation, w1, w2, w3, b1, b2):  # type: ignore[override]
+    def forward(ctx, x, w_route, w1, w2, w3, b1, b2, plan, activation):  # type: ignore[override]
         T, D = x.shape
         Fh = w1.shape[2]
         dt = x.dtype
-        L: _Layout = layout
+        acc = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+        rows, K, E = plan.rows, plan.top_k, plan.num_experts
+        L = _Layout(plan.cap, plan.spans, E)
+        pos_route, tok_pad = plan.pos_route, plan.tok_pad
         # Combine weight of every layout row: padding rows get 0, dropped routes write the
         # extra slot `rows`, which is then cleared.
         w_pad = x.new_zeros(rows + 1)
@@ -332,59 +345,67 @@ class _FusedMoE(torch.autograd.Function):
             L.rows(xp, w3, g)
             h = F.silu(a).mul_(g)
             saved = (a, g, h)
-        # 3. second GEMM, into a layout with a zero row at `rows` (read by dropped routes)
+        # 3. second GEMM (its bias is added in token space below), into a layout with a zero
+        #    row at `rows` (read by dropped routes)
         y = _scratch("b", (rows + 1, D), x)
         y[rows].zero_()
-        L.rows(h, w2, y, bias=b2)
-        # 4. combine
-        if top_k is not None:
-            out = _gather_sum(y, pos_route.view(T, top_k), w_route.reshape(T, top_k).to(dt), x)
+        L.rows(h, w2, y)
+        # 4. combine, then the output bias sum_k w[t, k] * b2[e(t, k)] = S @ b2
+        if K is not None:
+            out = _gather_sum(y, pos_route.view(T, K), w_route.reshape(T, K).to(dt))
         else:
-            acc = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
             yw = y[:rows].mul_(w_pad[:rows, None])
             out = torch.zeros(T, D, dtype=acc, device=x.device)
             out.index_add_(0, tok_pad, yw if acc == dt else yw.to(acc))
-            out = out.to(dt)
-        ctx.save_for_backward(x, w_route, pos_route, tok_pad, w_pad, w1, w2, w3, b2, *saved)
-        ctx.layout, ctx.rows, ctx.top_k, ctx.activation = layout, rows, top_k, activation
-        return out
+        S = None
+        if b2 is not None:
+            S = _route_matrix(T, E, w_route, plan.expert_route, plan.token_route, K)[:, :E].to(dt)
+            out.addmm_(S.to(acc), b2.to(acc))
+        ctx.save_for_backward(x, w_route, w_pad, S, w1, w2, w3, b2, *saved)
+        ctx.plan, ctx.activation = plan, activation
+        return out.to(dt)
 
     @staticmethod
     def backward(ctx, grad_out):  # type: ignore[override]
-        x, w_route, pos_route, tok_pad, w_pad, w1, w2, w3, b2, *saved = ctx.saved_tensors
-        L: _Layout = ctx.layout
-        rows, K, act = ctx.rows, ctx.top_k, ctx.activation
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad[8:13]
+        x, w_route, w_pad, S, w1, w2, w3, b2, *saved = ctx.saved_tensors
+        plan, act = ctx.plan, ctx.activation
+        need_x, need_w, need_w1, need_w2, need_w3, need_b1, need_b2 = ctx.needs_input_grad[:7]
+        rows, K, E = plan.rows, plan.top_k, plan.num_experts
+        L = _Layout(plan.cap, plan.spans, E)
+        pos_route, tok_pad = plan.pos_route, plan.tok_pad
         T, D = x.shape
-        E, _, Fh = w1.shape
+        Fh = w1.shape[2]
         h = saved[-1]
+        gout = grad_out.contiguous()
         # 1. gather the output gradient of every layout row
-        ge = torch.index_select(grad_out.contiguous(), 0, tok_pad, out=_scratch("a", (rows, D), x))
+        ge = torch.index_select(gout, 0, tok_pad, out=_scratch("a", (rows, D), x))
         # 2. u = ge @ W2^T: the hidden gradient before the combine weight
-        u = x.new_empty(rows, Fh)
+        u = _scratch("u", (rows, Fh), x)  # backward-only (P, F) temporaries live in the workspace
         L.rows(ge, w2.transpose(1, 2), u)
         gw = None
         if need_w:
-            # dL/dw_route = <grad_out[token], y_route> = <u, h> + <ge, b2[expert]>
-            gw_pad = x.new_zeros(rows + 1)
+            # dL/dw_route = <grad_out[t], y_route + b2[e]> = <u, h> + (grad_out @ b2^T)[t, e]
+            gw_pad = x.new_zeros(rows + 1)  # slot `rows` (dropped routes) stays 0
             _rowdot(u, h, gw_pad[:rows])
+            gw = gw_pad.index_select(0, pos_route)
             if b2 is not None:
-                L.rowdot_bias(ge, b2, gw_pad[:rows])
-            gw = gw_pad.index_select(0, pos_route).to(w_route.dtype).view_as(w_route)
+                G = torch.cat([torch.mm(gout, b2.t()), gout.new_zeros(T, 1)], 1)  # (T, E + 1)
+                tok = plan.token_route if K is None else torch.arange(T, device=x.device).repeat_interleave(K)
+                gw = gw + G.view(-1).index_select(0, tok * (E + 1) + plan.expert_route)
+            gw = gw.to(w_route.dtype).view_as(w_route)
         # 3. weight the rows (padding rows become exact zeros): dL/dy = w * ge, dL/dh = w * u
         wcol = w_pad[:rows, None]
-        dy = ge.mul_(wcol)
-        dw2 = L.weight_grad(h, dy, (E, Fh, D)) if need_w2 else None
-        db2 = L.bias_grad(dy) if need_b2 else None
+        dw2 = L.weight_grad(h, ge.mul_(wcol), (E, Fh, D)) if need_w2 else None
+        db2 = torch.mm(S.t(), gout) if need_b2 else None
         dh = u.mul_(wcol)
         # 4. activation backward over all rows
         if act == "gelu_tanh":
-            dhp = torch.ops.aten.gelu_backward(dh, saved[0], approximate="tanh")
+            dhp = torch.ops.aten.gelu_backward.grad_input(dh, saved[0], approximate="tanh", grad_input=dh)
             grads_in = [(dhp, w1, need_w1)]
         else:
             a, g = saved[0], saved[1]
-            da = torch.ops.aten.silu_backward(dh * g, a)
+            da = torch.mul(dh, g, out=_scratch("da", (rows, Fh), x))
+            torch.ops.aten.silu_backward.grad_input(da, a, grad_input=da)
             dg = dh.mul_(F.silu(a))
             grads_in = [(da, w1, need_w1), (dg, w3, need_w3)]
         db1 = L.bias_grad(dhp) if act == "gelu_tanh" and need_b1 else None
@@ -399,15 +420,15 @@ class _FusedMoE(torch.autograd.Function):
                 L.rows(gin, wmat.transpose(1, 2), dxp, accumulate=j > 0)
             # 6. back to the tokens: each token sums the input gradients of its routes
             if K is not None:
-                dx = _gather_sum(dxp, pos_route.view(T, K), None, x)
+                dx = _gather_sum(dxp, pos_route.view(T, K), None)
             else:
                 acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
                 dx = torch.zeros(T, D, dtype=acc, device=x.device)
                 dx.index_add_(0, tok_pad, dxp[:rows] if acc == x.dtype else dxp[:rows].to(acc))
-                dx = dx.to(x.dtype)
+            dx = dx.to(x.dtype)
         if act == "gelu_tanh":
-            return dx, gw, None, None, None, None, None, None, dws[0], dw2, None, db1, db2
-        return dx, gw, None, None, None, None, None, None, dws[0], dw2, dws[1], None, None
+            return dx, gw, dws[0], dw2, None, db1, db2, None, None
+        return dx, gw, dws[0], dw2, dws[1], None, None, None, None
 
 
 def fused_local_moe(
@@ -447,8 +468,4 @@ def fused_local_moe(
         raise ValueError(f"weight_route has {weight_route.numel()} routes, the plan {plan.pos_route.numel()}")
     if w1.shape[0] != plan.num_experts:
         raise ValueError(f"the plan is for {plan.num_experts} experts, the weights hold {w1.shape[0]}")
-    layout = _Layout(plan.cap, plan.spans, plan.num_experts)
-    return _FusedMoE.apply(
-        x_TD.contiguous(), weight_route, plan.pos_route, plan.tok_pad, layout, plan.rows, plan.top_k, activation,
-        w1, w2, w3, b1, b2,
-    )
+    return _FusedMoE.apply(x_TD.contiguous(), weight_route, w1, w2, w3, b1, b2, plan, activation)
