@@ -263,7 +263,7 @@ def _route_matrix(T: int, E: int, w_route: torch.Tensor, expert_route: torch.Ten
     ``S^T @ grad_out``: per-expert biases handled in token space, with no pass over (R, D)."""
     S = w_route.new_zeros(T, E + 1)
     if top_k is not None:
-        S.scatter_(1, expert_route.view(T, top_k), w_route.reshape(T, top_k))
+        S.scatter_add_(1, expert_route.view(T, top_k), w_route.reshape(T, top_k))
     else:
         S.index_put_((token_route, expert_route), w_route.reshape(-1), accumulate=True)
     return S
