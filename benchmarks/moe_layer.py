@@ -40,6 +40,7 @@ from sparse_dit.config import ModelConfig  # noqa: E402
 from sparse_dit.modules.mlp import FeedForward  # noqa: E402
 from sparse_dit.moe import MoEFeedForward  # noqa: E402
 from sparse_dit.moe.flops import match_compute  # noqa: E402
+from sparse_dit.moe.fused_local import plan_routes  # noqa: E402
 
 SHAPES = {"A": (384, 4096, 8, 2), "B": (768, 16384, 8, 2), "C": (512, 4096, 64, 8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,6 +112,12 @@ def bench_shape(name: str, dtype: torch.dtype, repeats: int, deepspeed: bool, ba
     med = {n: statistics.median(v) for n, v in times.items()}
     ratios = {n: statistics.median(a / b for a, b in zip(v, times["dense"])) for n, v in times.items()}
     print(f"\nshape {name}: d={d} tokens={T} E={E} k={k} expert_hidden={h} dense_hidden={4 * d} dtype={str(dtype)[6:]}")
+    for n, m in models.items():
+        if isinstance(m, MoEFeedForward) and m.experts.resolve_backend(x) == "loop":
+            with torch.no_grad():
+                r = m.router(x)
+            plan = plan_routes(r.expert_idx, E, T)
+            print(f"  {n} layout: cap {plan.cap} rows/expert, {len(plan.spans)} overflow spans, padding {plan.padding:.1%}")
     print(f"  {'model':<22}{'median ms':>12}{'/ dense':>10}")
     for n in models:
         print(f"  {n:<22}{med[n] * 1e3:>12.1f}{ratios[n]:>10.3f}")

@@ -8,6 +8,7 @@ Parts, torchtitan style (one idea per file):
 * :mod:`~sparse_dit.moe.dispatch`: ``dispatch()``/``combine()`` with a frozen metadata
   dataclass; :class:`LocalDispatcher` here, the all-to-all one in ``sparse_dit.parallel``.
 * :mod:`~sparse_dit.moe.experts`: grouped experts with stacked ``[E, D, F]`` weights.
+* :mod:`~sparse_dit.moe.fused_local`: the single-process CPU op (padded batched expert GEMMs).
 * :mod:`~sparse_dit.moe.layer`: :class:`MoEFeedForward` composing them (+ shared experts).
 * :mod:`~sparse_dit.moe.stats`: balance loss, z-loss, statistics, :class:`MoEAux`.
 * :mod:`~sparse_dit.moe.balancing`: :func:`update_balance_biases` (outside the forward).
@@ -20,6 +21,7 @@ from sparse_dit.moe.balancing import moe_layers, update_balance_biases
 from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
 from sparse_dit.moe.flops import match_compute, moe_layer_counts
+from sparse_dit.moe.fused_local import release_workspace
 from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
 from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
 from sparse_dit.moe.presets import MOE_PRESET_NAMES, moe_preset_config
@@ -45,4 +47,5 @@ __all__ = [
     "match_compute",
     "moe_preset_config",
     "MOE_PRESET_NAMES",
+    "release_workspace",
 ]

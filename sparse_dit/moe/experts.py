@@ -7,19 +7,20 @@ Weights are stacked ``[E, D, F]`` / ``[E, F, D]`` (``x @ W`` layout, as torchtit
 
 Backends:
 
-* ``"loop"``: one autograd op (:mod:`sparse_dit.moe.expert_loop`) looping over the experts
-  with ``torch.addmm(..., out=)`` (bias fused) and a hand-written backward that writes the
-  stacked weight gradients in place. Autograd never sees a ``weight[e]`` slice: indexing a
-  parameter in an autograd loop makes its backward allocate and accumulate a full-size
-  [E, ...] gradient per expert (5-9x slower backward on CPU, /work/shared/PITFALLS.md).
+* ``"loop"``: behind a dispatcher, one autograd op (:mod:`sparse_dit.moe.expert_loop`)
+  looping over the experts with ``torch.addmm(..., out=)`` (bias fused) and a hand-written
+  backward that writes the stacked weight gradients in place. In the single-process layer,
+  the fused op of :mod:`sparse_dit.moe.fused_local` (batched GEMMs over a padded layout).
+  Autograd never sees a ``weight[e]`` slice: indexing a parameter in an autograd loop makes its
+  backward allocate and accumulate a full-size [E, ...] gradient per expert (5-9x slower
+  backward on CPU, /work/shared/PITFALLS.md).
 * ``"grouped_mm"``: ``torch._grouped_mm`` with int32 cumulative offsets. It has no bias
   argument and needs 16-byte-aligned strides (D and F multiples of 4 in fp32, of 8 in bf16).
   On CUDA it runs under autograd with per-row bias gathers and needs no host sync; on CPU it
   runs inside the expert op of :mod:`sparse_dit.moe.expert_loop` (one GEMM call per shape).
 * ``"megablocks"``: optional CUDA backend; megablocks is imported lazily.
-* ``"auto"``: grouped_mm on CUDA for aligned shapes; on CPU the loop, fused with gather and
-  scatter by the single-process layer (:mod:`sparse_dit.moe.fused_local`); measured in
-  benchmarks/moe_layer.py.
+* ``"auto"``: grouped_mm on CUDA for aligned shapes; on CPU the loop (the fused op in the
+  single-process layer); measured in benchmarks/moe_layer.py.
 """
 
 from __future__ import annotations
@@ -102,9 +103,9 @@ class GroupedExperts(nn.Module):
         """The backend ``"auto"`` picks for this input (see the module docstring)."""
         if self.backend != "auto":
             return self.backend
-        # GPU: grouped_mm needs no host sync. CPU: the loop, which the single-process layer fuses
-        # with gather and scatter (fused_local.py). grouped_mm behind dispatch/combine was within
-        # +-7 % of it for E=8, k=2 and 1.27x slower at E=64, k=8 (BENCHMARKS.md).
+        # GPU: grouped_mm needs no host sync. CPU: the loop, which the single-process layer runs
+        # as the fused batched op (fused_local.py); grouped_mm behind dispatch/combine is slower
+        # on every benchmark shape (BENCHMARKS.md, issue 3).
         if x.is_cuda and grouped_mm_available() and self.grouped_mm_aligned(x.dtype):
             return "grouped_mm"
         return "loop"
