@@ -20,8 +20,9 @@ read token 0 and carry a zero combine weight, so they add exact zeros to every o
 gradient.
 
 **Combine.** Token-choice routes are token-major (K per token): each token's output is the
-weighted sum of its K expert rows, computed as K gathers of (T, D) accumulated in place (in
-fp32 for bf16 inputs), with no scatter. A general route table (expert choice), and K >= 4 in
+weighted sum of its K expert rows, with no scatter: K gathers of (T, D) accumulated in place in
+fp32, or in bf16 one gather of the K rows and a (T, 1, K) @ (T, K, D) ``bmm`` that accumulates
+in fp32. A general route table (expert choice), and K >= 4 in
 fp32, is combined with one ``index_add_`` over the weighted layout rows.
 
 **Memory.** Saved for backward are the (P, F) pre-activations and activations (what a dense
@@ -229,16 +230,22 @@ def _rowdot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor
 
 
 def _gather_sum(src: torch.Tensor, pos_TK: torch.Tensor, weight_TK: Optional[torch.Tensor]) -> torch.Tensor:
-    """``out[t] = sum_k weight[t, k] * src[pos[t, k]]`` (weight None = 1), as K gathers of (T, D)
-    accumulated in place; the result is in fp32 for bf16/fp16 ``src``. A single (T*K, D) gather
-    followed by a reduction measured up to 2x slower (the (T*K, D) temporary falls out of cache)."""
+    """``out[t] = sum_k weight[t, k] * src[pos[t, k]]`` (weight None = 1), summed in fp32.
+
+    fp32: K gathers of (T, D) accumulated in place (a single (T*K, D) gather followed by a
+    reduction measured up to 2x slower: the temporary falls out of cache). bf16/fp16: one
+    (T*K, D) gather and a (T, 1, K) @ (T, K, D) ``bmm``, which accumulates in fp32 inside the
+    GEMM and rounds once, with no fp32 copies of the rows (dtype conversions cost about as much
+    as the gathers here).
+    """
     T, K = pos_TK.shape
     D = src.shape[1]
-    tmp = _scratch("gsum_tmp", (T, D), src)
     if src.dtype in (torch.bfloat16, torch.float16):
-        out = torch.index_select(src, 0, pos_TK[:, 0], out=tmp).float()
-    else:
-        out = torch.index_select(src, 0, pos_TK[:, 0])
+        rows = torch.index_select(src, 0, pos_TK.reshape(-1), out=_scratch("groute", (T * K, D), src))
+        wt = weight_TK if weight_TK is not None else src.new_ones(T, K)
+        return torch.bmm(wt.reshape(T, 1, K).to(src.dtype), rows.view(T, K, D)).view(T, D)
+    tmp = _scratch("gsum_tmp", (T, D), src)
+    out = torch.index_select(src, 0, pos_TK[:, 0])
     if weight_TK is not None:
         out.mul_(weight_TK[:, :1])
     for k in range(1, K):
@@ -367,7 +374,7 @@ class _FusedMoE(torch.autograd.Function):
         S = None
         if b2 is not None:
             S = _route_matrix(T, E, w_route, plan.expert_route, plan.token_route, K)[:, :E].to(dt)
-            out.addmm_(S.to(acc), b2.to(acc))
+            out.addmm_(S.to(out.dtype), b2.to(out.dtype))
         ctx.save_for_backward(x, w_route, w_pad, S, w1, w2, w3, b2, *saved)
         ctx.plan, ctx.activation = plan, activation
         return out.to(dt)
