@@ -11,7 +11,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_dit.config import ConfigError, ModelConfig, MoEConfig
 from sparse_dit.moe import MOE_PRESET_NAMES, MoEFeedForward, match_compute, moe_layer_counts, moe_preset_config
+from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.flops import dense_ffn_counts
+from sparse_dit.moe.fused_local import plan_routes
 from sparse_dit.moe.presets import fullwidth_compute_ratio, parse_moe_preset
 
 
@@ -40,10 +42,14 @@ def _cfg(**moe) -> ModelConfig:
 )
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
 def test_layer_counts_match_flop_counter_and_parameters(moe: dict, activation: str) -> None:
-    # backend "loop": FlopCounterMode (torch 2.13) has no formula for torch._grouped_mm.
+    # backend "loop": FlopCounterMode (torch 2.13) has no formula for torch._grouped_mm. Behind
+    # a dispatcher the experts run one GEMM per expert over exactly their routed rows, which is
+    # what the analytic count describes (the fused single-process op adds padding rows: see
+    # test_fused_op_executes_the_counted_macs_plus_its_padding).
     cfg = dataclasses.replace(_cfg(**moe, backend="loop"), activation=activation)
     counts = moe_layer_counts(cfg)
     layer = MoEFeedForward.from_config(cfg, 0)
+    layer.dispatcher = _ProtocolDispatcher()
     assert counts["total_params"] == sum(p.numel() for p in layer.parameters())
     B, N = 2, 24  # N * k * cf / E is an integer, so expert choice's capacity is exact
     x, c = torch.randn(B, N, 32), torch.randn(B, 32)
@@ -54,6 +60,39 @@ def test_layer_counts_match_flop_counter_and_parameters(moe: dict, activation: s
     # model) leaves out, as it leaves out the dense FFN's bias adds.
     macs = (fc.get_total_flops() - by_op.get("aten.bmm", 0)) // 2
     assert macs == B * N * counts["macs_per_token"] + B * counts["macs_per_sample"]
+
+
+class _ProtocolDispatcher(LocalDispatcher):
+    """A LocalDispatcher subclass: the layer then takes the dispatch/experts/combine path."""
+
+
+@pytest.mark.parametrize(
+    "moe",
+    [
+        dict(num_experts=4, top_k=2),
+        dict(num_experts=8, top_k=4, shared_experts=1),
+        dict(num_experts=8, top_k=2, router="expert_choice", capacity_factor=1.5),
+    ],
+)
+@pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
+def test_fused_op_executes_the_counted_macs_plus_its_padding(moe: dict, activation: str) -> None:
+    # The single-process fused op also computes the padding rows of its batched block
+    # (plan.rows - kept); nothing else beyond the analytic count. (With GELU biases it adds the
+    # token-space output-bias product S @ b2, T x E x D MACs, as an in-place addmm_, which
+    # FlopCounterMode in torch 2.13 does not count.)
+    cfg = dataclasses.replace(_cfg(**moe, backend="loop"), activation=activation)
+    counts = moe_layer_counts(cfg)
+    layer = MoEFeedForward.from_config(cfg, 0)
+    B, N, D = 2, 24, 32
+    torch.manual_seed(0)
+    x = torch.randn(B, N, D)
+    with FlopCounterMode(display=False) as fc:
+        layer(x)
+    r = layer.router(x)
+    plan = plan_routes(r.expert_idx, layer.num_experts, B * N, r.token_idx)
+    per_row = (3 if activation == "swiglu" else 2) * D * layer.hidden_dim
+    assert plan.rows > plan.kept or moe.get("router") == "expert_choice"  # the case pads (expert choice never does)
+    assert fc.get_total_flops() // 2 == B * N * counts["macs_per_token"] + (plan.rows - plan.kept) * per_row
 
 
 def test_active_params_count_router_k_experts_and_shared() -> None:
