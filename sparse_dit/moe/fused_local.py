@@ -172,7 +172,10 @@ def plan_routes(
             row += n - cap
         s += n
     rows = row
-    e_sorted, perm = torch.sort(e_R, stable=True)  # dropped routes (sentinel E) sort last
+    # Stable, so routes of one expert keep token order (deterministic layout). int32 keys sort
+    # about 2x faster than int64 at R = 32k; dropped routes (sentinel E) sort last.
+    e_sorted, perm = torch.sort(e_R.to(torch.int32), stable=True)
+    e_sorted = e_sorted.long()
     p = torch.arange(R, device=dev)
     e_kept = e_sorted[:kept]
     rank = p[:kept] - torch.tensor(start, dtype=torch.int64, device=dev).index_select(0, e_kept)
