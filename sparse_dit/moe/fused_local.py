@@ -47,8 +47,10 @@ import torch.nn.functional as F
 __all__ = ["BlockPlan", "choose_capacity", "plan_routes", "fused_local_moe", "release_workspace"]
 
 OVERFLOW_COST = 2.0
-"""Cost of a row in an expert's own GEMM, in rows of the batched block (:func:`choose_capacity`):
-a per-expert GEMM of a few dozen rows runs at about half the batched GEMM's speed here."""
+"""Cost of a row in an expert's own GEMM, in rows of the batched block (:func:`choose_capacity`),
+with more than one intra-op thread: a per-expert GEMM is split across the threads and, at a few
+dozen rows, runs at about half the batched GEMM's speed (which hands whole GEMMs to each
+thread). With one thread both run alike and the cost is 1."""
 SPAN_COST = 32.0
 """Call overhead of one per-expert overflow GEMM, in block rows (:func:`choose_capacity`)."""
 
@@ -56,14 +58,17 @@ SPAN_COST = 32.0
 # ---------------------------------------------------------------------------------------------
 # Planning
 # ---------------------------------------------------------------------------------------------
-def choose_capacity(sizes: Sequence[int], overflow_cost: float = OVERFLOW_COST, span_cost: float = SPAN_COST) -> int:
+def choose_capacity(sizes: Sequence[int], overflow_cost: Optional[float] = None, span_cost: float = SPAN_COST) -> int:
     """Rows per expert of the batched block: the cap that minimises the modelled GEMM cost.
 
     ``cost(cap) = E * cap + overflow_cost * sum_e max(0, sizes[e] - cap) + span_cost * #{e: sizes[e] > cap}``:
     the block computes ``E * cap`` rows (padding included); the rows of an expert past ``cap``
     run as that expert's own GEMM, each row costing ``overflow_cost`` block rows and each such
     GEMM ``span_cost`` rows of call overhead. The optimum is one of the sizes (or 0).
+    ``overflow_cost=None``: :data:`OVERFLOW_COST` with several intra-op threads, 1 with one.
     """
+    if overflow_cost is None:
+        overflow_cost = OVERFLOW_COST if torch.get_num_threads() > 1 else 1.0
     E = len(sizes)
     if E == 0:
         return 0
