@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["experts_loop"]
+__all__ = ["experts_loop", "check_expert_weights"]
 
 
 def _spans(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -165,6 +165,24 @@ def _cumsum(sizes: Sequence[int]) -> list[int]:
     return out
 
 
+def check_expert_weights(
+    activation: str,
+    dtype: torch.dtype,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    w3: Optional[torch.Tensor],
+    b1: Optional[torch.Tensor],
+    b2: Optional[torch.Tensor],
+) -> None:
+    """The stacked expert weights an expert op needs for ``activation``, all in the input ``dtype``."""
+    if activation == "gelu_tanh" and (b1 is None or b2 is None):
+        raise ValueError("activation='gelu_tanh' needs biases b1 and b2")
+    if activation == "swiglu" and w3 is None:
+        raise ValueError("activation='swiglu' needs the gate weight w3")
+    if any(p is not None and p.dtype != dtype for p in (w1, w2, w3, b1, b2)):
+        raise ValueError(f"expert weights must have the input dtype {dtype}; cast the module (model.to(dtype))")
+
+
 def experts_loop(
     x: torch.Tensor,
     sizes: Sequence[int],
@@ -189,10 +207,5 @@ def experts_loop(
     Returns:
         (R, D) outputs in the same row order.
     """
-    if activation == "gelu_tanh" and (b1 is None or b2 is None):
-        raise ValueError("activation='gelu_tanh' needs biases b1 and b2")
-    if activation == "swiglu" and w3 is None:
-        raise ValueError("activation='swiglu' needs the gate weight w3")
-    if any(p is not None and p.dtype != x.dtype for p in (w1, w2, w3, b1, b2)):
-        raise ValueError(f"expert weights must have the input dtype {x.dtype}; cast the module (model.to(dtype))")
+    check_expert_weights(activation, x.dtype, w1, w2, w3, b1, b2)
     return _ExpertsLoop.apply(x, tuple(int(n) for n in sizes), activation, grouped, w1, w2, w3, b1, b2)

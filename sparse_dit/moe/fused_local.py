@@ -44,6 +44,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from sparse_dit.moe.expert_loop import check_expert_weights
+
 __all__ = ["BlockPlan", "choose_capacity", "plan_routes", "fused_local_moe", "release_workspace"]
 
 OVERFLOW_COST = 2.0
@@ -265,6 +267,11 @@ def _gather_sum(src: torch.Tensor, pos_TK: torch.Tensor, weight_TK: Optional[tor
     return out
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of sums over routes: fp32 for bf16/fp16 inputs."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
 def _combine_by_gather(top_k: Optional[int], dtype: torch.dtype) -> bool:
     """Token-major routes are combined by K gathers (:func:`_gather_sum`), except with many routes
     per token in fp32, where one ``index_add_`` over the layout rows measured 5 % faster for the
@@ -343,7 +350,7 @@ class _FusedMoE(torch.autograd.Function):
         T, D = x.shape
         Fh = w1.shape[2]
         dt = x.dtype
-        acc = torch.float32 if dt in (torch.bfloat16, torch.float16) else dt
+        acc = _acc_dtype(dt)
         rows, K, E = plan.rows, plan.top_k, plan.num_experts
         L = _Layout(plan.cap, plan.spans, E)
         pos_route, tok_pad = plan.pos_route, plan.tok_pad
@@ -444,7 +451,7 @@ class _FusedMoE(torch.autograd.Function):
             if _combine_by_gather(K, x.dtype):
                 dx = _gather_sum(dxp, pos_route.view(T, K), None)
             else:
-                acc = torch.float32 if x.dtype in (torch.bfloat16, torch.float16) else x.dtype
+                acc = _acc_dtype(x.dtype)
                 dx = torch.zeros(T, D, dtype=acc, device=x.device)
                 dx.index_add_(0, tok_pad, dxp[:rows] if acc == x.dtype else dxp[:rows].to(acc))
             dx = dx.to(x.dtype)
@@ -478,12 +485,7 @@ def fused_local_moe(
     Returns:
         (T, D).
     """
-    if activation == "gelu_tanh" and (b1 is None or b2 is None):
-        raise ValueError("activation='gelu_tanh' needs biases b1 and b2")
-    if activation == "swiglu" and w3 is None:
-        raise ValueError("activation='swiglu' needs the gate weight w3")
-    if any(p is not None and p.dtype != x_TD.dtype for p in (w1, w2, w3, b1, b2)):
-        raise ValueError(f"expert weights must have the input dtype {x_TD.dtype}; cast the module (model.to(dtype))")
+    check_expert_weights(activation, x_TD.dtype, w1, w2, w3, b1, b2)
     if x_TD.ndim != 2 or x_TD.shape[0] != plan.num_tokens:
         raise ValueError(f"x_TD must be ({plan.num_tokens}, D) as planned, got {tuple(x_TD.shape)}")
     if weight_route.numel() != plan.pos_route.numel():
