@@ -17,3 +17,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from 2 threads, and on a loaded machine OpenMP's spinning
+    threads stall every parallel region (docs/moe.md): the MoE unit tests run single-threaded
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

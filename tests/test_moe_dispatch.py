@@ -16,14 +16,7 @@ from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.router import capacity_drop, expert_choice_capacity
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from 2 threads, and on a loaded machine OpenMP's spinning
-    threads stall every parallel region (docs/moe.md): run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expert(layer: MoEFeedForward, e: int, x: torch.Tensor) -> torch.Tensor:

@@ -17,14 +17,7 @@ from sparse_dit.moe.fused_local import plan_routes
 from sparse_dit.moe.presets import fullwidth_compute_ratio, parse_moe_preset
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from 2 threads, and on a loaded machine OpenMP's spinning
-    threads stall every parallel region (docs/moe.md): run these tests single-threaded."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cfg(**moe) -> ModelConfig:

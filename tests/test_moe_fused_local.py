@@ -18,12 +18,7 @@ from sparse_dit.moe import fused_local as fl
 from sparse_dit.moe.fused_local import choose_capacity, fused_local_moe, plan_routes, release_workspace
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------
