@@ -44,7 +44,7 @@ from torch import nn
 
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.moe import MoEFeedForward, moe_layers
-from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
+from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher, permute_rows
 
 __all__ = [
     "check_parallel_config",
@@ -160,20 +160,6 @@ def all_to_all_single(x: torch.Tensor, out_splits: list[int], in_splits: list[in
     return _AllToAll.apply(x, list(out_splits), list(in_splits), group)
 
 
-class _Permute(torch.autograd.Function):
-    """Row permutation ``x[idx]`` whose backward is the inverse gather (no scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(inv)
-        return x.index_select(0, idx)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (inv,) = ctx.saved_tensors
-        return grad.contiguous().index_select(0, inv), None, None
-
-
 # --------------------------------------------------------------------------------------------
 # The dispatcher
 # --------------------------------------------------------------------------------------------
@@ -229,7 +215,7 @@ class AllToAllDispatcher(LocalDispatcher):
         idx = torch.repeat_interleave(starts_JS - target_starts, sizes_JS, output_size=total) + torch.arange(total, device=x_perm.device)
         inv = torch.empty_like(idx)
         inv[idx] = torch.arange(total, device=idx.device)
-        x_sorted = _Permute.apply(x_recv, idx, inv)
+        x_sorted = permute_rows(x_recv, idx, inv)
         tokens_per_local = recv_PL.sum(0)  # (L,)
         split_sizes = tuple(sum(recv_flat[s * L + j] for s in range(P)) for j in range(L))
         state = (idx, inv, in_splits, out_splits, x_perm.shape[0])
@@ -237,7 +223,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def _exchange_back(self, y_sorted: torch.Tensor, state: Any) -> torch.Tensor:
         idx, inv, in_splits, out_splits, rows = state
-        y_recv = _Permute.apply(y_sorted[: idx.numel()], inv, idx)  # back to (source, expert) order
+        y_recv = permute_rows(y_sorted[: idx.numel()], inv, idx)  # back to (source, expert) order
         y_kept = all_to_all_single(y_recv, in_splits, out_splits, self.group)  # (kept, D), permute order
         tail = rows - y_kept.shape[0]
         if tail:  # dropped routes: unpermute masks these rows

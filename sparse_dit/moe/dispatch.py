@@ -59,7 +59,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["DispatchMeta", "LocalDispatcher", "sort_routes", "gather_rows_token_major", "combine_token_major"]
+__all__ = ["DispatchMeta", "LocalDispatcher", "sort_routes", "gather_rows_token_major", "combine_token_major", "permute_rows"]
 
 
 @dataclass(frozen=True)
@@ -141,18 +141,24 @@ class _GatherTokenMajor(torch.autograd.Function):
         return g, None, None, None
 
 
-class _UnsortRows(torch.autograd.Function):
-    """y_route = y_sorted[inv_perm]; backward: grad_sorted = grad_route[perm]. Both are gathers."""
+class _PermuteRows(torch.autograd.Function):
+    """``x[idx]`` for a permutation ``idx``; backward: ``grad[inv]``. Both are gathers (no scatter-add)."""
 
     @staticmethod
-    def forward(ctx, y_sorted: torch.Tensor, inv_perm: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(perm)
-        return y_sorted.index_select(0, inv_perm)
+    def forward(ctx, x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        return x.index_select(0, idx)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        (perm,) = ctx.saved_tensors
-        return grad.contiguous().index_select(0, perm), None, None
+        (inv,) = ctx.saved_tensors
+        return grad.contiguous().index_select(0, inv), None, None
+
+
+def permute_rows(x: torch.Tensor, idx: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``x[idx]`` for a row permutation ``idx`` with inverse ``inv``
+    (``idx[inv] == arange``): the backward is the inverse gather."""
+    return _PermuteRows.apply(x, idx, inv)
 
 
 def gather_rows_token_major(x_TD: torch.Tensor, token_sorted: torch.Tensor, inv_perm: torch.Tensor, k: int) -> torch.Tensor:
@@ -167,7 +173,7 @@ def combine_token_major(y_sorted: torch.Tensor, inv_perm: torch.Tensor, perm: to
     multiply with the reduction over K (no (T, K, D) product tensor is materialised).
     """
     T, K = weight_TK.shape
-    y_TKD = _UnsortRows.apply(y_sorted, inv_perm, perm).view(T, K, -1)
+    y_TKD = permute_rows(y_sorted, inv_perm, perm).view(T, K, -1)
     if K == 1:
         return y_TKD[:, 0] * weight_TK.to(y_TKD.dtype)
     return torch.bmm(weight_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)  # (T, D)
