@@ -162,6 +162,10 @@ class BatchSource:
         if epoch != self._epoch:
             self.sampler.set_epoch(epoch)
             self._order, self._epoch = list(iter(self.sampler)), epoch
+        return self._select(pos)
+
+    def _select(self, pos: int) -> list[int]:
+        """Micro-batch ``pos`` of the epoch's order (the sampler yields sample indices)."""
         return self._order[pos * self.micro_batch : (pos + 1) * self.micro_batch]
 
     def batch(self, step: int, micro: int) -> dict[str, Any]:
@@ -202,12 +206,8 @@ class BucketSource(BatchSource):
             raise ConfigError(f"data.token_budget={token_budget} leaves no full bucket batch per rank; add data or lower the budget")
         self._epoch, self._order = None, []
 
-    def indices(self, step: int, micro: int) -> list[int]:
-        k = step * self.accum + micro
-        epoch, pos = divmod(k, self.per_epoch)
-        if epoch != self._epoch:
-            self.sampler.set_epoch(epoch)
-            self._order, self._epoch = list(iter(self.sampler)), epoch
+    def _select(self, pos: int) -> list[int]:
+        """Micro-batch ``pos`` of the epoch's order (the bucket sampler yields whole batches)."""
         return self._order[pos]
 
 
