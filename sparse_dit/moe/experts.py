@@ -118,7 +118,7 @@ class GroupedExperts(nn.Module):
     def forward(
         self,
         x_sorted: torch.Tensor,
-        tokens_per_expert: torch.Tensor,
+        tokens_per_expert: Optional[torch.Tensor],
         split_sizes: Optional[Sequence[int]] = None,
         *,
         plan: Optional[BlockPlan] = None,
@@ -130,7 +130,8 @@ class GroupedExperts(nn.Module):
             x_sorted: (R, D) rows grouped by expert; rows past ``tokens_per_expert.sum()`` are
                 ignored (their output rows are zero for the loop backend, unspecified otherwise).
                 In fused mode: the (T, D) tokens themselves.
-            tokens_per_expert: (E,) int64 rows per expert, on the device of ``x_sorted``.
+            tokens_per_expert: (E,) int64 rows per expert, on the device of ``x_sorted``
+                (``None`` in fused mode, where the plan holds the layout).
             split_sizes: the same counts on the host when the caller already has them (saves
                 the loop backend's one device-to-host sync).
             plan, weight_route: fused mode (the single-process path of
@@ -149,8 +150,11 @@ class GroupedExperts(nn.Module):
             return fused_local_moe(x_sorted, weight_route, plan, self.activation, *self.params_in(x_sorted.dtype))
         if x_sorted.ndim != 2 or x_sorted.shape[1] != self.dim:
             raise ValueError(f"x_sorted must be (rows, {self.dim}), got {tuple(x_sorted.shape)}")
-        if tokens_per_expert.shape != (self.num_experts,):
-            raise ValueError(f"tokens_per_expert must have shape ({self.num_experts},), got {tuple(tokens_per_expert.shape)}")
+        if tokens_per_expert is None or tokens_per_expert.shape != (self.num_experts,):
+            raise ValueError(
+                f"tokens_per_expert must have shape ({self.num_experts},), got "
+                f"{None if tokens_per_expert is None else tuple(tokens_per_expert.shape)}"
+            )
         backend = self.resolve_backend(x_sorted)
         if backend == "loop":
             return self._forward_loop(x_sorted, tokens_per_expert, split_sizes)

@@ -243,7 +243,7 @@ class MoEFeedForward(nn.Module):
     def _fused_local(self, x_TD: torch.Tensor, r: Any) -> torch.Tensor:
         plan = plan_routes(r.expert_idx, self.num_experts, x_TD.shape[0], r.token_idx)  # the one host sync
         # Through experts.__call__, so that module hooks (ZeRO-3 gathering) run.
-        return self.experts(x_TD, r.counts, plan=plan, weight_route=r.weight)
+        return self.experts(x_TD, None, plan=plan, weight_route=r.weight)
 
     def _aux(self, r: Any, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
         K = self.top_k
