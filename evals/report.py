@@ -134,6 +134,16 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
     return "\n".join(out) + "\n"
 
 
+def _save(fig: Any, path: Path) -> Path:
+    """Write a matplotlib figure (tight layout, 100 dpi), close it, return its path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def plot_quality(report: Mapping[str, Any], out: str | Path) -> list[Path]:
     """Quality vs training FLOPs and vs inference MACs / latency (PNG files).
 
@@ -175,11 +185,7 @@ def plot_quality(report: Mapping[str, Any], out: str | Path) -> list[Path]:
     scatter(axes[1], "train_flops", "val_loss", "training PFLOPs", "held-out loss")
     axes[1].legend(fontsize=8)
     fig.suptitle("Quality vs training compute")
-    fig.tight_layout()
-    p = out / "quality_vs_train_flops.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out / "quality_vs_train_flops.png"))
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     scatter(axes[0], "gmacs_per_video", "velocity_error", "inference GMACs per video", "velocity error (px/frame)")
@@ -188,11 +194,7 @@ def plot_quality(report: Mapping[str, Any], out: str | Path) -> list[Path]:
     scatter(axes[1], "latency_ms", "velocity_error", "latency per video (ms)", "velocity error (px/frame)")
     baselines(axes[1])
     fig.suptitle("Quality vs inference cost")
-    fig.tight_layout()
-    p = out / "quality_vs_inference.png"
-    fig.savefig(p, dpi=100)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(fig, out / "quality_vs_inference.png"))
     return paths
 
 
