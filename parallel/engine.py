@@ -15,7 +15,7 @@ train.global_batch_size / micro_batch_size  train_batch_size, train_micro_batch_
 train.grad_clip                             gradient_clipping
 parallel.zero_stage                         zero_optimization.stage (+ MoE-safe bucket options)
 parallel.precision                          bf16.enabled / fp16.enabled ("auto": bf16 on GPU,
-                                            fp32 on CPU)
+                                            fp32 on CPU); "bf16-autocast": torch_autocast
 train.activation_checkpointing              activation_checkpointing (blocks are wrapped in
                                             ``torch.utils.checkpoint``, non-reentrant)
 ==========================================  ====================================================
@@ -172,6 +172,8 @@ def build_ds_config(recipe: RecipeConfig, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        # fp32 weights and optimizer; the engine runs the forward under torch.autocast(bf16).
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }

@@ -17,15 +17,9 @@ from typing import Any, Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.config import CONTEXT_TASKS, ConfigError, ContextConfig, RecipeConfig
 
-__all__ = ["CONTEXT_MODES", "step_generator", "random_context_mask", "build_dataset", "BatchSource", "BucketSource", "bucket_shapes", "collate", "Conditioner"]
-
-# Tasks a context-frame mask teaches (Open-Sora 1.2 style masking): predict the future from
-# the first frames, extend backward in time, interpolate between clean start and end frames,
-# and image-to-video from the first frame.
-CONTEXT_MODES = ("predict", "extend_backward", "interpolate", "image_to_video")
-
+__all__ = ["step_generator", "context_mask", "build_dataset", "BatchSource", "BucketSource", "bucket_shapes", "collate", "Conditioner"]
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """A CPU generator seeded from (seed, step, micro-step, rank): same numbers, same draws.
@@ -41,23 +35,58 @@ def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generat
     return torch.Generator().manual_seed(mixed)
 
 
-def random_context_mask(batch: int, frames: int, prob: float, generator: torch.Generator) -> torch.Tensor:
-    """(B, T) bool: True where a frame is given clean; each sample gets a mask with prob ``prob``.
+def context_mask(batch: int, frames: int, context: ContextConfig, generator: torch.Generator) -> torch.Tensor:
+    """(B, T) bool: True where a frame is given clean (``train.context``).
 
-    A masked sample draws one of :data:`CONTEXT_MODES` uniformly; ``predict`` keeps the first
-    k frames, ``extend_backward`` the last k, ``interpolate`` the first k1 and last k2, with k
-    (and k1 + k2) uniform in [1, T - 1]; ``image_to_video`` keeps frame 0. At least one frame
-    is always left to generate. Single-frame samples never get a mask.
+    ``mode: prefix`` gives every sample its first ``frames`` frames. ``mode: random`` gives a
+    sample a mask with probability ``prob``: one task of :data:`~sparse_dit.config.CONTEXT_TASKS`
+    drawn with the ``tasks`` weights; ``predict`` keeps the first k frames, ``extend_backward``
+    the last k, ``interpolate`` the first k1 and last k2, with k (and k1 + k2) uniform in
+    [1, T - 1]; ``image_to_video`` keeps frame 0. At least one frame is always left to
+    generate, and single-frame samples never get a mask. ``mode: none`` gives no mask.
 
     Args:
         batch: B.
         frames: T (latent frames).
-        prob: probability that a sample is masked (``train.context_prob``).
+        context: the recipe's ``train.context``.
         generator: the step's generator.
+
+    Raises:
+        ValueError: a prefix that would leave no frame to generate on a clip of ``frames`` frames.
     """
     mask = torch.zeros(batch, frames, dtype=torch.bool)
-    if frames < 2 or prob <= 0:
+    if context.mode == "prefix":
+        if frames < 2:
+            return mask  # an image: nothing to predict from
+        if context.frames >= frames:
+            raise ValueError(
+                f"train.context.frames={context.frames} leaves no frame to generate in a clip of {frames} (latent) frames; "
+                f"allowed: 1..{frames - 1}"
+            )
+        mask[:, : context.frames] = True
         return mask
+    if context.mode == "none" or frames < 2 or context.prob <= 0:
+        return mask
+    weights = torch.tensor([float(context.tasks.get(t, 0.0)) for t in CONTEXT_TASKS], dtype=torch.float64)
+    use = torch.rand(batch, generator=generator) < context.prob
+    modes = torch.multinomial(weights, batch, replacement=True, generator=generator)
+    ks = torch.randint(1, frames, (batch, 2), generator=generator)  # in [1, T-1]
+    for b in range(batch):
+        if not use[b]:
+            continue
+        mode, k = CONTEXT_TASKS[int(modes[b])], int(ks[b, 0])
+        if mode == "predict":
+            mask[b, :k] = True
+        elif mode == "extend_backward":
+            mask[b, frames - k :] = True
+        elif mode == "interpolate" and frames >= 3:
+            k1 = max(1, min(k, frames - 2))
+            k2 = max(1, min(int(ks[b, 1]), frames - 1 - k1))
+            mask[b, :k1] = True
+            mask[b, frames - k2 :] = True
+        else:  # image_to_video (and interpolate on 2-frame clips)
+            mask[b, 0] = True
+    return mask
     use = torch.rand(batch, generator=generator) < prob
     modes = torch.randint(len(CONTEXT_MODES), (batch,), generator=generator)
     ks = torch.randint(1, frames, (batch, 2), generator=generator)  # in [1, T-1]

@@ -143,7 +143,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
         load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
     )
-    from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, random_context_mask, step_generator
+    from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
     from sparse_dit.recipes.tb import add_expert_histogram, open_writer
 
     hooks = hooks or {}
@@ -230,7 +230,7 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
             batch = next(batches)
             x0 = batch["video"].to(device=device, dtype=dtype)
             kwargs = drop_conditioning(cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
-            ctx = random_context_mask(x0.shape[0], x0.shape[2], tc.context_prob, g).to(device)
+            ctx = context_mask(x0.shape[0], x0.shape[2], tc.context, g).to(device)
             rec = _Recorder(engine, recipe.model)
             n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
             out = fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)

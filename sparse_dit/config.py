@@ -41,6 +41,8 @@ __all__ = [
     "MoEConfig",
     "ModelConfig",
     "DiffusionConfig",
+    "CONTEXT_TASKS",
+    "ContextConfig",
     "TrainConfig",
     "DataConfig",
     "ParallelConfig",
@@ -350,6 +352,9 @@ class MoEConfig(_Config):
     first_dense: int = field(default=0, metadata=rule(ge=0))
     # Expert compute backend: "auto" picks grouped_mm or a loop over experts by device/dtype.
     backend: str = field(default="auto", metadata=rule(choices=("auto", "grouped_mm", "loop", "megablocks")))
+    # Under torch.autocast: "auto" runs the experts in the autocast dtype, "fp32" keeps them in
+    # fp32 (the quickstart's setting, docs/training.md "Precision"). No effect without autocast.
+    expert_precision: str = field(default="auto", metadata=rule(choices=("auto", "fp32")))
     # Number of timestep bins for the expert-load-per-timestep statistic.
     stat_timestep_bins: int = field(default=4, metadata=rule(ge=1))
 
@@ -457,6 +462,43 @@ class DiffusionConfig(_Config):
 # --------------------------------------------------------------------------------------------
 
 
+# Tasks a random context-frame mask teaches (Open-Sora 1.2 style masking): predict the future
+# from the first frames, extend backward in time, interpolate between clean start and end
+# frames, and image-to-video from the first frame.
+CONTEXT_TASKS = ("predict", "extend_backward", "interpolate", "image_to_video")
+
+
+@dataclass
+class ContextConfig(_Config):
+    """Which frames of a training sample are given clean (the prompting tasks the model learns).
+
+    ``mode: random`` (the default) teaches every prompting mode: with probability ``prob`` a
+    sample gets the mask of one task drawn from ``tasks`` (relative weights), with a random
+    number of given frames. ``mode: prefix`` gives every sample its first ``frames`` frames: one
+    task, predicting the future, which is what a world model is asked (the quickstart; with
+    random tasks the same budget did not beat copy-last-frame, docs/world_model.md, run J).
+    ``mode: none`` is plain generation.
+    """
+
+    mode: str = field(default="random", metadata=rule(choices=("random", "prefix", "none")))
+    # random: probability that a sample gets a context mask (the rest are plain generation).
+    prob: float = field(default=0.5, metadata=rule(ge=0, le=1))
+    # prefix: number of leading (latent) frames given clean; must leave at least one to generate.
+    frames: int = field(default=1, metadata=rule(ge=1))
+    # random: relative weight of each task in CONTEXT_TASKS (0 = never); missing tasks weigh 0.
+    tasks: dict[str, float] = field(default_factory=lambda: {t: 1.0 for t in CONTEXT_TASKS})
+
+    def _check(self) -> None:
+        prefix = _PREFIX.get() or "train.context."
+        for name, w in self.tasks.items():
+            if name not in CONTEXT_TASKS:
+                raise ConfigError(f"unknown key '{prefix}tasks.{name}'; allowed tasks: {', '.join(CONTEXT_TASKS)}")
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+                raise ConfigError(f"{prefix}tasks.{name}={w!r} is not allowed; a task weight is a finite number >= 0")
+        if self.mode == "random" and self.prob > 0 and not sum(self.tasks.values()) > 0:
+            raise ConfigError(f"{prefix}tasks={self.tasks!r} gives every task weight 0; give one task a weight > 0 or set mode: none")
+
+
 @dataclass
 class TrainConfig(_Config):
     """Optimisation and bookkeeping."""
@@ -477,9 +519,8 @@ class TrainConfig(_Config):
     keep_last: int = field(default=2, metadata=rule(ge=1))
     log_every: int = field(default=1, metadata=rule(ge=1))
     sample_every: int = field(default=0, metadata=rule(ge=0, help="0 = never"))
-    # Probability that a training sample gets a random context-frame mask (prediction,
-    # extension both ways, interpolation); the rest are plain generation.
-    context_prob: float = field(default=0.5, metadata=rule(ge=0, le=1))
+    # Context frames (image/video prompts) of each training sample: random tasks or a fixed prefix.
+    context: ContextConfig = field(default_factory=ContextConfig)
     activation_checkpointing: bool = False
     # Stop (with a checkpoint) after this many steps without changing the LR schedule, which
     # still spans max_steps: for time-limited jobs and the resume test. None = run to max_steps.
@@ -518,8 +559,11 @@ class ParallelConfig(_Config):
 
     zero_stage: int = field(default=0, metadata=rule(choices=(0, 1, 2, 3)))
     ep_size: int = field(default=1, metadata=rule(ge=1))
-    # "auto" = bf16 on GPU, fp32 on CPU.
-    precision: str = field(default="auto", metadata=rule(choices=("auto", "fp32", "bf16", "fp16")))
+    # "auto" = bf16 on GPU, fp32 on CPU. "bf16"/"fp16": DeepSpeed's mixed precision (weights and
+    # activations in 16 bits, fp32 master weights in the optimizer). "bf16-autocast": fp32 weights,
+    # the forward under torch.autocast(bf16) (DeepSpeed's `torch_autocast`), MoE experts in fp32;
+    # the quickstart's setting (docs/training.md, "Precision").
+    precision: str = field(default="auto", metadata=rule(choices=("auto", "fp32", "bf16", "fp16", "bf16-autocast")))
     # Optional user DeepSpeed JSON whose keys override the generated config.
     deepspeed_config: Optional[str] = None
 
@@ -536,6 +580,14 @@ class RecipeConfig(_Config):
     output_dir: str = "runs/default"
     # Preset name the model section starts from (its keys override the preset's).
     preset: Optional[str] = None
+
+    def _check(self) -> None:
+        ctx = self.train.context
+        if ctx.mode == "prefix" and self.data.token_budget is None and ctx.frames >= self.data.num_frames:
+            raise ConfigError(
+                f"train.context.frames={ctx.frames} leaves no frame to generate in data.num_frames={self.data.num_frames}; "
+                f"allowed: 1..{self.data.num_frames - 1}"
+            )
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), data: dict | None = None) -> RecipeConfig:

@@ -77,12 +77,13 @@ def test_no_weight_decay_on_vectors_and_expert_biases():
 
 
 def test_context_masks_cover_every_mode_and_leave_a_frame_to_generate():
-    from sparse_dit.recipes.batches import random_context_mask
+    from sparse_dit.config import ContextConfig
+    from sparse_dit.recipes.batches import context_mask
 
     g = torch.Generator().manual_seed(0)
-    m = random_context_mask(2000, 6, 0.5, g)
+    m = context_mask(2000, 6, ContextConfig(mode="random", prob=0.5), g)
     counted = m.sum(1)
-    assert ((counted > 0).float().mean() - 0.5).abs() < 0.05  # context_prob
+    assert ((counted > 0).float().mean() - 0.5).abs() < 0.05  # context.prob
     assert (counted < 6).all()  # something is always generated
     first, last = m[:, 0], m[:, -1]
     assert ((first & ~last).sum() > 0) and ((~first & last).sum() > 0) and ((first & last).sum() > 0)  # predict, extend back, interpolate
@@ -92,7 +93,56 @@ def test_context_masks_cover_every_mode_and_leave_a_frame_to_generate():
         idx = row.nonzero().flatten().tolist()
         runs = sum(1 for i, j in zip(idx, idx[1:]) if j != i + 1) + 1
         assert runs <= 2
-    assert not random_context_mask(8, 1, 1.0, g).any()  # images never get context
+    assert not context_mask(8, 1, ContextConfig(prob=1.0), g).any()  # images never get context
+
+
+def test_context_prefix_gives_every_sample_its_first_frames():
+    from sparse_dit.config import ContextConfig
+    from sparse_dit.recipes.batches import context_mask
+
+    g = torch.Generator().manual_seed(0)
+    m = context_mask(5, 8, ContextConfig(mode="prefix", frames=3), g)
+    expected = torch.tensor([[True] * 3 + [False] * 5] * 5)
+    assert torch.equal(m, expected)
+    assert not context_mask(5, 8, ContextConfig(mode="none"), g).any()
+    with pytest.raises(ValueError, match="train.context.frames=8 leaves no frame"):
+        context_mask(2, 8, ContextConfig(mode="prefix", frames=8), g)
+
+
+def test_context_task_weights_select_tasks():
+    from sparse_dit.config import ContextConfig
+    from sparse_dit.recipes.batches import context_mask
+
+    g = torch.Generator().manual_seed(1)
+    # backward extension only: every masked sample keeps a suffix and never frame 0
+    m = context_mask(500, 6, ContextConfig(prob=1.0, tasks={"extend_backward": 1.0}), g)
+    assert m[:, -1].all() and not m[:, 0].any()
+    # image-to-video only: exactly frame 0
+    m = context_mask(500, 6, ContextConfig(prob=1.0, tasks={"image_to_video": 2.0, "predict": 0.0}), g)
+    assert m[:, 0].all() and m.sum() == 500
+    # weights 3:1 between prediction and backward extension
+    m = context_mask(8000, 6, ContextConfig(prob=1.0, tasks={"predict": 3.0, "extend_backward": 1.0}), g)
+    assert abs(m[:, 0].float().mean().item() - 0.75) < 0.02
+
+
+def test_context_config_errors_name_the_field():
+    from sparse_dit.config import ConfigError, load_recipe
+
+    base = {"data": {"num_frames": 8}}
+    with pytest.raises(ConfigError, match=r"train.context.mode='first' is not allowed"):
+        load_recipe(data={**base, "train": {"context": {"mode": "first"}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.context.tasks.loop'"):
+        load_recipe(data={**base, "train": {"context": {"tasks": {"loop": 1.0}}}})
+    with pytest.raises(ConfigError, match=r"train.context.tasks.predict=-1"):
+        load_recipe(data={**base, "train": {"context": {"tasks": {"predict": -1}}}})
+    with pytest.raises(ConfigError, match=r"every task weight 0"):
+        load_recipe(data={**base, "train": {"context": {"tasks": {"predict": 0}}}})
+    with pytest.raises(ConfigError, match=r"train.context.frames=8 leaves no frame to generate in data.num_frames=8"):
+        load_recipe(data={**base, "train": {"context": {"mode": "prefix", "frames": 8}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'train.context_prob'"):
+        load_recipe(data={**base, "train": {"context_prob": 0.5}})
+    r = load_recipe(data=base, overrides=["train.context.mode=prefix", "train.context.frames=3"])
+    assert (r.train.context.mode, r.train.context.frames) == ("prefix", 3)
 
 
 @pytest.mark.timeout(200)

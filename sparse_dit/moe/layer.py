@@ -66,6 +66,9 @@ class MoEFeedForward(nn.Module):
             :func:`sparse_dit.moe.update_balance_biases`.
         backend: expert compute backend (``"auto"``, ``"grouped_mm"``, ``"loop"``, ``"megablocks"``).
         stat_timestep_bins: bins of [0, 1] for ``aux.load_per_timestep_bin``.
+        expert_precision: under ``torch.autocast``, ``"auto"`` runs the experts in the autocast
+            dtype (as autocast runs an ``nn.Linear``), ``"fp32"`` keeps them in fp32 (the
+            quickstart's setting). Without autocast the experts run in the input's dtype.
     """
 
     def __init__(
@@ -87,6 +90,7 @@ class MoEFeedForward(nn.Module):
         bias_update_rate: float = 0.0,
         backend: str = "auto",
         stat_timestep_bins: int = 4,
+        expert_precision: str = "auto",
     ) -> None:
         super().__init__()
         if dim < 1 or hidden_dim < 1:
@@ -97,6 +101,9 @@ class MoEFeedForward(nn.Module):
             raise ValueError(
                 f"aux_loss_coef={aux_loss_coef}, z_loss_coef={z_loss_coef}, bias_update_rate={bias_update_rate} must be >= 0"
             )
+        if expert_precision not in ("auto", "fp32"):
+            raise ValueError(f"expert_precision={expert_precision!r} is not allowed; choose 'auto' or 'fp32'")
+        self.expert_precision = expert_precision
         if stat_timestep_bins < 1:
             raise ValueError(f"stat_timestep_bins={stat_timestep_bins} must be >= 1")
         self.dim, self.hidden_dim, self.num_experts, self.top_k = dim, hidden_dim, num_experts, top_k
@@ -132,6 +139,7 @@ class MoEFeedForward(nn.Module):
             shared_experts=moe.shared_experts, cond_dim=cfg.hidden_size if moe.timestep_routing else None,
             capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
             bias_update_rate=moe.bias_update_rate, backend=moe.backend, stat_timestep_bins=moe.stat_timestep_bins,
+            expert_precision=moe.expert_precision,
         )
 
     def reset_parameters(self) -> None:
@@ -209,8 +217,8 @@ class MoEFeedForward(nn.Module):
         if torch.is_autocast_enabled(dev):
             # Autocast does not reach the expert kernels (they are not nn.Linear) and would turn
             # the router's fp32 linear into bf16: run with autocast off, experts in the autocast
-            # dtype (differentiable weight casts, as autocast does), router in fp32.
-            dtype = torch.get_autocast_dtype(dev)
+            # dtype (differentiable weight casts, as autocast does) or in fp32, router in fp32.
+            dtype = torch.float32 if self.expert_precision == "fp32" else torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
                 return self._forward(x.to(dtype), cond, timesteps)
         return self._forward(x, cond, timesteps)
