@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparse_dit.config import CONTEXT_TASKS, ConfigError, ContextConfig, RecipeConfig
+from sparse_dit.data.sources import DATA_SOURCES
 
 __all__ = ["step_generator", "context_mask", "build_dataset", "BatchSource", "BucketSource", "bucket_shapes", "collate", "Conditioner"]
 
@@ -125,37 +126,23 @@ def build_dataset(recipe: RecipeConfig, held_out: bool = False) -> Dataset:
     """The training (or a small held-out) dataset of ``recipe.data``.
 
     Items are dicts with ``video`` (C, T, H, W) in [-1, 1], ``caption`` and, for the synthetic
-    source, ``label``. Sources: ``synthetic`` (moving squares built in code), ``physics`` (a
-    folder written by ``sparse-dit data physics``), ``folder`` (videos + captions.jsonl), ``hf``
-    (a saved Hugging Face dataset). Real-video sources are cropped to ``data.num_frames`` x
-    ``data.height`` x ``data.width`` so every batch has one shape.
+    source, ``label``. The source is looked up in
+    :data:`sparse_dit.data.sources.DATA_SOURCES` (``synthetic``, ``physics``, ``folder``,
+    ``hf``). Real-video sources are cropped to ``data.num_frames`` x ``data.height`` x
+    ``data.width`` so every batch has one shape, or to the ``data.token_budget`` buckets.
 
     Args:
         recipe: the recipe.
         held_out: a few clips the training set does not contain (for sample videos).
     """
     d = recipe.data
-    if d.source == "synthetic":
-        from sparse_dit.data.synthetic import MovingSquares
-
-        seed = recipe.train.seed + (10_000 if held_out else 0)
-        return MovingSquares(4 if held_out else d.num_videos, d.num_frames, d.height, d.width, seed=seed)
-    if d.path is None:
+    source = DATA_SOURCES.get(d.source)
+    if source is None:
+        raise ConfigError(f"data.source={d.source!r} is not a data source; allowed: {sorted(DATA_SOURCES)}")
+    if source.needs_path and d.path is None:
         raise ConfigError(f"data.source={d.source!r} needs data.path (a dataset folder)")
-    kwargs: dict[str, Any] = dict(num_frames=d.num_frames, size=(d.height, d.width))
-    if d.token_budget is not None and not held_out:
-        kwargs = dict(buckets=bucket_shapes(recipe))
-    if d.source == "physics":
-        from sparse_dit.data.loaders import PhysicsVideoDataset
-
-        return PhysicsVideoDataset(d.path, **kwargs)
-    if d.source == "folder":
-        from sparse_dit.data.loaders import VideoFolderDataset
-
-        return VideoFolderDataset(d.path, random_crop=not held_out, **kwargs)
-    from sparse_dit.data.loaders import HFVideoDataset
-
-    return HFVideoDataset(d.path, random_crop=not held_out, **kwargs)
+    buckets = bucket_shapes(recipe) if source.bucketed and d.token_budget is not None and not held_out else None
+    return source.build(d, held_out=held_out, seed=recipe.train.seed, buckets=buckets)
 
 
 class BatchSource:
