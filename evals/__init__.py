@@ -4,6 +4,8 @@
   simulator's ground truth), calibration baselines, per-split reports.
 - ``frechet``: a numerically stable Frechet distance and one over physics-trajectory features.
 - ``fvd``: Frechet Video Distance with StyleGAN-V's I3D TorchScript from a local path.
+- ``metrics``: the metric table ``METRICS`` that ``compare`` walks (what each needs, its
+  headline keys, lower or higher is better); FVD is opt-in there.
 - ``video_metrics``: PSNR and SSIM over generated frames.
 - ``tracking``: the colour-based ball finder and disc renderer the physics metrics use.
 - ``loss``: held-out flow-matching loss on a fixed grid of t with fixed noise.
@@ -33,6 +35,7 @@ from sparse_dit.evals.physics import (
 from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim, to_uint8_videos
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
+from sparse_dit.evals.metrics import DEFAULT_METRICS, METRICS, Metric, MetricInput
 from sparse_dit.evals.compare import compare, evaluate_run, load_run
 
 __all__ = [
@@ -43,6 +46,10 @@ __all__ = [
     "compare",
     "evaluate_run",
     "load_run",
+    "DEFAULT_METRICS",
+    "METRICS",
+    "Metric",
+    "MetricInput",
     "BASELINES",
     "TRAJECTORY_FEATURE_NAMES",
     "baseline_videos",

@@ -28,10 +28,9 @@ import torch
 from sparse_dit.config import ConfigError, RecipeConfig, from_dict, load_recipe
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
-from sparse_dit.evals.frechet import trajectory_frechet_distance
-from sparse_dit.evals.loss import heldout_loss
+from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
 from sparse_dit.evals.physics import baseline_videos, score
-from sparse_dit.evals.video_metrics import frame_metrics, to_uint8_videos
+from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.flops import count
 
 __all__ = [
@@ -47,8 +46,8 @@ __all__ = [
     "HEADLINE_METRICS",
 ]
 
-# Metrics a report puts in its headline table, taken from the first split ("id").
-HEADLINE_METRICS = ("velocity_error", "position_error", "detection_rate")
+# The physics metrics a report puts in its headline table, taken from the first split ("id").
+HEADLINE_METRICS = tuple(METRICS["physics"].lower_is_better)  # velocity_error, position_error, detection_rate
 
 _RECIPE_FILES = ("recipe.yaml", "config.yaml", "recipe.yml", "recipe.json")
 _SUMMARY_FILES = ("summary.json", "train_summary.json")
@@ -217,6 +216,23 @@ def generate_predictions(model: SparseDiT, split: EvalSplit, *, context_frames: 
     return vids
 
 
+def _run_metrics(metrics: Sequence[Metric], x: MetricInput, into: dict[str, Any], skipped: dict[str, str],
+                 log: Callable[[str], None], run_name: str) -> list[str]:
+    """Score ``x`` with each metric in order into ``into``; record skips; return the log summaries."""
+    lines = []
+    for metric in metrics:
+        reason = metric.skip_reason(x)
+        if reason is not None:
+            skipped[metric.name] = reason
+            log(f"  {run_name}/{x.split.name}: {metric.name} skipped: {reason}")
+            continue
+        result = metric.compute(x)
+        into.update(result)
+        if metric.summary is not None:
+            lines.append(metric.summary(result))
+    return lines
+
+
 def _finite(x: float) -> float | None:
     return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else x
 
@@ -235,9 +251,11 @@ def evaluate_run(
     latency_repeats: int = 5,
     cost_sizes: Sequence[tuple[int, int, int]] = (),
     autocast_dtype: torch.dtype | None = None,
+    metrics: Sequence[str] | None = None,
+    metric_options: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Evaluate one run on every split.
+    """Evaluate one run on every split with the metrics of :data:`sparse_dit.evals.metrics.METRICS`.
 
     Args:
         run: from :func:`load_run`.
@@ -252,10 +270,14 @@ def evaluate_run(
         latency_repeats: timed generations of one video (>= 5); 0 skips the measurement.
         cost_sizes: extra (T, H, W) sizes for the analytic + measured cost table.
         autocast_dtype: evaluate under autocast (default: fp32).
+        metrics: names in ``METRICS`` to run, in table order (default: ``DEFAULT_METRICS``, every
+            metric that is not opt-in; add ``"fvd"`` for FVD).
+        metric_options: per-metric settings, e.g. ``{"fvd_detector": "i3d_torchscript.pt"}``.
         log: progress printer.
 
     Returns:
-        (metrics dict, split name -> generated uint8 videos).
+        (metrics dict, split name -> generated uint8 videos). Metrics that could not run are
+        listed with their reason under ``skipped_metrics``.
     """
     model, cfg = run.model, run.model.config
     diff = run.recipe.diffusion if run.recipe is not None else None
@@ -288,12 +310,18 @@ def evaluate_run(
         m.update(train_steps=run.summary.get("steps"), train_batch=run.summary.get("batch_size"), train_flops=run.summary.get("train_flops"))
     m["train_seconds"] = run.summary.get("train_seconds")
 
-    t0 = time.monotonic()
-    val = heldout_loss(model, first.model_videos(), context_frames=context_frames, num_t=num_t, seed=seed,
-                       batch_size=batch_size, autocast_dtype=autocast_dtype)
-    m["val_loss"], m["val_loss_per_t"], m["val_loss_t"] = val["loss"], val["per_t"], val["t"]
-    log(f"  {run.name}: held-out loss {val['loss']:.4f} ({time.monotonic() - t0:.0f}s)")
+    table = select_metrics(metrics)
+    skipped: dict[str, str] = {}
+    common = dict(model=model, seed=seed, batch_size=batch_size, num_t=num_t, autocast_dtype=autocast_dtype,
+                  options=dict(metric_options or {}))
 
+    # Per-run metrics (held-out loss): once, on the headline split, before any sampling.
+    for metric in (mt for mt in table if not mt.per_split):
+        t0 = time.monotonic()
+        for line in _run_metrics([metric], MetricInput(first, context_frames, **common), m, skipped, log, run.name):
+            log(f"  {run.name}: {line} ({time.monotonic() - t0:.0f}s)")
+
+    per_split = [mt for mt in table if mt.per_split]
     videos: dict[str, np.ndarray] = {}
     m["splits"] = {}
     for split in splits:
@@ -301,20 +329,15 @@ def evaluate_run(
         pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=steps, sampler=sampler,
                                     shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
         videos[split.name] = pred
-        phys = score(pred, split.states, context_frames)
-        frames = frame_metrics(pred, split.videos, context_frames)
-        try:
-            tfd = trajectory_frechet_distance(pred, split.videos, split.states, context_frames=context_frames)
-        except ValueError:
-            tfd = float("nan")  # fewer than 2 generated frames, or too few balls for a covariance
-        m["splits"][split.name] = {**phys, "psnr": frames["psnr"], "ssim": frames["ssim"],
-                                   "psnr_per_frame": frames["psnr_per_frame"], "ssim_per_frame": frames["ssim_per_frame"],
-                                   "trajectory_fd": tfd}
-        log(f"  {run.name}/{split.name}: velocity error {phys['velocity_error']:.3f} px/frame, position error "
-            f"{phys['position_error']:.2f} px, detection {phys['detection_rate']:.3f} ({time.monotonic() - t0:.0f}s)")
+        m["splits"][split.name] = {}
+        lines = _run_metrics(per_split, MetricInput(split, context_frames, generated=pred, **common), m["splits"][split.name],
+                             skipped, log, run.name)
+        log(f"  {run.name}/{split.name}: {', '.join(lines) or 'generated'} ({time.monotonic() - t0:.0f}s)")
     head = m["splits"][first.name]
-    for k in (*HEADLINE_METRICS, "psnr", "ssim", "trajectory_fd"):
-        m[k] = head[k]
+    for metric in per_split:  # the headline split's scalars head the model's entry
+        m.update({k: head[k] for k in metric.lower_is_better if k in head})
+    if skipped:
+        m["skipped_metrics"] = skipped
 
     if latency_repeats:
         lat = measure_generation(model, (T, H, W), batch_size=1, num_inference_steps=steps, sampler=sampler,
