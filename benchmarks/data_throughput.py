@@ -75,7 +75,8 @@ def bench_trainer(frames: int, height: int, width: int, batch: int, steps: int) 
     try:
         from sparse_dit.config import DiffusionConfig
         from sparse_dit.diffusion import FlowMatching
-        from sparse_dit.dit import SparseDiT, preset_config
+        from sparse_dit.dit import SparseDiT
+        from sparse_dit.presets import preset_config
     except ImportError:
         return None
     cfg = preset_config("debug").replace(text_dim=0, cross_attention=False)

@@ -9,7 +9,7 @@ load from other processes hits every contender alike. Shapes (issue 3):
     C: d=512, 4096 tokens,  E=64, k=8 (fine-grained)
 
 The dense FFN is the GELU-tanh MLP of width 4d; the MoE experts get the width that
-:func:`sparse_dit.moe.flops.match_compute` picks (router included), so both do the same active
+:func:`sparse_dit.flops.match_compute` picks (router included), so both do the same active
 MACs per token. DeepSpeed's ``deepspeed.moe.layer.MoE`` gets the same expert module (a dense
 ``FeedForward`` of the expert width) and runs in a single-process gloo group.
 
@@ -39,7 +39,7 @@ import torch  # noqa: E402
 from sparse_dit.config import ModelConfig  # noqa: E402
 from sparse_dit.modules.mlp import FeedForward  # noqa: E402
 from sparse_dit.moe import MoEFeedForward  # noqa: E402
-from sparse_dit.moe.flops import match_compute  # noqa: E402
+from sparse_dit.flops import match_compute  # noqa: E402
 from sparse_dit.moe.fused_local import plan_routes  # noqa: E402
 
 SHAPES = {"A": (384, 4096, 8, 2), "B": (768, 16384, 8, 2), "C": (512, 4096, 64, 8)}

@@ -50,8 +50,9 @@ def base_recipe(steps: int, out: str) -> dict:
 
 def moe_recipe(steps: int, out: str) -> dict:
     """The base recipe's model, compute-matched with 8 experts, top-2."""
-    from sparse_dit.config import ModelConfig, from_dict, to_dict
+    from sparse_dit.config import ModelConfig
     from sparse_dit.flops import match_compute
+    from sparse_dit.schema import from_dict, to_dict
 
     r = base_recipe(steps, out)
     dense = from_dict(ModelConfig, r["model"])
@@ -88,8 +89,9 @@ def main() -> None:
     steps, repeats = (8, 1) if args.quick else (args.steps, args.repeats)
     import torch
 
-    from sparse_dit.config import ModelConfig, from_dict
+    from sparse_dit.config import ModelConfig
     from sparse_dit.flops import count
+    from sparse_dit.schema import from_dict
 
     best: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmpdir:

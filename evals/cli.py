@@ -155,7 +155,8 @@ def run(args: argparse.Namespace) -> int:
         _print(result, args.json)
         return 0
     if cmd == "cost":
-        from sparse_dit.dit import SparseDiT, preset_config
+        from sparse_dit.dit import SparseDiT
+        from sparse_dit.presets import preset_config
         from sparse_dit.evals.compare import load_run
         from sparse_dit.evals.cost import cost_report
 

@@ -25,13 +25,15 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from sparse_dit.config import ConfigError, RecipeConfig, from_dict, load_recipe
+from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
 from sparse_dit.evals.physics import baseline_videos, score
 from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.flops import count
+from sparse_dit.presets import load_recipe
+from sparse_dit.schema import from_dict
 
 __all__ = [
     "EvalSplit",

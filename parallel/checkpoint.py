@@ -36,6 +36,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sparse_dit.dit import SparseDiT
+from sparse_dit.moe import MoEFeedForward
+from sparse_dit.parallel.expert_parallel import gather_expert_tensor
+
 __all__ = ["CheckpointError", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict", "export_final"]
 
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -151,8 +155,6 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> dict:
 
 def _expert_keys(model: nn.Module) -> list[str]:
     """State-dict keys of routed-expert tensors (sharded along dim 0 under EP)."""
-    from sparse_dit.moe import MoEFeedForward
-
     keys = []
     for name, module in model.named_modules():
         if isinstance(module, MoEFeedForward):
@@ -170,8 +172,6 @@ def full_state_dict(model: nn.Module, state: dict[str, torch.Tensor], ep_size: i
         state: its state dict.
         ep_size: expert-parallel size.
     """
-    from sparse_dit.parallel.expert_parallel import gather_expert_tensor
-
     out = dict(state)
     if ep_size > 1:
         for key in _expert_keys(model):
@@ -194,8 +194,6 @@ def export_final(model: nn.Module, state: dict[str, torch.Tensor], ep_size: int,
     Returns:
         The folder on rank 0, ``None`` elsewhere.
     """
-    from sparse_dit.dit import SparseDiT
-
     full = full_state_dict(model, state, ep_size)
     if dist.get_rank() != 0:
         dist.barrier()

@@ -41,10 +41,17 @@ import socket
 from pathlib import Path
 from typing import Any, Optional
 
+import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+from deepspeed.utils import set_z3_leaf_modules
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.moe import MoEFeedForward
 
 __all__ = [
     "free_port",
@@ -70,8 +77,6 @@ def free_port() -> int:
 
 def is_gpu() -> bool:
     """Whether DeepSpeed's accelerator is a GPU (anything but its CPU accelerator)."""
-    from deepspeed.accelerator import get_accelerator
-
     return get_accelerator().device_name() != "cpu"
 
 
@@ -83,9 +88,6 @@ def init_distributed() -> tuple[int, int]:
     local port is created, so that the engine, ZeRO and checkpoints run exactly as with N ranks.
     The backend is DeepSpeed's choice for the accelerator (gloo on CPU, nccl on CUDA).
     """
-    import deepspeed
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
@@ -93,8 +95,6 @@ def init_distributed() -> tuple[int, int]:
     backend = "gloo" if not is_gpu() else None
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     if is_gpu():
-        from deepspeed.accelerator import get_accelerator
-
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
@@ -246,8 +246,6 @@ def lr_at(step: int, max_steps: int, warmup: int, min_ratio: float) -> float:
 def apply_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each DiT block in backward (``torch.utils.checkpoint``, non-reentrant, which
     handles the blocks' tuple outputs and ZeRO-3's parameter hooks). Returns the block count."""
-    from torch.utils.checkpoint import checkpoint
-
     blocks = getattr(model, "blocks", [])
     for block in blocks:
         if getattr(block, "_sd_checkpointed", False):
@@ -281,22 +279,14 @@ def build_engine(model: nn.Module, recipe: RecipeConfig, world_size: int) -> tup
     Returns:
         ``(engine, ds_config)``.
     """
-    import deepspeed
-
     ds_config = build_ds_config(recipe, world_size)
     tc = recipe.train
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
     if recipe.parallel.zero_stage == 3 and recipe.model.moe.enabled:
-        from deepspeed.utils import set_z3_leaf_modules
-
-        from sparse_dit.moe import MoEFeedForward
-
         set_z3_leaf_modules(model, [MoEFeedForward])
     groups = param_groups(model, tc.weight_decay)
     if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
-        from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
-
         groups = split_params_into_different_moe_groups_for_optimizer(groups)
     optimizer = torch.optim.AdamW(groups, lr=tc.lr, betas=tuple(tc.betas), weight_decay=tc.weight_decay)
     schedule = functools.partial(lr_at, max_steps=tc.max_steps, warmup=tc.warmup_steps, min_ratio=tc.min_lr_ratio)

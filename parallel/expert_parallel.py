@@ -40,6 +40,8 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
 from torch import nn
 
 from sparse_dit.config import ConfigError, RecipeConfig
@@ -120,8 +122,6 @@ def create_expert_groups(ep_size: int) -> None:
     Args:
         ep_size: ranks per expert-parallel group (consecutive ranks).
     """
-    from deepspeed.utils import groups
-
     if ep_group_name(ep_size) not in groups._get_expert_parallel_group_dict():
         groups._create_expert_and_data_parallel(ep_size)
 
@@ -237,8 +237,6 @@ class AllToAllDispatcher(LocalDispatcher):
 
 
 def _marker_class() -> type:
-    from deepspeed.moe.layer import MoE
-
     class ExpertParallelMarker(MoE):
         """Stateless stand-in that makes DeepSpeed enable its MoE code paths (see module docstring).
 
@@ -314,8 +312,6 @@ def setup_expert_parallel(model: nn.Module, ep_size: int) -> dict[str, int]:
     """
     if ep_size == 1:
         return {"ep_size": 1, "ep_rank": 0, "expert_offset": 0, "num_local_experts": -1}
-    from deepspeed.utils import groups
-
     create_expert_groups(ep_size)
     group = groups._get_expert_parallel_group(ep_group_name(ep_size))
     ep_rank = dist.get_rank(group=group)
@@ -341,8 +337,6 @@ def gather_expert_tensor(local: torch.Tensor, ep_size: int) -> torch.Tensor:
     """
     if ep_size == 1:
         return local
-    from deepspeed.utils import groups
-
     group = groups._get_expert_parallel_group(ep_group_name(ep_size))
     parts = [torch.empty_like(local) for _ in range(ep_size)]
     dist.all_gather(parts, local.contiguous(), group=group)

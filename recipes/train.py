@@ -17,7 +17,7 @@ Rerunning the same command resumes from ``output_dir/checkpoints/latest``. Overr
 
 From Python (same engine, a one-rank group when no launcher ran)::
 
-    from sparse_dit.config import load_recipe
+    from sparse_dit.presets import load_recipe
     from sparse_dit.recipes.train import train
     summary = train(load_recipe("recipes/tiny/moe.yaml", ["train.max_steps=50"]))
 """
@@ -36,7 +36,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sparse_dit.config import ConfigError, RecipeConfig, load_recipe, to_dict
+from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.presets import load_recipe
+from sparse_dit.schema import to_dict
 
 __all__ = ["TrainingDiverged", "train", "add_arguments", "run", "main"]
 

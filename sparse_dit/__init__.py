@@ -17,11 +17,11 @@ from sparse_dit.config import (
     ParallelConfig,
     RecipeConfig,
     TrainConfig,
-    load_recipe,
 )
 from sparse_dit.diffusion import EMA, FlowMatching, FlowMatchScheduler, sample
-from sparse_dit.dit import PRESETS, SparseDiT, list_presets, preset_config
+from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count as count_flops
+from sparse_dit.presets import PRESETS, list_presets, load_recipe, preset_config
 
 __version__ = "0.1.0"
 

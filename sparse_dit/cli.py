@@ -27,7 +27,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dit.recipes.train", "train a recipe under DeepSpeed (1 process or N ranks)"),
     "generate": ("sparse_dit.recipes.generate", "sample videos from a trained model"),
     "eval": ("sparse_dit.evals.cli", "evaluate runs: quality, inference cost, dense-vs-sparse reports"),
-    "flops": ("sparse_dit.flops", "analytic params and forward MACs of a preset or config"),
+    "flops": ("sparse_dit.flops_cli", "analytic params and forward MACs of a preset or config"),
     "bench": ("sparse_dit.bench", "run the performance benchmarks"),
     "quickstart": ("sparse_dit.quickstart", "end-to-end demo: data, train, sample, report"),
 }

@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sparse_dit.config import DiffusionConfig
 
@@ -351,8 +352,6 @@ def sample(
             uncond_kwargs["class_labels"] = torch.full_like(uncond_kwargs["class_labels"], null)
     steps: Iterable = sched.timesteps
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="sampling", leave=False)
     C = shape[1]
     for t in steps:

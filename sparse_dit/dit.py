@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +25,16 @@ from typing import Any, Callable
 
 import torch
 from einops import rearrange
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from sparse_dit.config import ConfigError, ModelConfig, from_dict, to_dict
+from sparse_dit.config import ModelConfig
 from sparse_dit.modules.attention import CrossAttention, RotaryEmbedding3D, SelfAttention
 from sparse_dit.modules.embeddings import LabelEmbedder, PatchEmbed3D, TextEmbedder, TimestepEmbedder, sincos_pos_embed
 from sparse_dit.modules.mlp import FeedForward
+from sparse_dit.moe.layer import MoEFeedForward
 from sparse_dit.moe.placement import is_moe_layer
+from sparse_dit.schema import from_dict, to_dict
 
 __all__ = [
     "SparseDiT",
@@ -41,9 +43,6 @@ __all__ = [
     "DiTAux",
     "modulate",
     "is_moe_layer",
-    "PRESETS",
-    "preset_config",
-    "list_presets",
 ]
 
 
@@ -82,8 +81,6 @@ class DiTBlock(nn.Module):
         self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.is_moe = is_moe_layer(config.moe, layer_idx)
         if self.is_moe:
-            from sparse_dit.moe import MoEFeedForward
-
             self.mlp: nn.Module = MoEFeedForward.from_config(config, layer_idx)
         else:
             self.mlp = FeedForward(D, config.ffn_hidden, config.activation)
@@ -140,7 +137,7 @@ class SparseDiT(nn.Module):
     """Video diffusion transformer with dense or Mixture-of-Experts feed-forward layers.
 
     Args:
-        config: a :class:`~sparse_dit.config.ModelConfig` (see :data:`PRESETS`).
+        config: a :class:`~sparse_dit.config.ModelConfig` (named ones: :mod:`sparse_dit.presets`).
 
     Example::
 
@@ -302,8 +299,6 @@ class SparseDiT(nn.Module):
             directory: target folder (created).
             state_dict: weights to write instead of this model's own (e.g. EMA weights).
         """
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.state_dict()
@@ -315,8 +310,6 @@ class SparseDiT(nn.Module):
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> "SparseDiT":
         """Load a model written by :meth:`save_pretrained`; every key's shape is checked."""
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
@@ -347,82 +340,3 @@ def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-
-
-# --------------------------------------------------------------------------------------------
-# Presets
-# --------------------------------------------------------------------------------------------
-
-# (hidden size, depth, heads) of DiT's model family (Peebles & Xie 2023, Table 1).
-_SIZES = {"S": (384, 12, 6), "B": (768, 12, 12), "L": (1024, 24, 16), "XL": (1152, 28, 16)}
-
-
-def _dit_paper(size: str, patch: int) -> Callable[[], ModelConfig]:
-    d, depth, heads = _SIZES[size]
-
-    def make() -> ModelConfig:
-        """DiT paper architecture: class-conditional ImageNet (1000 classes), 4-channel SD-VAE latents,
-        fixed sin-cos positions, learned sigma, GELU-tanh MLP, no cross-attention."""
-        return ModelConfig(
-            in_channels=4, patch_size=(1, patch, patch), hidden_size=d, depth=depth, num_heads=heads,
-            mlp_ratio=4.0, activation="gelu_tanh", pos_embed="sincos", qk_norm=False, qkv_bias=True,
-            num_classes=1000, text_dim=0, cross_attention=False, learn_sigma=True,
-        )
-
-    return make
-
-
-def _video(size: str, patch: int) -> Callable[[], ModelConfig]:
-    d, depth, heads = _SIZES[size]
-
-    def make() -> ModelConfig:
-        """Text-to-video DiT of DiT's widths: 3D RoPE, QK-norm, cross-attention to 384-wide text
-        tokens (all-MiniLM-L6-v2), 4-channel latents, spatial patch p, temporal patch 1."""
-        return ModelConfig(
-            in_channels=4, patch_size=(1, patch, patch), hidden_size=d, depth=depth, num_heads=heads,
-            mlp_ratio=4.0, activation="gelu_tanh", pos_embed="rope", qk_norm=True, qkv_bias=True,
-            num_classes=0, text_dim=384, cross_attention=True, learn_sigma=False,
-        )
-
-    return make
-
-
-def _debug() -> ModelConfig:
-    """A ~0.2M-parameter text-conditioned video DiT (d=64, 2 blocks) for tests and CPU demos."""
-    return ModelConfig(
-        in_channels=3, patch_size=(1, 2, 2), hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
-        activation="gelu_tanh", pos_embed="rope", qk_norm=True, num_classes=0, text_dim=32,
-        cross_attention=True, learn_sigma=False,
-    )
-
-
-PRESETS: dict[str, Callable[[], ModelConfig]] = {"debug": _debug}
-for _size in _SIZES:
-    for _p in (2, 4, 8):
-        PRESETS[f"DiT-{_size}/{_p}"] = _dit_paper(_size, _p)
-for _size in _SIZES:
-    for _p in (2, 4, 8):
-        PRESETS[f"{_size}/{_p}"] = _video(_size, _p)
-
-_MOE_SUFFIX = re.compile(r"-E\d+A\d+")
-
-
-def preset_config(name: str) -> ModelConfig:
-    """The :class:`ModelConfig` of a named preset (dense, or an MoE name like ``S/2-E8A2``)."""
-    if name in PRESETS:
-        return PRESETS[name]()
-    if _MOE_SUFFIX.search(name):
-        from sparse_dit.moe.presets import moe_preset_config
-
-        return moe_preset_config(name)
-    raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
-
-
-def list_presets() -> list[str]:
-    """Every preset name, dense first, then the MoE presets."""
-    names = list(PRESETS)
-    try:
-        from sparse_dit.moe.presets import MOE_PRESET_NAMES
-    except ImportError:
-        MOE_PRESET_NAMES = []
-    return names + [n for n in MOE_PRESET_NAMES if n not in PRESETS]

@@ -5,26 +5,37 @@ sample, split by component. DiT's paper reports these same numbers under the nam
 (DiT-XL/2 at 256x256: 118.6), so ``gmacs`` is what to compare with the paper; ``gflops`` is
 2 x gmacs, the convention of ``torch.utils.flop_counter``. Elementwise work (norms, rotary
 rotation, activations, softmax) is not counted: it is a few percent and bandwidth-bound.
+Biases count as params, not MACs.
 
 Active params/MACs are what one token actually uses: for an MoE layer, the router, the k routed
 experts and the shared experts, not all E experts.
 
-CLI::
+# D = model dim, F = dense FFN hidden, H = expert hidden, E = routed experts, K = top-k,
+# S = shared experts, M = matrices per FFN (2 for GELU, 3 for SwiGLU)
 
-    sparse-dit flops DiT-XL/2 --latent 4,1,32,32
-    sparse-dit flops S/2-E8A2 --latent 4,8,32,32 --text-len 32 --json
-    sparse-dit flops --list
+An MoE FFN layer costs:
+
+* router: ``D * E`` per token (the gate);
+* timestep-aware routing: ``D * E`` per *sample* (the conditioning projection, computed once
+  per sample and broadcast, :mod:`sparse_dit.moe.router`);
+* experts: ``(K + S) * M * D * H`` per token (expert choice: ``K * capacity_factor``
+  routed experts per token on average).
+
+:func:`match_compute` derives the MoE config whose forward MACs equal a dense one's. The
+``sparse-dit flops`` command that prints these counts for a preset is :mod:`sparse_dit.flops_cli`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 from typing import Any
 
-from sparse_dit.config import ModelConfig, load_recipe, load_yaml, ConfigError
+from sparse_dit.config import ModelConfig
+from sparse_dit.moe.layer import expert_hidden_dim
+from sparse_dit.moe.placement import is_moe_layer
+from sparse_dit.schema import ConfigError
 
-__all__ = ["count", "num_tokens", "match_compute", "add_arguments", "run", "COMPONENTS"]
+__all__ = ["count", "num_tokens", "moe_layer_counts", "dense_ffn_counts", "match_compute", "COMPONENTS"]
 
 COMPONENTS = ("embeddings", "adaln", "attention_proj", "attention_scores", "cross_attention", "ffn", "final")
 
@@ -42,22 +53,63 @@ def num_tokens(config: ModelConfig, latent_shape: tuple[int, int, int, int]) -> 
     return n
 
 
-def _dense_ffn_counts(config: ModelConfig) -> dict[str, int]:
-    D, F = config.hidden_size, config.ffn_hidden
-    if config.activation == "swiglu":
-        return {"total_params": 3 * D * F, "active_params": 3 * D * F, "macs_per_token": 3 * D * F}
-    params = 2 * D * F + F + D
-    return {"total_params": params, "active_params": params, "macs_per_token": 2 * D * F}
+def _mats(activation: str) -> int:
+    return 3 if activation == "swiglu" else 2
+
+
+def _ffn_params(D: int, H: int, activation: str) -> int:
+    """Params of one FFN of hidden width H (GELU: with biases; SwiGLU: bias-free)."""
+    return 3 * D * H if activation == "swiglu" else 2 * D * H + H + D
+
+
+def dense_ffn_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Params and MACs per token of the dense FFN of ``cfg`` (for comparison)."""
+    D, F = cfg.hidden_size, cfg.ffn_hidden
+    p = _ffn_params(D, F, cfg.activation)
+    return {"total_params": p, "active_params": p, "macs_per_token": _mats(cfg.activation) * D * F, "macs_per_sample": 0}
+
+
+def moe_layer_counts(cfg: ModelConfig) -> dict[str, Any]:
+    """Params and MACs of ONE MoE FFN layer of ``cfg`` (router, experts, shared experts).
+
+    Args:
+        cfg: a :class:`~sparse_dit.config.ModelConfig` with ``moe.num_experts > 0``.
+
+    Returns:
+        ``total_params``: all params (router gate, conditioning projection, all E experts,
+        shared experts); ``active_params``: params one token uses (router, projection, K
+        routed and S shared experts; expert choice: ``K * capacity_factor`` routed on average,
+        rounded down); ``macs_per_token``; ``macs_per_sample``: the per-sample conditioning
+        projection (0 without timestep-aware routing), so a sample of N tokens costs
+        ``N * macs_per_token + macs_per_sample``; plus ``expert_hidden_dim``.
+    """
+    moe = cfg.moe
+    if not moe.enabled:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts}: moe_layer_counts needs an MoE config")
+    D, E, K, S = cfg.hidden_size, moe.num_experts, moe.top_k, moe.shared_experts
+    H = expert_hidden_dim(cfg)
+    act, M = cfg.activation, _mats(cfg.activation)
+    router = D * E
+    cond = D * E if moe.timestep_routing else 0
+    expert = _ffn_params(D, H, act)
+    shared = _ffn_params(D, S * H, act) if S else 0
+    k_eff = K * (moe.capacity_factor or 1.0) if moe.router == "expert_choice" else K
+    total = router + cond + E * expert + shared
+    active = router + cond + int(k_eff * expert) + shared
+    macs_tok = router + int(round(k_eff * M * D * H)) + S * M * D * H
+    return {
+        "total_params": total,
+        "active_params": active,
+        "macs_per_token": macs_tok,
+        "macs_per_sample": cond,
+        "expert_hidden_dim": H,
+    }
 
 
 def _ffn_counts(config: ModelConfig, layer_idx: int) -> dict[str, int]:
-    from sparse_dit.moe.placement import is_moe_layer
-
     if is_moe_layer(config.moe, layer_idx):
-        from sparse_dit.moe.flops import moe_layer_counts
-
         return moe_layer_counts(config)
-    return _dense_ffn_counts(config)
+    return dense_ffn_counts(config)
 
 
 def count(
@@ -135,69 +187,70 @@ def count(
     }
 
 
-def match_compute(dense_config: ModelConfig, **kwargs: Any) -> ModelConfig:
-    """The MoE config whose forward MACs per sample equal ``dense_config``'s (see sparse_dit.moe.flops)."""
-    from sparse_dit.moe.flops import match_compute as _match
+def match_compute(
+    dense_config: ModelConfig,
+    num_experts: int,
+    top_k: int,
+    shared_experts: int = 0,
+    granularity: int = 1,
+    **moe_overrides: Any,
+) -> ModelConfig:
+    """A copy of ``dense_config`` with MoE FFNs whose forward MACs equal the dense FFN's.
 
-    return _match(dense_config, **kwargs)
+    Fine-grained experts (DeepSeekMoE, Dai et al. 2024): each of the ``num_experts`` experts is
+    split into ``granularity`` narrower ones, so the result has ``num_experts * granularity``
+    experts, ``top_k * granularity`` active and ``shared_experts * granularity`` shared ones.
+    The expert hidden width ``H`` then solves, per MoE layer and token,
 
+        M * D * F  =  D * E  +  (K + S) * M * D * H
 
-# --------------------------------------------------------------------------------------------
-# CLI
-# --------------------------------------------------------------------------------------------
+    (dense FFN = router + active experts), rounded to a multiple of 8 when that keeps the
+    layer within 0.5 % (aligned strides for ``torch._grouped_mm`` and vector units), else to
+    the nearest integer. Every other part of the model is unchanged, so the forward MACs per
+    sample match to well within 1 % (the timestep-aware router's per-sample projection,
+    ``D * E`` per layer and sample, is below 0.01 % for any real token count).
 
+    Args:
+        dense_config: the dense model (its ``moe`` must be off).
+        num_experts: routed experts before fine-graining.
+        top_k: active routed experts per token before fine-graining.
+        shared_experts: shared experts before fine-graining.
+        granularity: fine-grained split factor (1 = plain experts).
+        **moe_overrides: other :class:`~sparse_dit.config.MoEConfig` fields (router, score_func,
+            timestep_routing, every, first_dense, aux_loss_coef, ...).
 
-def _parse_latent(text: str) -> tuple[int, int, int, int]:
-    try:
-        parts = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        parts = ()
-    if len(parts) != 4:
-        raise argparse.ArgumentTypeError(f"--latent {text!r} must be four comma-separated ints C,T,H,W")
-    return parts  # type: ignore[return-value]
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", help="preset name (see --list) or a recipe/model YAML")
-    parser.add_argument("--latent", type=_parse_latent, default=None, help="C,T,H,W of the latent (default 4,1,32,32 or C,8,32,32 for video)")
-    parser.add_argument("--text-len", type=int, default=0, help="caption tokens for cross-attention")
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--list", action="store_true", help="print every preset name and exit")
-
-
-def _resolve(name: str) -> ModelConfig:
-    from sparse_dit.dit import preset_config
-
-    if name.endswith((".yaml", ".yml")):
-        raw = load_yaml(name)
-        if "model" in raw or "preset" in raw:
-            return load_recipe(data=raw).model
-        return ModelConfig.from_dict(raw, prefix="model")
-    return preset_config(name)
-
-
-def run(args: argparse.Namespace) -> int:
-    from sparse_dit.dit import list_presets
-
-    if args.list:
-        for name in list_presets():
-            print(name)
-        return 0
-    if not args.model:
-        raise SystemExit("sparse-dit flops: give a preset name or YAML (or --list)")
-    cfg = _resolve(args.model)
-    latent = args.latent or (cfg.in_channels, 1 if cfg.num_classes else 8, 32, 32)
-    out = count(cfg, latent, text_len=args.text_len)
-    if args.json:
-        print(json.dumps({"model": args.model, "latent": list(latent), "text_len": args.text_len, **out}))
-        return 0
-    print(f"{args.model}  latent C,T,H,W={','.join(map(str, latent))}  tokens={out['tokens']}  text_len={args.text_len}")
-    print(f"{'component':<18}{'params (M)':>12}{'active (M)':>12}{'GMACs':>12}")
-    for comp in COMPONENTS:
-        print(
-            f"{comp:<18}{out['params'][comp] / 1e6:>12.3f}{out['active_params_by_component'][comp] / 1e6:>12.3f}"
-            f"{out['macs_by_component'][comp] / 1e9:>12.3f}"
+    Raises:
+        ConfigError: for a dense config that already has MoE, bad counts, or experts too
+            narrow to match (H < 1).
+    """
+    if dense_config.moe.enabled:
+        raise ConfigError(f"match_compute needs a dense config; got model.moe.num_experts={dense_config.moe.num_experts}")
+    for name, value, lo in (("num_experts", num_experts, 1), ("top_k", top_k, 1), ("shared_experts", shared_experts, 0), ("granularity", granularity, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < lo:
+            raise ConfigError(f"match_compute {name}={value!r} is out of range; allowed: int >= {lo}")
+    for bad in ("num_experts", "top_k", "shared_experts", "granularity", "expert_hidden_dim"):
+        if bad in moe_overrides:
+            raise ConfigError(f"match_compute sets moe.{bad} itself; do not pass it in moe_overrides")
+    E, K, S = num_experts * granularity, top_k * granularity, shared_experts * granularity
+    if K > E:
+        raise ConfigError(f"match_compute top_k={top_k} > num_experts={num_experts}")
+    D, F, M = dense_config.hidden_size, dense_config.ffn_hidden, _mats(dense_config.activation)
+    cf = moe_overrides.get("capacity_factor") if moe_overrides.get("router") == "expert_choice" else None
+    k_eff = K * (cf or 1.0)
+    target = M * D * F - D * E  # MACs per token left for the experts after the router
+    per_unit = (k_eff + S) * M * D  # MACs per token per unit of expert width
+    exact = target / per_unit
+    if exact < 0.5:
+        raise ConfigError(
+            f"cannot compute-match: the router alone ({D * E} MACs/token) leaves no width for "
+            f"{K} active + {S} shared experts (dense FFN: {M * D * F} MACs/token)"
         )
-    print(f"{'total':<18}{out['total_params'] / 1e6:>12.3f}{out['active_params'] / 1e6:>12.3f}{out['gmacs']:>12.3f}")
-    print(f"GFLOPs (2 x MACs): {out['gflops']:.3f}")
-    return 0
+    H = max(1, int(round(exact)))
+    aligned = max(8, int(round(exact / 8)) * 8)
+    if abs(aligned - exact) * per_unit <= 0.005 * M * D * F:
+        H = aligned
+    moe = dataclasses.replace(
+        dense_config.moe, num_experts=E, top_k=K, shared_experts=S, granularity=granularity,
+        expert_hidden_dim=H, **moe_overrides,
+    )
+    return dataclasses.replace(dense_config, moe=moe)

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import imageio.v3 as iio
 import numpy as np
 import torch
 from einops import rearrange
@@ -59,8 +60,6 @@ def save_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 8.0, sc
         fps: frames per second.
         scale: integer nearest-neighbour upscaling, so tiny videos are viewable.
     """
-    import imageio.v3 as iio
-
     path = Path(path)
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] not in (1, 3):

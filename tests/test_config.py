@@ -2,16 +2,9 @@
 
 import pytest
 
-from sparse_dit.config import (
-    ConfigError,
-    DiffusionConfig,
-    ModelConfig,
-    RecipeConfig,
-    apply_overrides,
-    from_dict,
-    load_recipe,
-    to_dict,
-)
+from sparse_dit.config import ConfigError, DiffusionConfig, ModelConfig, RecipeConfig
+from sparse_dit.presets import load_recipe
+from sparse_dit.schema import apply_overrides, from_dict, to_dict
 
 
 def test_unknown_key_names_key_and_lists_allowed():

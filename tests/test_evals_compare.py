@@ -10,10 +10,11 @@ import torch
 import yaml
 
 from sparse_dit.cli import main
-from sparse_dit.config import DataConfig, DiffusionConfig, ModelConfig, RecipeConfig, TrainConfig, to_dict
+from sparse_dit.config import DataConfig, DiffusionConfig, ModelConfig, RecipeConfig, TrainConfig
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.report import REQUIRED_MODEL_KEYS
 from sparse_dit.flops import count, match_compute
+from sparse_dit.schema import to_dict
 
 T, H, W = 5, 16, 16  # 3 context frames + 2 generated (trajectory features need 2)
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_dit.config import ModelConfig
-from sparse_dit.dit import SparseDiT, preset_config
+from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
+from sparse_dit.presets import preset_config
 
 # DiT paper (Peebles & Xie 2023), Table 4: forward Gflops (multiply-accumulates) at 256x256
 # (latent 4x32x32); params per model family (Table 1 / repository README).

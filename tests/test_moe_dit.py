@@ -9,8 +9,9 @@ import torch
 
 from sparse_dit.config import DiffusionConfig
 from sparse_dit.diffusion import FlowMatching
-from sparse_dit.dit import SparseDiT, preset_config
+from sparse_dit.dit import SparseDiT
 from sparse_dit.moe import MoEFeedForward, is_moe_layer, moe_layers, summarize_aux, update_balance_biases
+from sparse_dit.presets import preset_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,11 +10,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sparse_dit.config import ConfigError, ModelConfig, MoEConfig
-from sparse_dit.moe import MOE_PRESET_NAMES, MoEFeedForward, match_compute, moe_layer_counts, moe_preset_config
+from sparse_dit.flops import count, dense_ffn_counts, match_compute, moe_layer_counts
+from sparse_dit.moe import MoEFeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
-from sparse_dit.moe.flops import dense_ffn_counts
 from sparse_dit.moe.fused_local import plan_routes
-from sparse_dit.moe.presets import fullwidth_compute_ratio, parse_moe_preset
+from sparse_dit.presets import MOE_PRESET_NAMES, fullwidth_compute_ratio, list_presets, moe_preset_config, parse_moe_preset, preset_config
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -111,9 +111,6 @@ def test_active_params_count_router_k_experts_and_shared() -> None:
 )
 @pytest.mark.parametrize("base", ["S/2", "DiT-B/4", "debug"])
 def test_match_compute_hits_one_percent(kwargs: dict, base: str) -> None:
-    from sparse_dit.dit import preset_config
-    from sparse_dit.flops import count
-
     dense = preset_config(base)
     if base == "debug" and kwargs["num_experts"] * kwargs.get("granularity", 1) > 16:
         pytest.skip("debug's 256-wide FFN is too narrow for 64 fine-grained experts")
@@ -140,8 +137,6 @@ def test_match_compute_rejects_bad_requests() -> None:
 
 
 def test_presets_are_compute_matched_and_named() -> None:
-    from sparse_dit.dit import list_presets, preset_config
-
     assert "S/2-E8A2" in MOE_PRESET_NAMES and "B/2-E16A4" in MOE_PRESET_NAMES and "S/2-E64A8" in MOE_PRESET_NAMES
     assert "debug-E4A2" in MOE_PRESET_NAMES and set(MOE_PRESET_NAMES) <= set(list_presets())
     cfg = preset_config("S/2-E8A2")

@@ -12,7 +12,7 @@ from _launch import TINY_DENSE, TINY_MOE, cli
 
 
 def _recipe(path=TINY_MOE, overrides=()):
-    from sparse_dit.config import load_recipe
+    from sparse_dit.presets import load_recipe
 
     return load_recipe(path, list(overrides))
 
@@ -61,7 +61,8 @@ def test_lr_schedule_warmup_then_cosine_to_the_floor():
 
 
 def test_no_weight_decay_on_vectors_and_expert_biases():
-    from sparse_dit.dit import SparseDiT, preset_config
+    from sparse_dit.dit import SparseDiT
+    from sparse_dit.presets import preset_config
     from sparse_dit.parallel import param_groups
 
     model = SparseDiT(preset_config("debug-E4A2"))
@@ -126,7 +127,8 @@ def test_context_task_weights_select_tasks():
 
 
 def test_context_config_errors_name_the_field():
-    from sparse_dit.config import ConfigError, load_recipe
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
 
     base = {"data": {"num_frames": 8}}
     with pytest.raises(ConfigError, match=r"train.context.mode='first' is not allowed"):

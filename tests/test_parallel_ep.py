@@ -50,7 +50,7 @@ def _worker(out: Path) -> None:
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_grad
 
-    from sparse_dit.config import load_recipe
+    from sparse_dit.presets import load_recipe
     from sparse_dit.parallel import gather_expert_tensor, is_expert_param
     from sparse_dit.recipes.train import train
 
@@ -180,7 +180,8 @@ def test_zero3_runs_train(runs, run):
     ],
 )
 def test_bad_parallel_settings_get_clear_errors(overrides, world, match):
-    from sparse_dit.config import ConfigError, load_recipe
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
     from sparse_dit.parallel import check_parallel_config
 
     recipe = load_recipe(TINY_MOE, overrides)
@@ -189,7 +190,8 @@ def test_bad_parallel_settings_get_clear_errors(overrides, world, match):
 
 
 def test_bad_zero_stage_and_dense_ep_are_rejected():
-    from sparse_dit.config import ConfigError, load_recipe
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
     from sparse_dit.parallel import check_parallel_config
 
     with pytest.raises(ConfigError, match=r"parallel.zero_stage=4 is not allowed; choose one of \[0, 1, 2, 3\]"):

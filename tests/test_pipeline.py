@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from sparse_dit.data.text import HashTextEncoder
-from sparse_dit.dit import SparseDiT, preset_config
+from sparse_dit.dit import SparseDiT
 from sparse_dit.pipeline import VideoPipeline
+from sparse_dit.presets import preset_config
 
 
 @pytest.fixture(scope="module")

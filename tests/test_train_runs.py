@@ -124,7 +124,7 @@ def test_any_size_batches_from_buckets_on_two_ranks(tmp_path):
 
 
 def _nan_worker(out: Path) -> None:
-    from sparse_dit.config import load_recipe
+    from sparse_dit.presets import load_recipe
     from sparse_dit.recipes.train import TrainingDiverged, train
 
     def poison(engine, step, metrics):

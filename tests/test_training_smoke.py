@@ -7,7 +7,8 @@ import torch
 from sparse_dit.config import DiffusionConfig
 from sparse_dit.data.synthetic import moving_squares
 from sparse_dit.diffusion import FlowMatching, sample
-from sparse_dit.dit import SparseDiT, preset_config
+from sparse_dit.dit import SparseDiT
+from sparse_dit.presets import preset_config
 
 
 def test_moving_squares_are_deterministic_and_in_range():

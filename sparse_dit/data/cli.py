@@ -15,6 +15,16 @@ import argparse
 import json
 import os
 import sys
+from collections import Counter
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sparse_dit.data.hf import encode_video, folder_features, load_video_dataset, write_dataset, write_physics_dataset
+from sparse_dit.data.loaders import VideoFolderDataset
+from sparse_dit.data.text import cache_caption_embeddings, load_text_encoder
+from sparse_dit.data.video import from_model_video
 
 __all__ = ["add_arguments", "run", "parse_resolution"]
 
@@ -80,22 +90,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _embed(path: str, encoder_name: str, batch_size: int = 64) -> None:
-    from sparse_dit.data.text import cache_caption_embeddings, load_text_encoder
-
     encoder = load_text_encoder(encoder_name)
     out = cache_caption_embeddings(path, encoder, batch_size=batch_size)
     print(f"caption embeddings ({encoder.name}, dim {encoder.dim}) -> {out}")
 
 
 def _bytes_per_video(ds) -> float:
-    import numpy as np
-
     return float(np.mean([len(b) for b in ds.select_columns(["video"])["video"]])) if len(ds) else 0.0
 
 
 def _physics(args: argparse.Namespace) -> int:
-    from sparse_dit.data.hf import write_physics_dataset
-
     height, width = args.resolution
     ds = write_physics_dataset(
         args.out, args.scenario, args.split, args.num_videos, args.frames, height, width, args.seed,
@@ -111,13 +115,6 @@ def _physics(args: argparse.Namespace) -> int:
 
 
 def _folder(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm.auto import tqdm
-
-    from sparse_dit.data.hf import encode_video, folder_features, write_dataset
-    from sparse_dit.data.loaders import VideoFolderDataset
-    from sparse_dit.data.video import from_model_video
-
     ds = VideoFolderDataset(args.videos, captions=args.captions, num_frames=args.frames, size=args.resolution, target_fps=args.fps, random_crop=False)
     if len(ds) == 0:
         print(f"no usable video in {args.videos} ({ds.num_skipped} undecodable, {ds.num_too_short} too short)", file=sys.stderr)
@@ -144,8 +141,6 @@ def _folder(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from sparse_dit.data.hf import load_video_dataset
-
     ds = load_video_dataset(args.dataset)
     print(f"{args.dataset}: {len(ds)} rows, columns {ds.column_names}")
     if "video" in ds.column_names and len(ds):
@@ -153,8 +148,6 @@ def _info(args: argparse.Namespace) -> int:
         if "video_shape" in ds.column_names:
             print(f"  video shape (T, H, W, C) of row 0: {tuple(ds[0]['video_shape'])}")
     if "scenario" in ds.column_names:
-        from collections import Counter
-
         print(f"  scenarios: {dict(Counter(ds['scenario']))}")
     if "caption" in ds.column_names and len(ds):
         print(f"  caption of row 0: {ds[0]['caption']!r}")

@@ -38,6 +38,9 @@ from typing import Iterable, Iterator
 
 import datasets
 import numpy as np
+from tqdm.auto import tqdm
+
+from sparse_dit.data.physics import iter_physics_videos, parse_scenarios
 
 __all__ = [
     "VIDEO_ENCODING",
@@ -254,10 +257,6 @@ def write_physics_dataset(
     Returns:
         The saved dataset, loaded back from ``out``.
     """
-    from tqdm.auto import tqdm
-
-    from sparse_dit.data.physics import iter_physics_videos, parse_scenarios
-
     names = parse_scenarios(scenario)
     if num_videos < 1:
         raise ValueError(f"num_videos must be >= 1, got {num_videos}")

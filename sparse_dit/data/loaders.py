@@ -25,11 +25,13 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import datasets as hf
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from sparse_dit.data.bucketing import Shape, assign_bucket
+from sparse_dit.data.hf import decode_states, decode_video, load_video_dataset
 from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, clip_indices, probe_video, read_video, resize_crop, stride_for_fps, to_model_video
 
 __all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl", "collate_clips"]
@@ -299,10 +301,6 @@ class HFVideoDataset(ClipDataset):
 
     def __init__(self, dataset, video_column: str | None = None, caption_column: str | None = None, fps_column: str | None = "fps", **kwargs):
         super().__init__(**kwargs)
-        import datasets as hf
-
-        from sparse_dit.data.hf import load_video_dataset
-
         if isinstance(dataset, (str, os.PathLike)):
             dataset = load_video_dataset(dataset)
         cols = dataset.column_names
@@ -336,8 +334,6 @@ class HFVideoDataset(ClipDataset):
 
     def _frames(self, cell) -> np.ndarray | None:
         """Decode a frames-like cell to uint8 (T, H, W, 3); None when it is a video file."""
-        from sparse_dit.data.hf import decode_video
-
         if isinstance(cell, dict):
             cell = cell.get("bytes") or cell.get("path")
         if isinstance(cell, (bytes, bytearray)):
@@ -405,8 +401,6 @@ class PhysicsVideoDataset(HFVideoDataset):
         Args:
             index: the row index (``item["index"]``).
         """
-        from sparse_dit.data.hf import decode_states
-
         return decode_states(self.dataset[int(index)]["states"])
 
     def params(self, index: int) -> dict:
@@ -435,6 +429,4 @@ class PhysicsVideoDataset(HFVideoDataset):
         Args:
             index: the row index.
         """
-        from sparse_dit.data.hf import decode_video
-
         return decode_video(self.dataset[int(index)]["video"])

@@ -37,7 +37,10 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+
+from sparse_dit.data.hf import load_video_dataset
 
 __all__ = [
     "TextEmbeddings",
@@ -188,7 +191,7 @@ class HFTextEncoder(TextEncoder):
     def __init__(self, path: str | os.PathLike, max_length: int = 77, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, normalize_pooled: bool = True):
         super().__init__()
         try:
-            from transformers import AutoModel, AutoTokenizer
+            from transformers import AutoModel, AutoTokenizer  # optional extra ([text]) and a slow import: only for this encoder
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ValueError("HFTextEncoder needs transformers: pip install 'sparse-dit[text]'") from exc
         path = Path(path)
@@ -252,10 +255,6 @@ def cache_caption_embeddings(dataset_dir: str | os.PathLike, encoder: TextEncode
     Returns:
         The ``.safetensors`` file written (tokens padded to the longest caption).
     """
-    from safetensors.torch import save_file
-
-    from sparse_dit.data.hf import load_video_dataset
-
     ds = load_video_dataset(dataset_dir)
     if caption_column not in ds.column_names:
         raise ValueError(f"caption_column={caption_column!r} not in dataset columns {ds.column_names}")
@@ -287,8 +286,6 @@ class CaptionEmbeddingCache:
     """
 
     def __init__(self, dataset_dir: str | os.PathLike, encoder_name: str):
-        from safetensors.torch import load_file
-
         weights, index = _cache_files(dataset_dir, encoder_name)
         if not weights.exists():
             available = sorted(p.stem for p in weights.parent.glob("*.safetensors")) if weights.parent.exists() else []

@@ -42,7 +42,7 @@ class VideoMeta:
 
 
 def _open(source):
-    import av
+    import av  # deferred: PyAV loads the FFmpeg libraries, needed only to decode video files
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))

@@ -12,7 +12,8 @@ Parts, torchtitan style (one idea per file):
 * :mod:`~sparse_dit.moe.layer`: :class:`MoEFeedForward` composing them (+ shared experts).
 * :mod:`~sparse_dit.moe.stats`: balance loss, z-loss, statistics, :class:`MoEAux`.
 * :mod:`~sparse_dit.moe.balancing`: :func:`update_balance_biases` (outside the forward).
-* :mod:`~sparse_dit.moe.flops`, :mod:`~sparse_dit.moe.presets`: counting and compute matching.
+
+Counting and compute matching are in :mod:`sparse_dit.flops`, MoE presets in :mod:`sparse_dit.presets`.
 
 See docs/moe.md.
 """
@@ -20,11 +21,9 @@ See docs/moe.md.
 from sparse_dit.moe.balancing import moe_layers, update_balance_biases
 from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
-from sparse_dit.moe.flops import match_compute, moe_layer_counts
 from sparse_dit.moe.fused_local import release_workspace
 from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
 from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
-from sparse_dit.moe.presets import MOE_PRESET_NAMES, moe_preset_config
 from sparse_dit.moe.router import Router, Routing
 from sparse_dit.moe.stats import MoEAux, summarize_aux
 
@@ -43,9 +42,5 @@ __all__ = [
     "expert_hidden_dim",
     "is_moe_layer",
     "moe_layer_indices",
-    "moe_layer_counts",
-    "match_compute",
-    "moe_preset_config",
-    "MOE_PRESET_NAMES",
     "release_workspace",
 ]
