@@ -14,12 +14,19 @@ and videos"). The tasks only differ in where the given frames sit::
 With a compressing VAE the prompts are encoded on their own, so frame counts are in latent
 frames (``num_frames`` of the output are pixel frames; see ``VideoPipeline.latent_frames``).
 
+Each mode is one entry of ``GENERATION_MODES``: a function ``layout(pipe, **inputs) -> Layout``
+that builds the context layout; :meth:`VideoPipeline.generate` samples any of them by name
+(``pipe.generate("extend_backward", video=v, num_new_frames=4)``), and the named methods
+(``image_to_video``, ``extend``, ...) are thin lookups into the table.
+
 # B = batch, C = channels, T = frames
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -27,7 +34,59 @@ from torch import nn
 from sparse_dit.diffusion import sample
 from sparse_dit.vae import IdentityVAE
 
-__all__ = ["VideoPipeline"]
+__all__ = ["VideoPipeline", "Layout", "GenerationMode", "GENERATION_MODES", "layout_clips"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the sampler fills: a latent video whose ``mask`` frames are given clean.
+
+    Args:
+        shape: (B, C, T, h, w) of the latent video to sample.
+        context: (B, C, T, h, w) clean latents of the given frames (None: nothing given).
+        mask: (B, T) bool, True where a frame is given (None: nothing given).
+        init_latents: a clean latent video to edit (SDEdit): noised to t = ``strength``, then
+            denoised; ``strength == 0`` returns it unchanged without sampling.
+        strength: see ``init_latents`` (1.0 = start from pure noise).
+        finish: maps the sampled latents to the output latents (``loop`` appends its transition
+            to the input video); None = the sampled latents.
+    """
+
+    shape: tuple[int, ...]
+    context: Optional[torch.Tensor] = None
+    mask: Optional[torch.Tensor] = None
+    init_latents: Optional[torch.Tensor] = None
+    strength: float = 1.0
+    finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+
+def layout_clips(parts: Sequence[torch.Tensor | int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate given latent clips and gaps (ints = free frames) along time -> (context, mask).
+
+    Args:
+        parts: (B, C, t_i, h, w) clips and frame counts of the gaps between them, in time order.
+    """
+    ref = next(p for p in parts if isinstance(p, torch.Tensor))
+    B, C, _, h, w = ref.shape
+    clips, flags = [], []
+    for p in parts:
+        if isinstance(p, int):
+            if p < 0:
+                raise ValueError(f"a gap of {p} frames is not allowed; use >= 0")
+            clips.append(ref.new_zeros(B, C, p, h, w))
+            flags += [False] * p
+        else:
+            if p.shape[0] != B or p.shape[1] != C or p.shape[3:] != (h, w):
+                raise ValueError(f"prompt clips must share (B, C, h, w); got {tuple(p.shape)} vs {tuple(ref.shape)}")
+            clips.append(p)
+            flags += [True] * p.shape[2]
+    mask = torch.tensor(flags, device=ref.device).expand(B, -1).clone()
+    return torch.cat(clips, dim=2), mask
+
+
+def _given(parts: Sequence[torch.Tensor | int]) -> Layout:
+    context, mask = layout_clips(parts)
+    return Layout(tuple(context.shape), context, mask)
 
 
 class VideoPipeline:
@@ -94,96 +153,166 @@ class VideoPipeline:
             return ((video + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
         raise ValueError(f"output_type={output_type!r} is not supported; choose 'pt', 'np' or 'latent'")
 
+    # -- tasks: each one entry of GENERATION_MODES --------------------------------------------
     @torch.no_grad()
-    def _run(self, shape: tuple[int, ...], context: torch.Tensor | None, mask: torch.Tensor | None, prompt, negative_prompt,
-             num_inference_steps: int, guidance_scale: float, generator, latents, output_type: str) -> Any:
-        cond, uncond = self._cond(prompt, shape[0], negative_prompt)
-        out = sample(self.model, shape, cond, uncond_kwargs=uncond, guidance_scale=guidance_scale,
-                     num_inference_steps=num_inference_steps, sampler=self.sampler, shift=self.shift,
-                     generator=generator, latents=latents, context=context, context_mask=mask, device=self.device)
-        return self._output(out, output_type)
+    def generate(self, mode: str, *, prompt: str | Sequence[str] | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 25,
+                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                 latents: torch.Tensor | None = None, output_type: str = "pt", **inputs: Any) -> Any:
+        """Generate with the mode ``mode`` of :data:`GENERATION_MODES`.
 
-    @staticmethod
-    def _layout(parts: Sequence[torch.Tensor | int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate given latent clips and gaps (ints = free frames) along time -> (context, mask)."""
-        ref = next(p for p in parts if isinstance(p, torch.Tensor))
-        B, C, _, h, w = ref.shape
-        clips, flags = [], []
-        for p in parts:
-            if isinstance(p, int):
-                if p < 0:
-                    raise ValueError(f"a gap of {p} frames is not allowed; use >= 0")
-                clips.append(ref.new_zeros(B, C, p, h, w))
-                flags += [False] * p
-            else:
-                if p.shape[0] != B or p.shape[1] != C or p.shape[3:] != (h, w):
-                    raise ValueError(f"prompt clips must share (B, C, h, w); got {tuple(p.shape)} vs {tuple(ref.shape)}")
-                clips.append(p)
-                flags += [True] * p.shape[2]
-        mask = torch.tensor(flags, device=ref.device).expand(B, -1).clone()
-        return torch.cat(clips, dim=2), mask
+        Args:
+            mode: a table key (``"text_to_video"``, ``"image"``, ``"image_to_video"``,
+                ``"extend_forward"``, ``"extend_backward"``, ``"interpolate"``, ``"loop"``,
+                ``"sdedit"``).
+            prompt, negative_prompt: captions (need a ``text_encoder``).
+            num_inference_steps, guidance_scale, generator, latents, output_type: as ``__call__``.
+            **inputs: the mode's inputs (``GENERATION_MODES[mode].inputs``), e.g. ``video``.
+        """
+        entry = GENERATION_MODES.get(mode)
+        if entry is None:
+            raise ValueError(f"mode={mode!r} is not a generation mode; allowed: {list(GENERATION_MODES)}")
+        unknown = sorted(set(inputs) - set(entry.inputs))
+        if unknown:
+            raise ValueError(f"mode {mode!r} takes inputs {list(entry.inputs)}; got unknown {unknown}")
+        lay = entry.layout(self, **inputs)
+        if lay.init_latents is not None and lay.strength == 0:
+            return self._output(lay.init_latents, output_type)  # nothing destroyed, nothing to restore
+        out = self._sample(lay, prompt, negative_prompt, num_inference_steps, guidance_scale, generator, latents)
+        return self._output(lay.finish(out) if lay.finish is not None else out, output_type)
 
-    # -- tasks ---------------------------------------------------------------------------------
+    def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float,
+                generator, latents) -> torch.Tensor:
+        cond, uncond = self._cond(prompt, lay.shape[0], negative_prompt)
+        return sample(self.model, lay.shape, cond, uncond_kwargs=uncond, guidance_scale=guidance_scale,
+                      num_inference_steps=num_inference_steps, sampler=self.sampler, shift=self.shift,
+                      generator=generator, latents=latents, context=lay.context, context_mask=lay.mask,
+                      device=self.device, init_latents=lay.init_latents, strength=lay.strength)
+
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
                  height: int = 32, width: int = 32, num_frames: int = 8, num_inference_steps: int = 25,
                  guidance_scale: float = 1.0, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pt", batch_size: int = 1) -> Any:
         """Text-to-video (``num_frames=1``: an image)."""
-        c, t, h, w = self.vae.latent_shape(num_frames, height, width)
-        return self._run((batch_size, c, t, h, w), None, None, prompt, negative_prompt, num_inference_steps,
-                         guidance_scale, generator, latents, output_type)
+        return self.generate("text_to_video", prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                             num_frames=num_frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                             generator=generator, latents=latents, output_type=output_type, batch_size=batch_size)
 
     def image_to_video(self, image: torch.Tensor, num_frames: int = 8, **kwargs: Any) -> Any:
         """Animate ``image`` (B, C, H, W) in [-1, 1]: it becomes the clean first frame."""
-        first = self._encode(image)
-        total = self.latent_frames(num_frames)
-        context, mask = self._layout([first, total - first.shape[2]])
-        return self._task(context, mask, **kwargs)
+        return self.generate("image_to_video", image=image, num_frames=num_frames, **kwargs)
 
     def extend(self, video: torch.Tensor, num_new_frames: int, direction: str = "forward", **kwargs: Any) -> Any:
         """Continue ``video`` (B, C, T, H, W) forward in time, or backward (what came before)."""
         if direction not in ("forward", "backward"):
             raise ValueError(f"direction={direction!r} must be 'forward' or 'backward'")
-        z = self._encode(video)
-        gap = num_new_frames // self.vae.temporal_compression
-        if gap < 1:
-            raise ValueError(f"num_new_frames={num_new_frames} must be >= the VAE's temporal compression {self.vae.temporal_compression}")
-        parts = [z, gap] if direction == "forward" else [gap, z]
-        return self._task(*self._layout(parts), **kwargs)
+        return self.generate(f"extend_{direction}", video=video, num_new_frames=num_new_frames, **kwargs)
 
     def interpolate(self, start: torch.Tensor, end: torch.Tensor, num_frames_between: int, **kwargs: Any) -> Any:
         """Fill ``num_frames_between`` frames that connect clip ``start`` to clip ``end``."""
-        gap = num_frames_between // self.vae.temporal_compression
-        return self._task(*self._layout([self._encode(start), gap, self._encode(end)]), **kwargs)
+        return self.generate("interpolate", start=start, end=end, num_frames_between=num_frames_between, **kwargs)
 
     def loop(self, video: torch.Tensor, num_transition_frames: int, context_frames: int = 2, **kwargs: Any) -> Any:
         """Make ``video`` loop seamlessly: generate frames that lead from its end back to its start.
 
         Returns the video followed by the transition (drop nothing: playing it on repeat loops).
         """
-        z = self._encode(video)
-        k = min(context_frames, z.shape[2])
-        gap = num_transition_frames // self.vae.temporal_compression
-        output_type = kwargs.pop("output_type", "pt")
-        out = self._task(*self._layout([z[:, :, -k:], gap, z[:, :, :k]]), output_type="latent", **kwargs)
-        return self._output(torch.cat([z, out[:, :, k : k + gap]], dim=2), output_type)
+        return self.generate("loop", video=video, num_transition_frames=num_transition_frames,
+                             context_frames=context_frames, **kwargs)
 
     def sdedit(self, video: torch.Tensor, strength: float = 0.6, **kwargs: Any) -> Any:
         """SDEdit (Meng et al. 2022): noise ``video`` to t = ``strength``, then denoise it (toward
         ``prompt`` if given). Small strengths keep layout and motion; 1.0 ignores the input."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength={strength} must lie in [0, 1]")
-        z0 = self._encode(video)
-        output_type = kwargs.pop("output_type", "pt")
-        if strength == 0:
-            return self._output(z0, output_type)
-        cond, uncond = self._cond(kwargs.pop("prompt", None), z0.shape[0], kwargs.pop("negative_prompt", None))
-        with torch.no_grad():
-            out = sample(self.model, tuple(z0.shape), cond, uncond_kwargs=uncond, sampler=self.sampler, shift=self.shift,
-                         device=self.device, init_latents=z0, strength=strength, **kwargs)
-        return self._output(out, output_type)
+        return self.generate("sdedit", video=video, strength=strength, **kwargs)
 
-    def _task(self, context: torch.Tensor, mask: torch.Tensor, prompt=None, negative_prompt=None, num_inference_steps: int = 25,
-              guidance_scale: float = 1.0, generator=None, latents=None, output_type: str = "pt") -> Any:
-        return self._run(tuple(context.shape), context, mask, prompt, negative_prompt, num_inference_steps,
-                         guidance_scale, generator, latents, output_type)
+
+# ---------------------------------------------------------------------------------------------
+# Generation modes: each builds one context layout (the Sora report's prompting modes).
+# ---------------------------------------------------------------------------------------------
+
+
+def _text_to_video(pipe: VideoPipeline, height: int = 32, width: int = 32, num_frames: int = 8, batch_size: int = 1) -> Layout:
+    c, t, h, w = pipe.vae.latent_shape(num_frames, height, width)
+    return Layout((batch_size, c, t, h, w))  # nothing given
+
+
+def _image(pipe: VideoPipeline, height: int = 32, width: int = 32, batch_size: int = 1) -> Layout:
+    return _text_to_video(pipe, height, width, 1, batch_size)  # one frame
+
+
+def _image_to_video(pipe: VideoPipeline, image: torch.Tensor, num_frames: int = 8) -> Layout:
+    first = pipe._encode(image)
+    return _given([first, pipe.latent_frames(num_frames) - first.shape[2]])  # [img, _, _, _]
+
+
+def _new_frames(pipe: VideoPipeline, num_new_frames: int) -> int:
+    gap = num_new_frames // pipe.vae.temporal_compression
+    if gap < 1:
+        raise ValueError(f"num_new_frames={num_new_frames} must be >= the VAE's temporal compression {pipe.vae.temporal_compression}")
+    return gap
+
+
+def _extend_forward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: int) -> Layout:
+    z = pipe._encode(video)
+    return _given([z, _new_frames(pipe, num_new_frames)])  # [v0 v1 v2, _, _]
+
+
+def _extend_backward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: int) -> Layout:
+    z = pipe._encode(video)
+    return _given([_new_frames(pipe, num_new_frames), z])  # [_, _, v0 v1 v2]
+
+
+def _interpolate(pipe: VideoPipeline, start: torch.Tensor, end: torch.Tensor, num_frames_between: int) -> Layout:
+    gap = num_frames_between // pipe.vae.temporal_compression
+    return _given([pipe._encode(start), gap, pipe._encode(end)])  # [a0 a1, _, _, b0 b1]
+
+
+def _loop(pipe: VideoPipeline, video: torch.Tensor, num_transition_frames: int, context_frames: int = 2) -> Layout:
+    z = pipe._encode(video)
+    k = min(context_frames, z.shape[2])
+    gap = num_transition_frames // pipe.vae.temporal_compression
+    lay = _given([z[:, :, -k:], gap, z[:, :, :k]])  # [v_end, _, _, v_start]
+    # The output is the video followed by the transition: playing it on repeat loops.
+    return Layout(lay.shape, lay.context, lay.mask, finish=lambda out: torch.cat([z, out[:, :, k : k + gap]], dim=2))
+
+
+def _sdedit(pipe: VideoPipeline, video: torch.Tensor, strength: float = 0.6) -> Layout:
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength={strength} must lie in [0, 1]")
+    z0 = pipe._encode(video)
+    return Layout(tuple(z0.shape), init_latents=z0, strength=strength)  # no context: every frame noised to t = strength
+
+
+@dataclass(frozen=True)
+class GenerationMode:
+    """One entry of :data:`GENERATION_MODES`.
+
+    Args:
+        name: the table key (``--mode`` of a CLI).
+        layout: ``layout(pipe, **inputs) -> Layout``.
+        description: one line for help texts.
+    """
+
+    name: str
+    layout: Callable[..., Layout]
+    description: str
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The mode's input names, in order (the ``layout`` function's parameters after ``pipe``)."""
+        return tuple(inspect.signature(self.layout).parameters)[1:]
+
+
+GENERATION_MODES: dict[str, GenerationMode] = {
+    m.name: m
+    for m in (
+        GenerationMode("text_to_video", _text_to_video, "a video from noise (and a prompt); nothing given"),
+        GenerationMode("image", _image, "a single frame from noise (and a prompt)"),
+        GenerationMode("image_to_video", _image_to_video, "an image is the clean first frame; the rest is generated"),
+        GenerationMode("extend_forward", _extend_forward, "a video is given; frames after it are generated"),
+        GenerationMode("extend_backward", _extend_backward, "a video is given; frames before it are generated"),
+        GenerationMode("interpolate", _interpolate, "two clips are given; the frames between are generated"),
+        GenerationMode("loop", _loop, "a video's end and start are given; the transition back is appended"),
+        GenerationMode("sdedit", _sdedit, "a video is noised to t = strength and denoised (SDEdit)"),
+    )
+}
