@@ -15,7 +15,7 @@ MACs per token. DeepSpeed's ``deepspeed.moe.layer.MoE`` gets the same expert mod
 
     python benchmarks/moe_layer.py                       # all shapes, fp32 + bf16, with DeepSpeed
     python benchmarks/moe_layer.py --shapes A C --dtypes fp32 --repeats 7 --no-deepspeed
-    python benchmarks/moe_layer.py --backends loop grouped_mm   # compare our expert backends
+    python benchmarks/moe_layer.py --backends fused_local grouped_mm   # compare our expert backends
     python benchmarks/moe_layer.py --threads 1                  # intrinsic overhead, less sensitive to load
 """
 
@@ -40,7 +40,7 @@ from sparse_dit.config import ModelConfig  # noqa: E402
 from sparse_dit.modules.mlp import FeedForward  # noqa: E402
 from sparse_dit.moe import MoEFeedForward  # noqa: E402
 from sparse_dit.flops import match_compute  # noqa: E402
-from sparse_dit.moe.fused_local import plan_routes  # noqa: E402
+from sparse_dit.moe.ops import EXPERT_BACKENDS, grouped_mm_aligned, plan_routes  # noqa: E402
 
 SHAPES = {"A": (384, 4096, 8, 2), "B": (768, 16384, 8, 2), "C": (512, 4096, 64, 8)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,7 +91,7 @@ def bench_shape(name: str, dtype: torch.dtype, repeats: int, deepspeed: bool, ba
     models: dict[str, torch.nn.Module] = {"dense": FeedForward(d, 4 * d)}
     for b in backends:
         moe = MoEFeedForward(d, h, E, k, backend=b)
-        if b == "grouped_mm" and not moe.experts.grouped_mm_aligned(dtype):
+        if b == "grouped_mm" and not grouped_mm_aligned(d, h, dtype):
             print(f"  (moe[grouped_mm] skipped: expert width {h} is not 16-byte aligned in {dtype})")
             continue
         models[f"moe[{b}]"] = moe
@@ -113,7 +113,7 @@ def bench_shape(name: str, dtype: torch.dtype, repeats: int, deepspeed: bool, ba
     ratios = {n: statistics.median(a / b for a, b in zip(v, times["dense"])) for n, v in times.items()}
     print(f"\nshape {name}: d={d} tokens={T} E={E} k={k} expert_hidden={h} dense_hidden={4 * d} dtype={str(dtype)[6:]}")
     for n, m in models.items():
-        if isinstance(m, MoEFeedForward) and m.experts.resolve_backend(x) == "loop":
+        if isinstance(m, MoEFeedForward) and EXPERT_BACKENDS[m.experts.resolve_backend(x, True)].token_space:
             with torch.no_grad():
                 r = m.router(x)
             plan = plan_routes(r.expert_idx, E, T)
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-deepspeed", action="store_true", help="skip DeepSpeed's MoE")
-    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "loop", "grouped_mm"])
+    p.add_argument("--backends", nargs="+", default=["auto"], choices=["auto", "fused_local", "loop", "grouped_mm"])
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice, 2 here)")
     args = p.parse_args(argv)
     if args.threads:

@@ -71,8 +71,9 @@ class MoEConfig(_Config):
     # Placement: MoE in every `every`-th block, starting after `first_dense` dense blocks.
     every: int = field(default=1, metadata=rule(ge=1))
     first_dense: int = field(default=0, metadata=rule(ge=0))
-    # Expert compute backend: "auto" picks grouped_mm or a loop over experts by device/dtype.
-    backend: str = field(default="auto", metadata=rule(choices=("auto", "grouped_mm", "loop", "megablocks")))
+    # Expert compute backend (sparse_dit.moe.ops.EXPERT_BACKENDS): "auto" picks grouped_mm on
+    # CUDA for aligned shapes, else the fused single-process op, else the loop over experts.
+    backend: str = field(default="auto", metadata=rule(choices=("auto", "grouped_mm", "fused_local", "loop", "megablocks")))
     # Under torch.autocast: "auto" runs the experts in the autocast dtype, "fp32" keeps them in
     # fp32 (the quickstart's setting, docs/training.md "Precision"). No effect without autocast.
     expert_precision: str = field(default="auto", metadata=rule(choices=("auto", "fp32")))

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from sparse_dit.moe import MoEFeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
-from sparse_dit.moe.router import capacity_drop, expert_choice_capacity
+from sparse_dit.moe.experts import GroupedExperts
+from sparse_dit.moe.ops import ExpertRows
+from sparse_dit.moe.ops.grouped_mm import grouped_mm_autograd
+from sparse_dit.moe.routers import capacity_drop, expert_choice_capacity
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -70,16 +73,17 @@ def _compare(layer: MoEFeedForward, x: torch.Tensor, cond=None, atol: float = 1e
 
 CASES = [(E, k) for E in (1, 4, 8, 64) for k in (1, 2, 4) if k <= E]
 
-# "loop": the fused single-process op; "loop-protocol": the same experts behind the
-# dispatch()/combine() protocol that an expert-parallel dispatcher uses; "grouped_mm".
-BACKENDS = ["loop", "loop-protocol", "grouped_mm"]
+# "fused_local": the single-process op (token space); "auto-protocol": what "auto" runs behind a
+# LocalDispatcher subclass, i.e. the dispatch()/combine() protocol that an expert-parallel
+# dispatcher uses, with the loop over experts; "grouped_mm": torch._grouped_mm behind dispatch.
+BACKENDS = ["fused_local", "auto-protocol", "grouped_mm"]
 
 
 class _ProtocolDispatcher(LocalDispatcher):
     """A LocalDispatcher subclass: the layer then takes the dispatch/experts/combine path."""
 
 
-def _layer(*args, backend: str = "loop", **kwargs) -> MoEFeedForward:
+def _layer(*args, backend: str = "fused_local", **kwargs) -> MoEFeedForward:
     layer = MoEFeedForward(*args, backend=backend.replace("-protocol", ""), **kwargs)
     if backend.endswith("-protocol"):
         layer.dispatcher = _ProtocolDispatcher()
@@ -212,8 +216,6 @@ def test_local_dispatcher_refuses_sharded_experts() -> None:
 def test_sync_free_grouped_mm_path_matches_loop(activation: str) -> None:
     # The autograd-over-torch._grouped_mm path (used on CUDA, no host sync) against the loop op,
     # with a tail of rows that no expert owns (as capacity dropping leaves them).
-    from sparse_dit.moe.experts import GroupedExperts
-
     torch.manual_seed(4)
     ex = GroupedExperts(4, 16, 32, activation, backend="loop")
     if ex.b1 is not None:
@@ -224,7 +226,7 @@ def test_sync_free_grouped_mm_path_matches_loop(activation: str) -> None:
     x = torch.randn(18, 16)
     g = torch.randn(18, 16)
     outs = []
-    for fn in (lambda xx: ex(xx, counts), lambda xx: ex._forward_grouped_mm(xx, counts)):
+    for fn in (lambda xx: ex(xx, ExpertRows(counts)), lambda xx: grouped_mm_autograd(xx, counts, activation, ex.params_in(xx.dtype))):
         xx = x.clone().requires_grad_(True)
         y = fn(xx)
         y = y.masked_fill(torch.arange(18)[:, None] >= 15, 0.0)  # tail rows are unspecified

@@ -13,7 +13,7 @@ from sparse_dit.config import ConfigError, ModelConfig, MoEConfig
 from sparse_dit.flops import count, dense_ffn_counts, match_compute, moe_layer_counts
 from sparse_dit.moe import MoEFeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
-from sparse_dit.moe.fused_local import plan_routes
+from sparse_dit.moe.ops import plan_routes
 from sparse_dit.presets import MOE_PRESET_NAMES, fullwidth_compute_ratio, list_presets, moe_preset_config, parse_moe_preset, preset_config
 
 
@@ -73,7 +73,7 @@ def test_fused_op_executes_the_counted_macs_plus_its_padding(moe: dict, activati
     # (plan.rows - kept); nothing else beyond the analytic count. (With GELU biases it adds the
     # token-space output-bias product S @ b2, T x E x D MACs, as an in-place addmm_, which
     # FlopCounterMode in torch 2.13 does not count.)
-    cfg = dataclasses.replace(_cfg(**moe, backend="loop"), activation=activation)
+    cfg = dataclasses.replace(_cfg(**moe, backend="fused_local"), activation=activation)
     counts = moe_layer_counts(cfg)
     layer = MoEFeedForward.from_config(cfg, 0)
     B, N, D = 2, 24, 32

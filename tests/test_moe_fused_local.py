@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sparse_dit.moe import fused_local as fl
-from sparse_dit.moe.fused_local import choose_capacity, fused_local_moe, plan_routes, release_workspace
+from sparse_dit.moe import MoEFeedForward
+from sparse_dit.moe.ops import fused_local as fl
+from sparse_dit.moe.ops.fused_local import choose_capacity, fused_local_moe, plan_routes, release_workspace
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -281,8 +282,6 @@ def test_backward_twice_with_retained_graph_gives_the_same_gradients() -> None:
 
 
 def test_layer_handles_an_empty_token_set() -> None:
-    from sparse_dit.moe import MoEFeedForward
-
     layer = MoEFeedForward(8, 16, 4, 2)
     x = torch.randn(2, 0, 8, requires_grad=True)
     y, aux = layer(x)

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("activation", ["gelu_tanh", "swiglu"])
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["fused_local", "loop", "grouped_mm"])
 def test_one_expert_top1_equals_dense_ffn(activation: str, backend: str) -> None:
     torch.manual_seed(0)
     dense = FeedForward(16, 48, activation)
@@ -202,7 +202,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
         MoEFeedForward(8, 16, 2, 1, backend="megablocks")(torch.randn(1, 3, 8))
 
 
-@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["fused_local", "loop", "grouped_mm"])
 def test_bf16_autocast_runs_experts_in_bf16_and_router_in_fp32(backend: str) -> None:
     torch.manual_seed(0)
     moe = MoEFeedForward(16, 32, 4, 2, shared_experts=1, backend=backend)

@@ -2,13 +2,14 @@
 
 Parts, torchtitan style (one idea per file):
 
-* :mod:`~sparse_dit.moe.router`: fp32 router; token-choice top-k (softmax/sigmoid, optional
-  renormalisation, capacity dropping, DeepSeek-V3 selection bias) or expert choice; optional
-  timestep-aware routing.
+* :mod:`~sparse_dit.moe.routers`: one class per routing rule (token-choice top-k with
+  optional renormalisation, capacity dropping and DeepSeek-V3 selection bias; expert choice)
+  on a shared fp32 gate with optional timestep-aware routing; one table, :data:`ROUTERS`.
 * :mod:`~sparse_dit.moe.dispatch`: ``dispatch()``/``combine()`` with a frozen metadata
   dataclass; :class:`LocalDispatcher` here, the all-to-all one in ``sparse_dit.parallel``.
 * :mod:`~sparse_dit.moe.experts`: grouped experts with stacked ``[E, D, F]`` weights.
-* :mod:`~sparse_dit.moe.fused_local`: the single-process CPU op (padded batched expert GEMMs).
+* :mod:`~sparse_dit.moe.ops`: expert compute backends with one signature (loop, the fused
+  single-process op, grouped_mm, megablocks); one table, :data:`EXPERT_BACKENDS`.
 * :mod:`~sparse_dit.moe.layer`: :class:`MoEFeedForward` composing them (+ shared experts).
 * :mod:`~sparse_dit.moe.stats`: balance loss, z-loss, statistics, :class:`MoEAux`.
 * :mod:`~sparse_dit.moe.balancing`: :func:`update_balance_biases` (outside the forward).
@@ -21,10 +22,10 @@ See docs/moe.md.
 from sparse_dit.moe.balancing import moe_layers, update_balance_biases
 from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
-from sparse_dit.moe.fused_local import release_workspace
 from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
+from sparse_dit.moe.ops import EXPERT_BACKENDS, release_workspace
 from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
-from sparse_dit.moe.router import Router, Routing
+from sparse_dit.moe.routers import ROUTERS, ExpertChoiceRouter, RouterBase, Routing, TokenChoiceRouter
 from sparse_dit.moe.stats import MoEAux, summarize_aux
 
 __all__ = [
@@ -33,8 +34,12 @@ __all__ = [
     "summarize_aux",
     "update_balance_biases",
     "moe_layers",
-    "Router",
+    "ROUTERS",
+    "RouterBase",
+    "TokenChoiceRouter",
+    "ExpertChoiceRouter",
     "Routing",
+    "EXPERT_BACKENDS",
     "LocalDispatcher",
     "DispatchMeta",
     "GroupedExperts",

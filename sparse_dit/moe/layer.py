@@ -19,9 +19,9 @@ from torch import nn
 from sparse_dit.modules.mlp import FeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts
-from sparse_dit.moe.fused_local import plan_routes
-from sparse_dit.moe.router import Router
-from sparse_dit.moe.stats import MoEAux, balance_loss, max_violation, router_entropy, timestep_bin_load, z_loss
+from sparse_dit.moe.ops import EXPERT_BACKENDS, ExpertRows, plan_routes
+from sparse_dit.moe.routers import ROUTERS, RouterBase, Routing
+from sparse_dit.moe.stats import MoEAux, max_violation, router_entropy, timestep_bin_load, z_loss
 
 __all__ = ["MoEFeedForward", "expert_hidden_dim"]
 
@@ -52,7 +52,8 @@ class MoEFeedForward(nn.Module):
         num_experts: routed experts E.
         top_k: experts per token (token choice) or average experts per token (expert choice).
         activation: ``"gelu_tanh"`` or ``"swiglu"``, as :class:`~sparse_dit.modules.mlp.FeedForward`.
-        router: ``"token_choice"`` or ``"expert_choice"``.
+        router: a key of :data:`sparse_dit.moe.routers.ROUTERS` (``"token_choice"``,
+            ``"expert_choice"``).
         score_func: ``"softmax"`` or ``"sigmoid"``.
         renormalize: renormalise the top-k weights to sum to one (top_k > 1 only).
         shared_experts: always-on experts (DeepSeekMoE), run as one dense FFN of width
@@ -64,7 +65,9 @@ class MoEFeedForward(nn.Module):
         z_loss_coef: weight of the router z-loss in ``aux.loss``.
         bias_update_rate: DeepSeek-V3 bias balancing step (0 = off); see
             :func:`sparse_dit.moe.update_balance_biases`.
-        backend: expert compute backend (``"auto"``, ``"grouped_mm"``, ``"loop"``, ``"megablocks"``).
+        backend: expert compute backend: ``"auto"`` or a key of
+            :data:`sparse_dit.moe.ops.EXPERT_BACKENDS` (``"grouped_mm"``, ``"fused_local"``,
+            ``"loop"``, ``"megablocks"``).
         stat_timestep_bins: bins of [0, 1] for ``aux.load_per_timestep_bin``.
         expert_precision: under ``torch.autocast``, ``"auto"`` runs the experts in the autocast
             dtype (as autocast runs an ``nn.Linear``), ``"fp32"`` keeps them in fp32 (the
@@ -111,8 +114,10 @@ class MoEFeedForward(nn.Module):
         self.aux_loss_coef, self.z_loss_coef = aux_loss_coef, z_loss_coef
         self.bias_update_rate = bias_update_rate
         self.stat_timestep_bins = stat_timestep_bins
-        self.router = Router(
-            dim, num_experts, top_k, kind=router, score_func=score_func, renormalize=renormalize,
+        if router not in ROUTERS:
+            raise ValueError(f"router={router!r} is not supported; choose one of {list(ROUTERS)}")
+        self.router: RouterBase = ROUTERS[router](
+            dim, num_experts, top_k, score_func=score_func, renormalize=renormalize,
             cond_dim=cond_dim, capacity_factor=capacity_factor, bias_balancing=bias_update_rate > 0,
         )
         self.experts = GroupedExperts(num_experts, dim, hidden_dim, activation, backend)
@@ -231,36 +236,27 @@ class MoEFeedForward(nn.Module):
         r = self.router(x, cond if self.router.cond_proj is not None else None)
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
-        if local and self.experts.resolve_backend(x) == "loop":
-            # 2+3. Single process: gather, batched expert GEMMs and the weighted combine in one
-            # op (sparse_dit/moe/fused_local.py).
-            y_TD = self._fused_local(x_TD, r)
+        backend = self.experts.resolve_backend(x_TD, local)
+        if EXPERT_BACKENDS[backend].token_space:
+            # 2+3. Single process: the backend gathers, runs the experts and combines itself
+            # (sparse_dit/moe/ops/fused_local.py). Planning the layout is the one host sync.
+            plan = plan_routes(r.expert_idx, self.num_experts, x_TD.shape[0], r.token_idx)
+            y_TD = self.experts(x_TD, ExpertRows(plan=plan, weight=r.weight), backend)
         else:
             # 2. Dispatch: sort routes by expert, gather their rows (or exchange them under EP)
             x_sorted, counts_L, meta = self.dispatcher.dispatch(
                 x_TD, r.expert_idx, r.weight, num_experts=self.num_experts, token_idx=r.token_idx, may_drop=r.may_drop
             )  # (R, D)
             # 3. Experts on contiguous row groups, then weighted un-sort
-            y_sorted = self.experts(x_sorted, counts_L, meta.local_split_sizes)  # (R, D)
+            y_sorted = self.experts(x_sorted, ExpertRows(counts_L, meta.local_split_sizes), backend)  # (R, D)
             y_TD = self.dispatcher.combine(y_sorted, meta)  # (T, D)
         # 4. Shared experts see every token
         if self.shared is not None:
             y_TD = y_TD + _linear_dtype(self.shared, x_TD.dtype)(x_TD)
         return y_TD.view(B, N, D), self._aux(r, B, N, timesteps)
 
-    def _fused_local(self, x_TD: torch.Tensor, r: Any) -> torch.Tensor:
-        plan = plan_routes(r.expert_idx, self.num_experts, x_TD.shape[0], r.token_idx)  # the one host sync
-        # Through experts.__call__, so that module hooks (ZeRO-3 gathering) run.
-        return self.experts(x_TD, None, plan=plan, weight_route=r.weight)
-
-    def _aux(self, r: Any, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
-        K = self.top_k
-        if self.router.kind == "token_choice":
-            bal = balance_loss(r.probs, r.counts, K)
-            total_routes = B * N * K
-        else:
-            bal = r.probs.new_zeros(())  # expert choice is balanced by construction
-            total_routes = B * N
+    def _aux(self, r: Routing, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
+        bal = self.router.balance_loss(r)  # the rule's own (zero for expert choice)
         z = z_loss(r.logits)
         loss = self.aux_loss_coef * bal + self.z_loss_coef * z
         load_bins = None
@@ -268,12 +264,9 @@ class MoEFeedForward(nn.Module):
             if timesteps.shape != (B,):
                 raise ValueError(f"timesteps must have shape ({B},), got {tuple(timesteps.shape)}")
             e = r.expert_idx.reshape(-1)
-            tok = r.token_idx.reshape(-1) if r.token_idx is not None else torch.div(
-                torch.arange(e.numel(), device=e.device), r.expert_idx.shape[1], rounding_mode="floor"
-            )
-            load_bins = timestep_bin_load(e, tok, N, timesteps, self.num_experts, self.stat_timestep_bins)
+            load_bins = timestep_bin_load(e, r.token_of_route(), N, timesteps, self.num_experts, self.stat_timestep_bins)
         return MoEAux(
             loss=loss, balance_loss=bal, z_loss=z, tokens_per_expert=r.counts.detach(),
             max_violation=max_violation(r.counts), router_entropy=router_entropy(r.probs),
-            dropped_fraction=r.num_dropped.detach() / max(total_routes, 1), load_per_timestep_bin=load_bins,
+            dropped_fraction=r.num_dropped.detach() / max(r.num_droppable, 1), load_per_timestep_bin=load_bins,
         )

@@ -1,11 +1,13 @@
-"""One autograd op for the single-process MoE FFN: gather, batched expert GEMMs, combine.
+"""Backend ``"fused_local"``: the single-process MoE FFN as one autograd op (gather, batched
+expert GEMMs, combine), in token space.
 
 # T = tokens, R = routes, E = experts, D = model dim, F = expert hidden, K = routes per token,
 # P = rows of the padded block layout (>= kept routes)
 
-The CPU fast path of :class:`sparse_dit.moe.MoEFeedForward` (the layer holds all experts and
-the expert backend is ``"loop"``). It computes what ``LocalDispatcher.dispatch`` -> experts ->
-``LocalDispatcher.combine`` compute, in one op with a hand-written backward.
+The CPU fast path of :class:`sparse_dit.moe.MoEFeedForward`, usable when the layer holds all
+experts behind the plain local dispatcher (``"auto"`` picks it there unless grouped_mm fits).
+It computes what ``LocalDispatcher.dispatch`` -> experts -> ``LocalDispatcher.combine``
+compute, in one op with a hand-written backward.
 
 **Block layout.** A per-expert loop of GEMMs runs each small GEMM on both cores and pays the
 split's synchronisation; a batched GEMM (``torch.bmm``) hands whole GEMMs to each core instead:
@@ -44,9 +46,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparse_dit.moe.expert_loop import check_expert_weights
+from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights
 
-__all__ = ["BlockPlan", "choose_capacity", "plan_routes", "fused_local_moe", "release_workspace"]
+__all__ = ["BlockPlan", "choose_capacity", "plan_routes", "fused_local_moe", "release_workspace", "run_fused_local", "FUSED_LOCAL"]
 
 OVERFLOW_COST = 2.0
 """Cost of a row in an expert's own GEMM, in rows of the batched block (:func:`choose_capacity`),
@@ -493,3 +495,26 @@ def fused_local_moe(
     if w1.shape[0] != plan.num_experts:
         raise ValueError(f"the plan is for {plan.num_experts} experts, the weights hold {w1.shape[0]}")
     return _FusedMoE.apply(x_TD.contiguous(), weight_route, w1, w2, w3, b1, b2, plan, activation)
+
+
+def run_fused_local(x: torch.Tensor, rows: ExpertRows, activation: str, w: ExpertWeights) -> torch.Tensor:
+    """The ``"fused_local"`` backend: :func:`fused_local_moe` on token-space rows."""
+    if rows.weight is None:
+        raise ValueError("backend 'fused_local' needs rows.weight (the combine weight of each planned route)")
+    return fused_local_moe(x, rows.weight, rows.plan, activation, *w)
+
+
+def _local(x: torch.Tensor, dim: int, hidden: int, local: bool) -> bool:
+    return local
+
+
+def _check_local(x: torch.Tensor, dim: int, hidden: int, local: bool) -> None:
+    if not local:
+        raise ValueError(
+            "backend='fused_local' needs the layer to hold every expert behind the plain LocalDispatcher "
+            "(no expert parallelism); use backend='auto' or 'loop'"
+        )
+
+
+FUSED_LOCAL = ExpertBackend(run=run_fused_local, token_space=True, auto=_local, check=_check_local)
+"""One process holding every expert, any device (the plan costs one host sync)."""

@@ -1,4 +1,5 @@
-"""One autograd op: all experts' FFNs over expert-sorted rows, as a loop of in-place GEMMs.
+"""Backend ``"loop"``: all experts' FFNs over expert-sorted rows as one autograd op, a loop of
+in-place GEMMs (any device, any dispatcher; also the CPU body of ``"grouped_mm"``).
 
 # R = rows (sorted by expert), D = model dim, F = expert hidden, E = experts
 
@@ -23,7 +24,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["experts_loop", "check_expert_weights"]
+from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights
+
+__all__ = ["experts_loop", "run_loop", "LOOP"]
 
 
 def _spans(sizes: Sequence[int]) -> list[tuple[int, int, int]]:
@@ -165,24 +168,6 @@ def _cumsum(sizes: Sequence[int]) -> list[int]:
     return out
 
 
-def check_expert_weights(
-    activation: str,
-    dtype: torch.dtype,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    w3: Optional[torch.Tensor],
-    b1: Optional[torch.Tensor],
-    b2: Optional[torch.Tensor],
-) -> None:
-    """The stacked expert weights an expert op needs for ``activation``, all in the input ``dtype``."""
-    if activation == "gelu_tanh" and (b1 is None or b2 is None):
-        raise ValueError("activation='gelu_tanh' needs biases b1 and b2")
-    if activation == "swiglu" and w3 is None:
-        raise ValueError("activation='swiglu' needs the gate weight w3")
-    if any(p is not None and p.dtype != dtype for p in (w1, w2, w3, b1, b2)):
-        raise ValueError(f"expert weights must have the input dtype {dtype}; cast the module (model.to(dtype))")
-
-
 def experts_loop(
     x: torch.Tensor,
     sizes: Sequence[int],
@@ -209,3 +194,24 @@ def experts_loop(
     """
     check_expert_weights(activation, x.dtype, w1, w2, w3, b1, b2)
     return _ExpertsLoop.apply(x, tuple(int(n) for n in sizes), activation, grouped, w1, w2, w3, b1, b2)
+
+
+def run_loop(x: torch.Tensor, rows: ExpertRows, activation: str, w: ExpertWeights) -> torch.Tensor:
+    """The ``"loop"`` backend: :func:`experts_loop` over expert-sorted rows (one host sync for
+    the row counts unless ``rows.sizes`` has them)."""
+    sizes = rows.host_sizes()  # the one host sync
+    if sum(sizes) > x.shape[0]:
+        raise ValueError(f"tokens_per_expert sums to {sum(sizes)} > {x.shape[0]} rows")
+    return experts_loop(x, sizes, activation, False, *w)
+
+
+def _always(x: torch.Tensor, dim: int, hidden: int, local: bool) -> bool:
+    return True
+
+
+def _runs_anywhere(x: torch.Tensor, dim: int, hidden: int, local: bool) -> None:
+    return None
+
+
+LOOP = ExpertBackend(run=run_loop, token_space=False, auto=_always, check=_runs_anywhere)
+"""Any device, dtype and dispatcher: what ``"auto"`` falls back to."""

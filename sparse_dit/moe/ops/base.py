@@ -1,0 +1,115 @@
+"""The expert-backend contract: what every backend in :data:`sparse_dit.moe.ops.EXPERT_BACKENDS`
+receives and returns (the legend and the rules are in :mod:`sparse_dit.moe.ops`).
+
+# T = tokens, R = rows, D = model dim, F = expert hidden, E = experts held here
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, NamedTuple, Optional
+
+import torch
+
+if TYPE_CHECKING:  # annotation only: fused_local imports this module
+    from sparse_dit.moe.ops.fused_local import BlockPlan
+
+__all__ = ["ExpertWeights", "ExpertRows", "ExpertBackend", "check_expert_weights", "expert_of_rows", "padded_bias"]
+
+
+class ExpertWeights(NamedTuple):
+    """Stacked expert weights, all in the input's dtype (the dtype rule, :mod:`sparse_dit.moe.ops`).
+
+    Attributes:
+        w1: [E, D, F]; w2: [E, F, D]; w3: [E, D, F] SwiGLU gate (``None`` for GELU);
+        b1: [E, F], b2: [E, D] GELU biases (``None`` for SwiGLU).
+    """
+
+    w1: torch.Tensor
+    w2: torch.Tensor
+    w3: Optional[torch.Tensor]
+    b1: Optional[torch.Tensor]
+    b2: Optional[torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ExpertRows:
+    """Which expert computes which row of ``x``: one of two layouts.
+
+    * **expert-sorted rows** (behind any dispatcher): ``x`` is (R, D) rows grouped by expert,
+      ``counts[e]`` rows for expert e, then a tail of rows no expert owns; the backend returns
+      (R, D) expert outputs in the same order (tail rows unspecified).
+    * **token space** (the single-process layer, ``plan`` set): ``x`` is the (T, D) tokens,
+      ``plan`` the route layout of :func:`sparse_dit.moe.ops.fused_local.plan_routes` and
+      ``weight`` each route's combine weight; the backend gathers, runs the experts and returns
+      the (T, D) weighted sums.
+
+    Attributes:
+        counts: (E,) int64 rows per expert on ``x``'s device (expert-sorted rows).
+        sizes: the same counts on the host when the caller already paid the sync, else ``None``.
+        plan: the token-space layout.
+        weight: combine weight of each route, in route order (token space); differentiable.
+    """
+
+    counts: Optional[torch.Tensor] = None
+    sizes: Optional[tuple[int, ...]] = None
+    plan: Optional["BlockPlan"] = None
+    weight: Optional[torch.Tensor] = None
+
+    @property
+    def token_space(self) -> bool:
+        return self.plan is not None
+
+    def host_sizes(self) -> tuple[int, ...]:
+        """Rows per expert on the host: ``sizes``, or one device-to-host sync of ``counts``."""
+        return tuple(self.sizes) if self.sizes is not None else tuple(self.counts.tolist())
+
+
+BackendFn = Callable[[torch.Tensor, ExpertRows, str, ExpertWeights], torch.Tensor]
+BackendRule = Callable[[torch.Tensor, int, int, bool], bool]
+BackendCheck = Callable[[torch.Tensor, int, int, bool], None]
+
+
+@dataclass(frozen=True)
+class ExpertBackend:
+    """One entry of :data:`sparse_dit.moe.ops.EXPERT_BACKENDS`.
+
+    Attributes:
+        run: ``run(x, rows, activation, weights) -> y`` (the contract in :mod:`sparse_dit.moe.ops`).
+        token_space: ``run`` takes token-space rows (it gathers and combines itself, so it needs
+            one process holding every expert) instead of expert-sorted rows.
+        auto: ``auto(x, dim, hidden, local)``: whether ``backend="auto"`` may pick it for this
+            input (the first such entry in table order wins); ``local``: the layer holds every
+            expert behind the plain local dispatcher.
+        check: ``check(x, dim, hidden, local)``: raise a clear error (naming the backend, the
+            reason and what to use instead) when the backend cannot run on ``x``.
+    """
+
+    run: BackendFn
+    token_space: bool
+    auto: BackendRule
+    check: BackendCheck
+
+
+def check_expert_weights(activation: str, dtype: torch.dtype, w1, w2, w3, b1, b2) -> None:
+    """The stacked expert weights an expert op needs for ``activation``, all in the input ``dtype``."""
+    if activation == "gelu_tanh" and (b1 is None or b2 is None):
+        raise ValueError("activation='gelu_tanh' needs biases b1 and b2")
+    if activation == "swiglu" and w3 is None:
+        raise ValueError("activation='swiglu' needs the gate weight w3")
+    if any(p is not None and p.dtype != dtype for p in (w1, w2, w3, b1, b2)):
+        raise ValueError(f"expert weights must have the input dtype {dtype}; cast the module (model.to(dtype))")
+
+
+def expert_of_rows(counts: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows,) expert index of each sorted row; rows past the total get index E (a padding row
+    of the bias table, so that unspecified tail rows never touch a real bias or its gradient).
+    No host sync: ``repeat_interleave`` with ``output_size``."""
+    E = counts.numel()
+    sizes = torch.cat([counts, (rows - counts.sum()).view(1)])
+    return torch.repeat_interleave(torch.arange(E + 1, device=counts.device), sizes, output_size=rows)
+
+
+def padded_bias(bias: torch.Tensor) -> torch.Tensor:
+    """[E, n] bias -> [E + 1, n] with a zero last row (for the tail rows of :func:`expert_of_rows`)."""
+    return torch.cat([bias, bias.new_zeros(1, bias.shape[1])])

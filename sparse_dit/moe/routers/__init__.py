@@ -1,0 +1,29 @@
+"""MoE routers: one class per routing rule, one table.
+
+Every router subclasses :class:`RouterBase` (the fp32 gate, scores, timestep conditioning and
+bias buffers), takes the same constructor arguments and returns a :class:`Routing` from
+``forward(x_BND, cond)``. A new rule is one file here plus one entry in :data:`ROUTERS`
+(docs/architecture.md, "Extension points: routers and expert backends");
+``model.moe.router`` names the entry.
+"""
+
+from sparse_dit.moe.routers.base import SCORE_FUNCS, RouterBase, Routing
+from sparse_dit.moe.routers.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from sparse_dit.moe.routers.token_choice import TokenChoiceRouter, capacity_drop
+
+__all__ = [
+    "ROUTERS",
+    "RouterBase",
+    "Routing",
+    "TokenChoiceRouter",
+    "ExpertChoiceRouter",
+    "capacity_drop",
+    "expert_choice_capacity",
+    "SCORE_FUNCS",
+]
+
+ROUTERS: dict[str, type[RouterBase]] = {
+    TokenChoiceRouter.kind: TokenChoiceRouter,
+    ExpertChoiceRouter.kind: ExpertChoiceRouter,
+}
+"""Routing rules by name (``model.moe.router``); the MoE layer builds ``ROUTERS[name](...)``."""

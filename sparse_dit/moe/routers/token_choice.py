@@ -1,0 +1,96 @@
+"""Token choice: each token takes its top-k experts (Switch, Mixtral, DeepSeek-V3).
+
+# T = tokens, E = experts, K = top-k
+
+Optional capacity dropping keeps at most ``ceil(cf * T * K / E)`` routes per expert, the ones
+with the highest scores; optional DeepSeek-V3 bias steers the selection only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from sparse_dit.moe.routers.base import RouterBase, Routing
+from sparse_dit.moe.stats import balance_loss
+
+__all__ = ["TokenChoiceRouter", "capacity_drop"]
+
+
+def capacity_drop(
+    expert_idx_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int, capacity: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep at most ``capacity`` routes per expert, the ones with the highest priority.
+
+    Batch-prioritised routing (Riquelme et al. 2021, V-MoE): when an expert is over capacity it
+    drops its lowest-scoring routes rather than the last tokens in sequence order, which for a
+    video has no meaning. Ties go to the earlier route (stable sorts).
+
+    Args:
+        expert_idx_TK: (T, K) int64 chosen experts.
+        priority_TK: (T, K) router scores of those choices (higher = kept first).
+        num_experts: E; dropped routes get the sentinel ``E``.
+        capacity: routes each expert keeps.
+
+    Returns:
+        (new expert_idx_TK with dropped routes set to E, (T, K) bool keep mask).
+    """
+    e = expert_idx_TK.reshape(-1)
+    by_priority = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)  # (R,)
+    regroup = torch.argsort(e.index_select(0, by_priority), stable=True)
+    order = by_priority.index_select(0, regroup)  # routes grouped by expert, best first
+    counts = torch.bincount(e, minlength=num_experts)
+    starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
+    e_sorted = e.index_select(0, order)
+    rank = torch.arange(e.numel(), device=e.device) - starts.index_select(0, e_sorted)  # rank within expert
+    keep = torch.empty_like(e, dtype=torch.bool)
+    keep[order] = rank < capacity
+    keep = keep.view_as(expert_idx_TK)
+    return torch.where(keep, expert_idx_TK, torch.full_like(expert_idx_TK, num_experts)), keep
+
+
+class TokenChoiceRouter(RouterBase):
+    """Each token takes its ``top_k`` highest-scoring experts; token-major (T, K) routes.
+
+    ``renormalize`` is ignored for ``top_k == 1``: the weight would be identically 1 and the
+    router would learn from the auxiliary losses only (Switch Transformer keeps the raw
+    probability for top-1). ``capacity_factor=None`` is dropless; a float drops the
+    lowest-scoring routes beyond ``ceil(cf * T * K / E)`` per expert. Trains with the Switch
+    balance loss; supports DeepSeek-V3 bias balancing. Other arguments: :class:`RouterBase`.
+    """
+
+    kind = "token_choice"
+    supports_bias_balancing = True
+
+    def __init__(self, dim: int, num_experts: int, top_k: int, **kwargs) -> None:
+        if top_k > num_experts:
+            raise ValueError(f"top_k={top_k} is out of range; allowed: 1..num_experts ({num_experts})")
+        super().__init__(dim, num_experts, top_k, **kwargs)
+
+    def route(self, scores: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, B: int, N: int) -> Routing:
+        T, E = scores.shape
+        K = self.top_k
+        if self.bias_balancing:
+            # The bias steers selection only; the weights stay the unbiased scores (DeepSeek-V3).
+            _, idx = torch.topk(scores + self.expert_bias, K, dim=-1)  # (T, K)
+            weight = scores.gather(1, idx)
+        else:
+            weight, idx = torch.topk(scores, K, dim=-1)  # (T, K)
+        priority = weight
+        if self.renormalize and K > 1:
+            weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-9)
+        counts = torch.bincount(idx.reshape(-1), minlength=E).float()  # (E,)
+        if self.bias_balancing and self.training:
+            self.balance_counts.add_(counts)
+        if self.capacity_factor is None:
+            return Routing(idx, weight, None, logits, probs, counts, counts.new_zeros(()), T * K, False)
+        capacity = max(1, math.ceil(self.capacity_factor * T * K / E))
+        idx, keep = capacity_drop(idx, priority.detach(), E, capacity)
+        num_dropped = (~keep).sum().float()
+        return Routing(idx, weight, None, logits, probs, counts, num_dropped, T * K, True)
+
+    def balance_loss(self, r: Routing) -> torch.Tensor:
+        """Switch load-balancing loss over the chosen routes (before capacity dropping)."""
+        return balance_loss(r.probs, r.counts, self.top_k)
