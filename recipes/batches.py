@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from sparse_dit.config import CONTEXT_TASKS, ConfigError, ContextConfig, RecipeConfig
+from sparse_dit.data.bucketing import BucketBatchSampler, make_buckets
 from sparse_dit.data.sources import DATA_SOURCES
+from sparse_dit.data.text import load_text_encoder
 
 __all__ = ["step_generator", "context_mask", "build_dataset", "BatchSource", "BucketSource", "bucket_shapes", "collate", "Conditioner"]
 
@@ -88,31 +90,11 @@ def context_mask(batch: int, frames: int, context: ContextConfig, generator: tor
         else:  # image_to_video (and interpolate on 2-frame clips)
             mask[b, 0] = True
     return mask
-    use = torch.rand(batch, generator=generator) < prob
-    modes = torch.randint(len(CONTEXT_MODES), (batch,), generator=generator)
-    ks = torch.randint(1, frames, (batch, 2), generator=generator)  # in [1, T-1]
-    for b in range(batch):
-        if not use[b]:
-            continue
-        mode, k = CONTEXT_MODES[int(modes[b])], int(ks[b, 0])
-        if mode == "predict":
-            mask[b, :k] = True
-        elif mode == "extend_backward":
-            mask[b, frames - k :] = True
-        elif mode == "interpolate" and frames >= 3:
-            k1 = max(1, min(k, frames - 2))
-            k2 = max(1, min(int(ks[b, 1]), frames - 1 - k1))
-            mask[b, :k1] = True
-            mask[b, frames - k2 :] = True
-        else:  # image_to_video (and interpolate on 2-frame clips)
-            mask[b, 0] = True
-    return mask
 
 
 def bucket_shapes(recipe: RecipeConfig) -> list[tuple[int, int, int]]:
     """The (T, H, W) buckets of ``data.bucket_resolutions`` x ``bucket_frame_counts`` x the
     default aspect ratios, with H and W multiples of 8 and of the spatial patch."""
-    from sparse_dit.data.bucketing import make_buckets
 
     d, (pt, ph, pw) = recipe.data, recipe.model.patch_size
     multiple = math.lcm(8, ph, pw)
@@ -211,7 +193,6 @@ class BucketSource(BatchSource):
     """
 
     def __init__(self, dataset: Dataset, token_budget: int, patch_size: tuple[int, int, int], accum: int, rank: int, world_size: int, seed: int) -> None:
-        from sparse_dit.data.bucketing import BucketBatchSampler
 
         self.dataset, self.accum, self.micro_batch = dataset, accum, None
         # drop_last: every rank gets the same number of full batches, so no collective waits
@@ -252,7 +233,6 @@ class Conditioner:
         self.num_classes = m.num_classes
         self.encoder = None
         if self.kind == "text":
-            from sparse_dit.data.text import load_text_encoder
 
             name = recipe.data.text_encoder
             self.encoder = load_text_encoder(name, dim=m.text_dim) if name in ("hash", "tiny") else load_text_encoder(name)

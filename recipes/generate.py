@@ -19,6 +19,13 @@ from typing import Optional
 
 import torch
 
+from sparse_dit.config import RecipeConfig
+from sparse_dit.diffusion import sample
+from sparse_dit.dit import SparseDiT
+from sparse_dit.recipes.batches import Conditioner, build_dataset
+from sparse_dit.schema import from_dict, load_yaml
+from sparse_dit.video_io import save_video, side_by_side, to_uint8
+
 __all__ = ["add_arguments", "run", "generate"]
 
 
@@ -61,12 +68,6 @@ def generate(model_dir: str | Path, out: str | Path, num_samples: int = 2, conte
     Returns:
         The written file.
     """
-    from sparse_dit.config import RecipeConfig
-    from sparse_dit.diffusion import sample
-    from sparse_dit.dit import SparseDiT
-    from sparse_dit.recipes.batches import Conditioner, build_dataset
-    from sparse_dit.schema import from_dict, load_yaml
-    from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
     model_dir = Path(model_dir)
     run_dir = model_dir if (model_dir / "final").is_dir() else model_dir.parent

@@ -12,8 +12,11 @@ import io
 from pathlib import Path
 from typing import Any, Optional
 
+import imageio.v3 as iio
 import numpy as np
 import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
 
 __all__ = ["gif_bytes", "add_gif", "add_expert_histogram", "open_writer"]
 
@@ -25,7 +28,6 @@ def gif_bytes(frames: np.ndarray, fps: float = 4.0) -> bytes:
         frames: uint8 frames.
         fps: playback rate.
     """
-    import imageio.v3 as iio
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
@@ -45,7 +47,6 @@ def add_gif(writer: Any, tag: str, frames: np.ndarray, step: int, fps: float = 4
         step: global step.
         fps: playback rate.
     """
-    from tensorboard.compat.proto.summary_pb2 import Summary
 
     T, H, W, C = frames.shape
     image = Summary.Image(height=H, width=W, colorspace=C, encoded_image_string=gif_bytes(frames, fps))
@@ -75,6 +76,5 @@ def add_expert_histogram(writer: Any, tag: str, tokens_per_expert: torch.Tensor,
 def open_writer(log_dir: str | Path, purge_step: Optional[int] = None) -> Any:
     """A ``SummaryWriter`` on ``log_dir``; ``purge_step`` drops events a crashed run wrote past
     the checkpoint it resumes from."""
-    from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(log_dir), purge_step=purge_step)

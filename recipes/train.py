@@ -25,26 +25,49 @@ From Python (same engine, a one-rank group when no launcher ran)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
+import deepspeed
 import torch
+import torch.distributed as dist
+import yaml
+from tqdm.auto import tqdm
 
 from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.diffusion import EMA, FlowMatching, drop_conditioning, sample
+from sparse_dit.dit import SparseDiT
+from sparse_dit.flops import count
+from sparse_dit.moe import summarize_aux, update_balance_biases
+from sparse_dit.parallel import (
+    batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
+    load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
+)
+from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
+from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
+from sparse_dit.recipes.tb import add_expert_histogram, add_gif, open_writer
 from sparse_dit.schema import to_dict
+from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
-__all__ = ["TrainingDiverged", "train", "add_arguments", "run", "main"]
+__all__ = [
+    "TrainingDiverged", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
+    "launch", "add_arguments", "run", "main",
+]
 
 # Order of the per-micro-step values all-reduced in one collective (mean over ranks).
 _REDUCED = ("loss", "mse", "moe/aux_loss", "moe/balance_loss", "moe/z_loss", "moe/max_violation", "moe/router_entropy", "moe/dropped_fraction",
             "samples", "tokens")
+
+Hooks = dict[str, Callable[..., Any]]
 
 
 class TrainingDiverged(RuntimeError):
@@ -57,14 +80,15 @@ def _rank0_print(rank: int, *args: Any) -> None:
 
 
 def _dtype(precision: str) -> torch.dtype:
+    """The dtype of the batches fed to the engine: the weights' dtype (fp32 under autocast)."""
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 class _Recorder:
     """Calls the engine and keeps the forward's :class:`~sparse_dit.dit.DiTAux` for logging."""
 
-    def __init__(self, engine: Any, config: Any) -> None:
-        self.engine, self.config, self.aux = engine, config, None
+    def __init__(self, engine: Any) -> None:
+        self.engine, self.aux = engine, None
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self.engine(*args, **kwargs)
@@ -72,25 +96,9 @@ class _Recorder:
         return out
 
 
-def _ema_update(ema: Any, model: torch.nn.Module, zero3: bool) -> None:
-    if zero3:  # parameters are partitioned: gather them (read-only) to average the full tensors
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            ema.update(model)
-    else:
-        ema.update(model)
-
-
-def _ema_init(model: torch.nn.Module, decay: float, zero3: bool) -> Any:
-    from sparse_dit.diffusion import EMA
-
-    if zero3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(model.parameters())):
-            return EMA(model, decay=decay)
-    return EMA(model, decay=decay)
+def _gathered(model: torch.nn.Module, zero3: bool) -> Any:
+    """ZeRO-3 partitions parameters: gather them (read-only) to see the full tensors."""
+    return deepspeed.zero.GatheredParameters(list(model.parameters())) if zero3 else contextlib.nullcontext()
 
 
 def _plain_grad_norm(model: torch.nn.Module) -> float | None:
@@ -115,89 +123,118 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
     path.write_text("".join(r + "\n" for r in rows))
 
 
-def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] = None) -> dict:
-    """Train ``recipe``; resumes from ``output_dir/checkpoints/latest`` when it exists.
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
-    Works in one process (a one-rank gloo/nccl group is created) and under any launcher.
+
+# --------------------------------------------------------------------------------------------
+# 1. Building: process group, model, engine, data, resume
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainRun:
+    """Everything one training run holds between steps (built by :func:`build_run`)."""
+
+    recipe: RecipeConfig
+    rank: int
+    world: int
+    micro: int  # micro-batch per rank
+    accum: int  # gradient accumulation steps
+    precision: str  # resolved parallel.precision
+    dtype: torch.dtype  # dtype of the batches fed to the engine
+    engine: Any  # deepspeed.DeepSpeedEngine
+    ema: EMA
+    fm: FlowMatching
+    cond: Conditioner
+    source: BatchSource
+    macs: dict  # sparse_dit.flops.count of one training sample
+    ep: Any  # expert-parallel info from setup_expert_parallel
+    start_step: int
+    end_step: int
+    last_tag: Optional[str]  # newest checkpoint written or resumed
+    writer: Any  # TensorBoard writer on rank 0, else None
+    losses: list[float] = field(default_factory=list)
+    step_times: list[float] = field(default_factory=list)
+    step_samples: list[tuple[float, float]] = field(default_factory=list)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.engine.module
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.recipe.output_dir)
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    @property
+    def zero3(self) -> bool:
+        return self.recipe.parallel.zero_stage == 3
+
+
+def _check_resume(recipe: RecipeConfig, out_dir: Path) -> None:
+    """A checkpoint in ``output_dir`` must hold this model (a reused output_dir is the usual mistake)."""
+    saved = out_dir / "recipe.yaml"
+    if not ((out_dir / "checkpoints" / "latest").is_file() and saved.is_file()):
+        return
+    before = (yaml.safe_load(saved.read_text()) or {}).get("model")
+    now = to_dict(recipe.model)
+    if before != now:
+        diff = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+        raise ConfigError(
+            f"output_dir={str(out_dir)!r} holds checkpoints of a different model (model.{diff[0] if diff else '?'} differs); "
+            "use a new output_dir, or the recipe that wrote it to resume"
+        )
+
+
+def build_run(recipe: RecipeConfig) -> TrainRun:
+    """Create (or join) the process group, build model, engine, EMA and data, and resume from
+    ``output_dir/checkpoints/latest`` when it exists.
 
     Args:
         recipe: the validated recipe.
-        hooks: optional callbacks for tests and tools: ``before_step(engine, step)`` after the
-            last backward of a step (gradients reduced) and before the optimizer step;
-            ``after_step(engine, step, metrics)``; ``at_end(engine, ema, info)`` before export.
-
-    Returns:
-        A summary dict: ``steps``, ``start_step``, ``first_loss``, ``last_loss``,
-        ``samples_per_s``, ``tokens_per_s``, ``final_dir``, ``output_dir``, ``world_size``.
 
     Raises:
-        TrainingDiverged: on a NaN/inf loss (the last good checkpoint is kept).
-        ConfigError: for settings that cannot work (named field and value).
+        ConfigError: settings that cannot work on this many ranks, or a checkpoint of another model.
     """
-    import torch.distributed as dist
-    from tqdm.auto import tqdm
-
-    from sparse_dit.diffusion import FlowMatching, drop_conditioning
-    from sparse_dit.dit import SparseDiT
-    from sparse_dit.flops import count
-    from sparse_dit.moe import summarize_aux, update_balance_biases
-    from sparse_dit.parallel import (
-        batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
-        load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
-    )
-    from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
-    from sparse_dit.recipes.tb import add_expert_histogram, open_writer
-
-    hooks = hooks or {}
     rank, world = init_distributed()
     check_parallel_config(recipe, world)
     micro, accum, G = batch_layout(recipe, world)
     tc, par = recipe.train, recipe.parallel
     precision = resolve_precision(par.precision)
     dtype = _dtype(precision)
-    zero3 = par.zero_stage == 3
     out_dir = Path(recipe.output_dir)
-    ckpt_root = out_dir / "checkpoints"
-    metrics_path = out_dir / "metrics.jsonl"
-    import yaml
-
-    saved_recipe = out_dir / "recipe.yaml"
-    if (ckpt_root / "latest").is_file() and saved_recipe.is_file():
-        # Resuming: the checkpoint must hold this model (a reused output_dir is the usual mistake)
-        before = (yaml.safe_load(saved_recipe.read_text()) or {}).get("model")
-        if before != to_dict(recipe.model):
-            diff = sorted(k for k in set(before or {}) | set(to_dict(recipe.model)) if (before or {}).get(k) != to_dict(recipe.model).get(k))
-            raise ConfigError(
-                f"output_dir={str(out_dir)!r} holds checkpoints of a different model (model.{diff[0] if diff else '?'} differs); "
-                "use a new output_dir, or the recipe that wrote it to resume"
-            )
+    _check_resume(recipe, out_dir)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        saved_recipe.write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        _atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
-    # 1. Model: same initialisation on every rank, then experts sharded over the EP group
+    # Model: the same initialisation on every rank, then experts sharded over the EP group
     torch.manual_seed(tc.seed)
     model = SparseDiT(recipe.model)
     ep = setup_expert_parallel(model, par.ep_size)
-    engine, ds_config = build_engine(model, recipe, world)
+    engine, _ = build_engine(model, recipe, world)
     model = engine.module
-    device = engine.device
-    ema = _ema_init(model, tc.ema_decay, zero3)
-    fm = FlowMatching(recipe.diffusion)
-    cond = Conditioner(recipe, device, dtype)
-    null_class = model.y_embedder.null_class if model.y_embedder is not None else None
+    with _gathered(model, par.zero_stage == 3):
+        ema = EMA(model, decay=tc.ema_decay)
+    cond = Conditioner(recipe, engine.device, dtype)
 
-    # 2. Data: every rank is a data-parallel rank (EP shards experts, not the batch)
+    # Data: every rank is a data-parallel rank (EP shards experts, not the batch)
     dataset = build_dataset(recipe)
     if recipe.data.token_budget is not None:  # any-size: one bucket shape per micro-batch
-        source = BucketSource(dataset, recipe.data.token_budget, recipe.model.patch_size, accum, rank, world, tc.seed)
+        source: BatchSource = BucketSource(dataset, recipe.data.token_budget, recipe.model.patch_size, accum, rank, world, tc.seed)
     else:
         source = BatchSource(dataset, micro, accum, rank, world, tc.seed)
-    sample0 = dataset[0]["video"]
-    C, T, H, W = sample0.shape
+    C, T, H, W = dataset[0]["video"].shape
     macs = count(recipe.model, (C, T, H, W), text_len=getattr(cond.encoder, "max_length", 0) if cond.encoder else 0)
 
-    # 3. Resume
+    # Resume
+    ckpt_root = out_dir / "checkpoints"
     start_step = 0
     tag = latest_tag(ckpt_root) if ckpt_root.exists() else None
     if tag is not None:
@@ -206,132 +243,234 @@ def train(recipe: RecipeConfig, hooks: Optional[dict[str, Callable[..., Any]]] =
         ema.load_state_dict(state["ema"])
         _rank0_print(rank, f"resumed from {ckpt_root / tag} at step {start_step}")
     if rank == 0:
-        _truncate_metrics(metrics_path, start_step)
+        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
     writer = open_writer(out_dir / "tensorboard", purge_step=start_step + 1 if start_step else None) if rank == 0 else None
     _rank0_print(
         rank,
         f"training {recipe.preset or 'model'}: {macs['total_params'] / 1e6:.2f}M params ({macs['active_params'] / 1e6:.2f}M active), "
         f"{world} rank(s), ZeRO-{par.zero_stage}, EP={par.ep_size}, {precision}, global batch {G} = {micro} x {accum} accum x {world}",
     )
-
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
-    losses: list[float] = []
-    step_times: list[float] = []
-    step_samples: list[tuple[float, float]] = []
-    last_tag = tag
-    engine.train()
-    bar = tqdm(range(start_step, end_step), initial=start_step, total=tc.max_steps, desc="train", unit="step", disable=rank != 0)
-    batches = source.loader(start_step, end_step, recipe.data.num_workers)
-    for step in bar:
-        t0 = time.perf_counter()
-        lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
-        sums = torch.zeros(len(_REDUCED), dtype=torch.float64)
-        hist = None
-        for m in range(accum):
-            g = step_generator(tc.seed, step, m, rank)
-            batch = next(batches)
-            x0 = batch["video"].to(device=device, dtype=dtype)
-            kwargs = drop_conditioning(cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
-            ctx = context_mask(x0.shape[0], x0.shape[2], tc.context, g).to(device)
-            rec = _Recorder(engine, recipe.model)
-            n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
-            out = fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)
-            scalars, h = summarize_aux(rec.aux.moe if rec.aux is not None else [])
-            vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:-2]]
-            vals += [float(x0.shape[0]), float(x0.shape[0] * n_tok)]  # samples and tokens (summed below)
-            vals_t = torch.tensor(vals, dtype=torch.float64)
-            dist.all_reduce(vals_t)  # one collective: NaN check, global loss and MoE stats
-            vals_t /= world
-            if not torch.isfinite(vals_t[0]):
-                bar.close()
-                where = f"{ckpt_root / last_tag}" if last_tag else "none saved yet"
-                msg = (
-                    f"train/loss is {vals_t[0].item()} at step {step + 1} (micro-step {m}); stopping without saving. "
-                    f"Last good checkpoint: {where}. Lower train.lr, raise train.warmup_steps or use parallel.precision=fp32."
-                )
-                _rank0_print(rank, msg)
-                if writer is not None:
-                    writer.close()
-                raise TrainingDiverged(msg)
-            sums += vals_t
-            if h is not None:
-                hist = h if hist is None else hist + h
-            engine.backward(out["loss"])
-            if m == accum - 1:
-                if "before_step" in hooks:
-                    hooks["before_step"](engine, step)
-                pre_norm = _plain_grad_norm(model) if par.zero_stage == 0 else None
-            engine.step()
-        # after the optimizer step: grad norm, balance biases (counts summed over all ranks), EMA
-        gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
-        grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
-        update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
-        _ema_update(ema, model, zero3)
-        mean = (sums / accum).tolist()
-        metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
-        samples, tokens = sums[-2].item() * world, sums[-1].item() * world  # summed over micro-steps and ranks
-        dt = time.perf_counter() - t0
-        step_times.append(dt)
-        metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt, "tokens_per_s": tokens / dt})
-        step_samples.append((samples, tokens))
-        losses.append(metrics["loss"])
-        if hist is not None:
-            dist.all_reduce(hist)
-        if rank == 0:
-            _write_metrics(metrics_path, metrics)
-            writer.add_scalar("train/loss", metrics["loss"], step + 1)
-            if (step + 1) % tc.log_every == 0 or step + 1 == end_step:
-                writer.add_scalar("train/mse", metrics["mse"], step + 1)
-                writer.add_scalar("train/lr", lr, step + 1)
-                writer.add_scalar("train/grad_norm", grad_norm, step + 1)
-                writer.add_scalar("perf/samples_per_s", metrics["samples_per_s"], step + 1)
-                writer.add_scalar("perf/tokens_per_s", metrics["tokens_per_s"], step + 1)
-                if recipe.data.token_budget is None:  # one shape: analytic FLOPs per sample apply
-                    writer.add_scalar("perf/model_tflops", 3 * macs["macs"] * 2 * metrics["samples_per_s"] / 1e12, step + 1)
-                if hist is not None:
-                    for k in _REDUCED[2:-2]:
-                        writer.add_scalar(k, metrics[k], step + 1)
-                    add_expert_histogram(writer, "moe/tokens_per_expert", hist, step + 1)
-            bar.set_postfix(loss=f"{sum(losses[-10:]) / len(losses[-10:]):.4f}", lr=f"{lr:.2e}")
-        if "after_step" in hooks:
-            hooks["after_step"](engine, step, metrics)
-        if tc.sample_every and (step + 1) % tc.sample_every == 0:
-            _log_samples(engine, recipe, cond, writer, out_dir, step + 1, dtype)
-        done = step + 1 == end_step
-        if (step + 1) % tc.save_every == 0 or done:
-            last_tag = save_checkpoint(engine, ckpt_root, step + 1, {"ema": ema.state_dict()}, tc.keep_last)
-    bar.close()
+    return TrainRun(recipe=recipe, rank=rank, world=world, micro=micro, accum=accum, precision=precision, dtype=dtype, engine=engine,
+                    ema=ema, fm=FlowMatching(recipe.diffusion), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
+                    end_step=end_step, last_tag=tag, writer=writer)
 
-    info = {"ep": ep, "rank": rank, "world_size": world}
+
+# --------------------------------------------------------------------------------------------
+# 2. One optimizer step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepResult:
+    """What :func:`train_step` measured: the logged scalars and the per-layer expert loads."""
+
+    metrics: dict[str, float]
+    tokens_per_expert: Optional[torch.Tensor]  # (layers, E) summed over micro-steps and ranks; None for dense
+
+
+def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = None) -> StepResult:
+    """One optimizer step (``step`` is 0-based): ``run.accum`` micro-batches forward and backward,
+    the optimizer step, then balance biases and EMA.
+
+    Args:
+        run: from :func:`build_run`.
+        step: the optimizer step about to be taken.
+        batches: the iterator of micro-batches (``run.source.loader(...)``).
+        hooks: optional ``before_step(engine, step)``, called after the last backward (gradients
+            reduced) and before the optimizer step.
+
+    Raises:
+        TrainingDiverged: a non-finite loss on any rank; nothing of this step is applied.
+    """
+    hooks = hooks or {}
+    recipe, engine, model, tc = run.recipe, run.engine, run.model, run.recipe.train
+    t0 = time.perf_counter()
+    lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
+    null_class = model.y_embedder.null_class if model.y_embedder is not None else None
+    sums = torch.zeros(len(_REDUCED), dtype=torch.float64)
+    hist = None
+    pre_norm = None
+    for m in range(run.accum):
+        g = step_generator(tc.seed, step, m, run.rank)
+        batch = next(batches)
+        x0 = batch["video"].to(device=engine.device, dtype=run.dtype)
+        kwargs = drop_conditioning(run.cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
+        ctx = context_mask(x0.shape[0], x0.shape[2], tc.context, g).to(engine.device)
+        rec = _Recorder(engine)
+        n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
+        out = run.fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)
+        scalars, h = summarize_aux(rec.aux.moe if rec.aux is not None else [])
+        vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:-2]]
+        vals += [float(x0.shape[0]), float(x0.shape[0] * n_tok)]  # samples and tokens (summed below)
+        vals_t = torch.tensor(vals, dtype=torch.float64)
+        dist.all_reduce(vals_t)  # one collective: NaN check, global loss and MoE stats
+        vals_t /= run.world
+        if not torch.isfinite(vals_t[0]):
+            where = f"{run.ckpt_root / run.last_tag}" if run.last_tag else "none saved yet"
+            raise TrainingDiverged(
+                f"train/loss is {vals_t[0].item()} at step {step + 1} (micro-step {m}); stopping without saving. "
+                f"Last good checkpoint: {where}. Lower train.lr, raise train.warmup_steps or use parallel.precision=fp32."
+            )
+        sums += vals_t
+        if h is not None:
+            hist = h if hist is None else hist + h
+        engine.backward(out["loss"])
+        if m == run.accum - 1:
+            if "before_step" in hooks:
+                hooks["before_step"](engine, step)
+            pre_norm = _plain_grad_norm(model) if recipe.parallel.zero_stage == 0 else None
+        engine.step()
+    # after the optimizer step: grad norm, balance biases (counts summed over all ranks), EMA
+    gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
+    grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
+    update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
+    with _gathered(model, run.zero3):
+        run.ema.update(model)
+    if hist is not None:
+        dist.all_reduce(hist)
+    mean = (sums / run.accum).tolist()
+    metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
+    samples, tokens = sums[-2].item() * run.world, sums[-1].item() * run.world  # summed over micro-steps and ranks
+    dt = time.perf_counter() - t0
+    run.step_times.append(dt)
+    run.step_samples.append((samples, tokens))
+    run.losses.append(metrics["loss"])
+    metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt,
+                    "tokens_per_s": tokens / dt})
+    return StepResult(metrics, hist)
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Logging and checkpointing
+# --------------------------------------------------------------------------------------------
+
+
+def log_step(run: TrainRun, result: StepResult) -> None:
+    """Rank 0: append the step's row to ``metrics.jsonl`` and, every ``train.log_every`` steps
+    (and at the last step), write the TensorBoard scalars and per-layer expert loads."""
+    if run.rank != 0:
+        return
+    metrics, step = result.metrics, int(result.metrics["step"])
+    _write_metrics(run.out_dir / "metrics.jsonl", metrics)
+    w = run.writer
+    w.add_scalar("train/loss", metrics["loss"], step)
+    if step % run.recipe.train.log_every and step != run.end_step:
+        return
+    w.add_scalar("train/mse", metrics["mse"], step)
+    w.add_scalar("train/lr", metrics["lr"], step)
+    w.add_scalar("train/grad_norm", metrics["grad_norm"], step)
+    w.add_scalar("perf/samples_per_s", metrics["samples_per_s"], step)
+    w.add_scalar("perf/tokens_per_s", metrics["tokens_per_s"], step)
+    if run.recipe.data.token_budget is None:  # one shape: analytic FLOPs per sample apply
+        w.add_scalar("perf/model_tflops", 3 * run.macs["macs"] * 2 * metrics["samples_per_s"] / 1e12, step)
+    if result.tokens_per_expert is not None:
+        for k in _REDUCED[2:-2]:
+            w.add_scalar(k, metrics[k], step)
+        add_expert_histogram(w, "moe/tokens_per_expert", result.tokens_per_expert, step)
+
+
+def maybe_save(run: TrainRun, step: int) -> Optional[str]:
+    """After 0-based ``step``: write a checkpoint every ``train.save_every`` steps and at the end
+    of this invocation; returns the tag written, or None."""
+    n = step + 1
+    if n % run.recipe.train.save_every and n != run.end_step:
+        return None
+    run.last_tag = save_checkpoint(run.engine, run.ckpt_root, n, {"ema": run.ema.state_dict()}, run.recipe.train.keep_last)
+    return run.last_tag
+
+
+def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
+    """After the last step: ``at_end`` hook, export the EMA weights to ``output_dir/final`` when
+    the schedule is complete, write ``output_dir/summary.json`` (rank 0) and return the summary.
+
+    The summary: ``steps``, ``start_step``, ``batch_size``, ``train_seconds`` (this invocation),
+    ``first_loss``/``last_loss`` (first and last step of this invocation), ``final_loss`` (mean of
+    its last 50 steps), ``samples_per_s``/``tokens_per_s`` (without the warm-up step),
+    ``final_dir``, ``output_dir``, ``world_size``, ``checkpoint``.
+    """
+    hooks = hooks or {}
     if "at_end" in hooks:
-        hooks["at_end"](engine, ema, info)
+        hooks["at_end"](run.engine, run.ema, {"ep": run.ep, "rank": run.rank, "world_size": run.world})
     final_dir = None
-    if end_step == tc.max_steps:
-        export_final(model, ema.shadow, par.ep_size, out_dir / "final")
-        final_dir = str(out_dir / "final")
-        _rank0_print(rank, f"exported EMA weights to {final_dir}")
-    if writer is not None:
-        writer.close()
-    skip = 1 if len(step_times) > 1 else 0  # the first step pays warm-up costs
-    secs = sum(step_times[skip:])
-    sps = sum(s for s, _ in step_samples[skip:]) / secs if secs else float("nan")
-    tps = sum(t for _, t in step_samples[skip:]) / secs if secs else float("nan")
-    return {
-        "steps": end_step, "start_step": start_step, "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None, "samples_per_s": sps, "tokens_per_s": tps,
-        "final_dir": final_dir, "output_dir": str(out_dir), "world_size": world, "checkpoint": last_tag,
+    if run.end_step == run.recipe.train.max_steps:
+        export_final(run.model, run.ema.shadow, run.recipe.parallel.ep_size, run.out_dir / "final")
+        final_dir = str(run.out_dir / "final")
+        _rank0_print(run.rank, f"exported EMA weights to {final_dir}")
+    if run.writer is not None:
+        run.writer.close()
+    skip = 1 if len(run.step_times) > 1 else 0  # the first step pays warm-up costs
+    secs = sum(run.step_times[skip:])
+    losses = run.losses
+    summary = {
+        "steps": run.end_step, "start_step": run.start_step, "batch_size": run.recipe.train.global_batch_size,
+        "train_seconds": round(sum(run.step_times), 2),
+        "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+        "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
+        "samples_per_s": sum(s for s, _ in run.step_samples[skip:]) / secs if secs else float("nan"),
+        "tokens_per_s": sum(t for _, t in run.step_samples[skip:]) / secs if secs else float("nan"),
+        "final_dir": final_dir, "output_dir": str(run.out_dir), "world_size": run.world, "checkpoint": run.last_tag,
     }
+    if run.rank == 0:
+        _atomic_write(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None) -> dict:
+    """Train ``recipe``; resumes from ``output_dir/checkpoints/latest`` when it exists.
+
+    Works in one process (a one-rank gloo/nccl group is created) and under any launcher. The
+    pieces (:func:`build_run`, :func:`train_step`, :func:`log_step`, :func:`maybe_save`,
+    :func:`finish`) can be called on their own.
+
+    Args:
+        recipe: the validated recipe.
+        hooks: optional callbacks for tests and tools: ``before_step(engine, step)`` after the
+            last backward of a step (gradients reduced) and before the optimizer step;
+            ``after_step(engine, step, metrics)``; ``at_end(engine, ema, info)`` before export.
+
+    Returns:
+        The summary of :func:`finish` (also written to ``output_dir/summary.json``).
+
+    Raises:
+        TrainingDiverged: on a NaN/inf loss (the last good checkpoint is kept).
+        ConfigError: for settings that cannot work (named field and value).
+    """
+    hooks = hooks or {}
+    run = build_run(recipe)
+    tc = recipe.train
+    run.engine.train()
+    bar = tqdm(range(run.start_step, run.end_step), initial=run.start_step, total=tc.max_steps, desc="train", unit="step",
+               disable=run.rank != 0, dynamic_ncols=True)
+    batches = run.source.loader(run.start_step, run.end_step, recipe.data.num_workers)
+    try:
+        for step in bar:
+            try:
+                result = train_step(run, step, batches, hooks)
+            except TrainingDiverged as exc:
+                bar.close()
+                _rank0_print(run.rank, str(exc))
+                if run.writer is not None:
+                    run.writer.close()
+                raise
+            log_step(run, result)
+            if run.rank == 0:
+                recent = run.losses[-10:]
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{result.metrics['lr']:.2e}")
+            if "after_step" in hooks:
+                hooks["after_step"](run.engine, step, result.metrics)
+            if tc.sample_every and (step + 1) % tc.sample_every == 0:
+                _log_samples(run.engine, recipe, run.cond, run.writer, run.out_dir, step + 1, run.dtype)
+            maybe_save(run, step)
+    finally:
+        bar.close()
+    return finish(run, hooks)
 
 
 @torch.no_grad()
 def _log_samples(engine: Any, recipe: RecipeConfig, cond: Any, writer: Any, out_dir: Path, step: int, dtype: torch.dtype) -> None:
     """Predict held-out clips from their first 2 frames with the live weights; every rank runs
     the sampler (expert-parallel layers need all ranks), rank 0 writes GIF + TensorBoard image."""
-    from sparse_dit.diffusion import resolution_shift, sample
-    from sparse_dit.recipes.batches import build_dataset
-    from sparse_dit.recipes.tb import add_gif
-    from sparse_dit.video_io import save_video, side_by_side, to_uint8
-
     model = engine.module
     held = build_dataset(recipe, held_out=True)
     n = min(2, len(held))
@@ -372,18 +511,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
 
 
-def _launch(args: argparse.Namespace) -> int:
-    """Re-run this module under the deepspeed launcher with ``--num_gpus N`` (CPU ranks on CPU)."""
-    from sparse_dit.parallel.engine import free_port
+def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2, master_port: Optional[int] = None) -> int:
+    """Run ``recipe`` on ``num_procs`` ranks of this machine through the deepspeed launcher
+    (``--num_gpus N``: CPU ranks on a CPU machine); returns the launcher's exit code.
 
-    port = args.master_port or free_port()
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.num_procs), "--master_port", str(port),
-           "--no_local_rank", "--module", "sparse_dit.recipes.train", args.recipe]
-    if args.overrides:
-        cmd += ["--set", *args.overrides]
-    env = dict(os.environ)
+    Args:
+        recipe: recipe YAML path.
+        overrides: ``--set`` overrides.
+        num_procs: ranks.
+        master_port: rendezvous port (default: a free one).
+    """
+    port = master_port or free_port()
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port", str(port),
+           "--no_local_rank", "--module", "sparse_dit.recipes.train", str(recipe)]
+    if overrides:
+        cmd += ["--set", *overrides]
     print("launching:", " ".join(cmd[2:]).replace("deepspeed.launcher.runner", "deepspeed", 1), flush=True)
-    return subprocess.call(cmd, env=env)
+    return subprocess.call(cmd, env=dict(os.environ))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -397,14 +541,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"sparse-dit train: --num-procs={args.num_procs} must be >= 1", file=sys.stderr)
         return 2
     if args.num_procs > 1 and "RANK" not in os.environ:
-        from sparse_dit.parallel import check_parallel_config
-
         try:  # fail before spawning ranks
             check_parallel_config(recipe, args.num_procs)
         except ConfigError as exc:
             print(f"sparse-dit train: {exc}", file=sys.stderr)
             return 2
-        return _launch(args)
+        return launch(args.recipe, args.overrides, args.num_procs, args.master_port)
     try:
         summary = train(recipe)
     except (ConfigError, TrainingDiverged) as exc:

@@ -29,7 +29,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("sparse_dit.evals.cli", "evaluate runs: quality, inference cost, dense-vs-sparse reports"),
     "flops": ("sparse_dit.flops_cli", "analytic params and forward MACs of a preset or config"),
     "bench": ("sparse_dit.bench", "run the performance benchmarks"),
-    "quickstart": ("sparse_dit.quickstart", "end-to-end demo: data, train, sample, report"),
+    "quickstart": ("sparse_dit.recipes.quickstart", "end-to-end demo: data, train both models, evaluate, report"),
 }
 
 
