@@ -155,6 +155,7 @@ class TrainRun:
     start_step: int
     end_step: int
     last_tag: Optional[str]  # newest checkpoint written or resumed
+    done_steps: int  # optimizer steps completed so far (start_step before the first)
     writer: Any  # TensorBoard writer on rank 0, else None
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
@@ -253,7 +254,7 @@ def build_run(recipe: RecipeConfig) -> TrainRun:
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
     return TrainRun(recipe=recipe, rank=rank, world=world, micro=micro, accum=accum, precision=precision, dtype=dtype, engine=engine,
                     ema=ema, fm=FlowMatching(recipe.diffusion), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
-                    end_step=end_step, last_tag=tag, writer=writer)
+                    end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,7 +267,7 @@ class StepResult:
     """What :func:`train_step` measured: the logged scalars and the per-layer expert loads."""
 
     metrics: dict[str, float]
-    tokens_per_expert: Optional[torch.Tensor]  # (layers, E) summed over micro-steps and ranks; None for dense
+    tokens_per_expert: Optional[torch.Tensor]  # (E,) summed over layers, micro-steps and ranks; None for dense
 
 
 def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = None) -> StepResult:
@@ -336,6 +337,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     run.step_times.append(dt)
     run.step_samples.append((samples, tokens))
     run.losses.append(metrics["loss"])
+    run.done_steps = step + 1
     metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt,
                     "tokens_per_s": tokens / dt})
     return StepResult(metrics, hist)
@@ -382,7 +384,7 @@ def maybe_save(run: TrainRun, step: int) -> Optional[str]:
 
 def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     """After the last step: ``at_end`` hook, export the EMA weights to ``output_dir/final`` when
-    the schedule is complete, write ``output_dir/summary.json`` (rank 0) and return the summary.
+    the schedule is complete (``train.max_steps`` steps done), write ``output_dir/summary.json`` (rank 0) and return the summary.
 
     The summary: ``steps``, ``start_step``, ``batch_size``, ``train_seconds`` (this invocation),
     ``first_loss``/``last_loss`` (first and last step of this invocation), ``final_loss`` (mean of
@@ -393,7 +395,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     if "at_end" in hooks:
         hooks["at_end"](run.engine, run.ema, {"ep": run.ep, "rank": run.rank, "world_size": run.world})
     final_dir = None
-    if run.end_step == run.recipe.train.max_steps:
+    if run.done_steps == run.recipe.train.max_steps:
         export_final(run.model, run.ema.shadow, run.recipe.parallel.ep_size, run.out_dir / "final")
         final_dir = str(run.out_dir / "final")
         _rank0_print(run.rank, f"exported EMA weights to {final_dir}")
@@ -403,7 +405,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     secs = sum(run.step_times[skip:])
     losses = run.losses
     summary = {
-        "steps": run.end_step, "start_step": run.start_step, "batch_size": run.recipe.train.global_batch_size,
+        "steps": run.done_steps, "start_step": run.start_step, "batch_size": run.recipe.train.global_batch_size,
         "train_seconds": round(sum(run.step_times), 2),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
