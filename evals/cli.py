@@ -18,6 +18,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from sparse_dit.dit import SparseDiT
+from sparse_dit.evals.compare import compare, evaluate_run, load_run, load_split, physics_split
+from sparse_dit.evals.cost import cost_report
+from sparse_dit.evals.loss import heldout_loss
+from sparse_dit.evals.physics import score_baselines
+from sparse_dit.evals.report import _clean, write_report
+from sparse_dit.presets import preset_config
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -86,8 +96,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _splits(args: argparse.Namespace) -> list:
-    from sparse_dit.evals.compare import load_run, load_split, physics_split
-
     if args.data:
         out = []
         for item in args.data:
@@ -110,15 +118,11 @@ def _splits(args: argparse.Namespace) -> list:
 
 
 def _eval_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    import torch
-
     return {"num_inference_steps": args.steps, "sampler": args.sampler, "seed": args.seed, "batch_size": args.batch_size,
             "autocast_dtype": torch.bfloat16 if args.bf16 else None}
 
 
 def _print(obj: Any, as_json: bool) -> None:
-    from sparse_dit.evals.report import _clean
-
     if as_json:
         print(json.dumps(_clean(obj)))
     else:
@@ -128,9 +132,6 @@ def _print(obj: Any, as_json: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     cmd = args.eval_command
     if cmd == "compare":
-        from sparse_dit.evals.compare import compare
-        from sparse_dit.evals.report import write_report
-
         splits = _splits(args)
         report, videos = compare(args.runs, splits, context_frames=args.context_frames, latency_repeats=args.latency_repeats,
                                  cost_sizes=args.size, **_eval_kwargs(args))
@@ -143,9 +144,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"wrote {out}/report.md, report.json, plots, sample GIFs and tb/")
         return 0
     if cmd == "physics":
-        from sparse_dit.evals.compare import evaluate_run, load_run
-        from sparse_dit.evals.physics import score_baselines
-
         splits = _splits(args)
         result: dict[str, Any] = {"baselines": {s.name: score_baselines(s.videos, s.states, args.context_frames) for s in splits}}
         for d in args.runs:
@@ -155,11 +153,6 @@ def run(args: argparse.Namespace) -> int:
         _print(result, args.json)
         return 0
     if cmd == "cost":
-        from sparse_dit.dit import SparseDiT
-        from sparse_dit.presets import preset_config
-        from sparse_dit.evals.compare import load_run
-        from sparse_dit.evals.cost import cost_report
-
         model = load_run(args.model).model if Path(args.model).is_dir() else SparseDiT(preset_config(args.model)).eval()
         sizes = args.size or [(8, 32, 32)]
         rows = cost_report(model, sizes, num_inference_steps=args.steps, sampler=args.sampler, guidance_scale=args.guidance_scale,
@@ -167,9 +160,6 @@ def run(args: argparse.Namespace) -> int:
         _print(rows, args.json)
         return 0
     if cmd == "loss":
-        from sparse_dit.evals.compare import load_run
-        from sparse_dit.evals.loss import heldout_loss
-
         splits = _splits(args)
         result = {}
         for d in args.runs:

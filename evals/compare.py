@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.data import PhysicsVideoDataset, generate_physics_videos
+from sparse_dit.diffusion import sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
@@ -98,8 +100,6 @@ def physics_split(name: str, scenario: str, split: str, num_videos: int, frames:
         fps: frames per second.
         workers: generator processes.
     """
-    from sparse_dit.data import generate_physics_videos
-
     rows = generate_physics_videos(scenario, split, num_videos, frames, height, width, seed=seed, fps=fps, workers=workers)
     return EvalSplit(name, np.stack([r["video"] for r in rows]), [r["states"] for r in rows])
 
@@ -112,8 +112,6 @@ def load_split(name: str, path: str | Path, limit: int | None = None) -> EvalSpl
         path: the dataset directory.
         limit: use only the first ``limit`` videos.
     """
-    from sparse_dit.data import PhysicsVideoDataset
-
     ds = PhysicsVideoDataset(str(path))
     n = len(ds) if limit is None else min(len(ds), int(limit))
     if n < 1:
@@ -196,8 +194,6 @@ def generate_predictions(model: SparseDiT, split: EvalSplit, *, context_frames: 
     Returns:
         uint8 (N, T, H, W, 3) whose first ``context_frames`` frames are the given ones.
     """
-    from sparse_dit.diffusion import sample
-
     x = split.model_videos()
     N, C, T = x.shape[:3]
     if not 1 <= context_frames < T:

@@ -20,7 +20,14 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window (also on machines with a display)
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
+from torch.utils.tensorboard import SummaryWriter
+
+from sparse_dit.video_io import save_video, side_by_side
 
 __all__ = ["write_report", "write_json", "markdown", "plot_quality", "write_sample_gifs", "write_tensorboard", "REQUIRED_MODEL_KEYS"]
 
@@ -136,8 +143,6 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
 
 def _save(fig: Any, path: Path) -> Path:
     """Write a matplotlib figure (tight layout, 100 dpi), close it, return its path."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -151,11 +156,6 @@ def plot_quality(report: Mapping[str, Any], out: str | Path) -> list[Path]:
         report: the report.
         out: output folder.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out)
     models, base = report["models"], report["baselines"]
     names = list(models)
@@ -217,8 +217,6 @@ def write_sample_gifs(videos: Mapping[str, Mapping[str, np.ndarray]], out: str |
         fps: GIF frame rate.
         scale: nearest-neighbour upscaling.
     """
-    from sparse_dit.video_io import save_video, side_by_side
-
     paths = []
     for split, by_name in videos.items():
         names = list(by_name)
@@ -241,8 +239,6 @@ def write_tensorboard(report: Mapping[str, Any], out: str | Path) -> Path:
         report: the report.
         out: output folder.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
     root = Path(out) / "tb"
     keys = ("velocity_error", "position_error", "detection_rate", "psnr", "ssim", "val_loss", "latency_ms",
             "gmacs_per_sample", "gmacs_per_video", "total_params", "active_params", "train_flops")

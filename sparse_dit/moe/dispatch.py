@@ -54,7 +54,7 @@ weighting happens on the rank that owns the token, after ``_exchange_back``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 import torch
@@ -302,6 +302,4 @@ class LocalDispatcher:
 
 
 def _replace(meta: DispatchMeta, **changes: Any) -> DispatchMeta:
-    import dataclasses
-
-    return dataclasses.replace(meta, **changes)
+    return replace(meta, **changes)
