@@ -226,7 +226,10 @@ def build_run(recipe: RecipeConfig) -> TrainRun:
     cond = Conditioner(recipe, engine.device, dtype)
 
     # Data: every rank is a data-parallel rank (EP shards experts, not the batch)
-    dataset = build_dataset(recipe)
+    try:
+        dataset = build_dataset(recipe)
+    except (FileNotFoundError, ValueError) as exc:  # a missing or unreadable dataset: one line, no traceback
+        raise ConfigError(f"data.source={recipe.data.source!r} data.path={recipe.data.path!r}: {exc}") from exc
     if recipe.data.token_budget is not None:  # any-size: one bucket shape per micro-batch
         source: BatchSource = BucketSource(dataset, recipe.data.token_budget, recipe.model.patch_size, accum, rank, world, tc.seed)
     else:

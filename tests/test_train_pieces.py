@@ -174,6 +174,13 @@ def test_quickstart_moe_recipe_trains_under_expert_parallelism(tmp_path):
     assert saved["parallel"]["ep_size"] == 2 and saved["model"]["moe"]["num_experts"] == 4
 
 
+@pytest.mark.timeout(200)
+def test_missing_dataset_is_one_clear_line(tmp_path):
+    proc = cli(["train", str(QS_DENSE), "--set", f"data.path={tmp_path / 'nothing'}", f"output_dir={tmp_path / 'run'}"], timeout=180)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "data.path=" in proc.stderr and "sparse-dit data physics" in proc.stderr
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "pieces":
         _pieces_worker(Path(sys.argv[2]))
