@@ -26,6 +26,7 @@ writes ``final/config.json`` + ``final/model.safetensors``, loadable with
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -34,13 +35,20 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
 from torch import nn
 
 from sparse_dit.dit import SparseDiT
 from sparse_dit.moe import MoEFeedForward
 from sparse_dit.parallel.expert_parallel import gather_expert_tensor
 
-__all__ = ["CheckpointError", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict", "export_final"]
+__all__ = [
+    "CheckpointError", "SafeCheckpointEngine", "safe_load", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict",
+    "export_final",
+]
 
 _TAG = re.compile(r"^step_(\d{8})$")
 
@@ -49,15 +57,36 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (missing files, different world or EP size)."""
 
 
-def _atomic_text(path: Path, text: str) -> None:
+# The only classes DeepSpeed's ZeRO/bf16 optimizer files hold besides tensors and plain data
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-0..2, fp32/bf16 saves).
+# Each is a plain record: unpickling it sets attributes, it runs no code (issue 17).
+_DS_SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600 whatever the umask
+
+
+def _mkstemp(path: Path) -> tuple[int, str]:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, _FILE_MODE)
+    return fd, tmp
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    fd, tmp = _mkstemp(path)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
     os.replace(tmp, path)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _mkstemp(path)
     os.close(fd)
     try:
         torch.save(obj, tmp)
@@ -66,6 +95,37 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def safe_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load`` that never runs code: tensors, plain data and DeepSpeed's few record classes only.
+
+    Args:
+        path: a ``.pt`` file of a checkpoint.
+        map_location: as for ``torch.load``.
+
+    Raises:
+        CheckpointError: the file holds anything else (a planted pickle payload, say), naming the file.
+    """
+    try:
+        with torch.serialization.safe_globals(_DS_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        why = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "Unsupported" in line), "")
+        raise CheckpointError(
+            f"{path} holds objects other than tensors and plain data ({why or 'not a weights-only pickle'}); "
+            "refusing to load it: unpickling it could run code. Use checkpoints you wrote, or start a new output_dir"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise CheckpointError(f"{path} cannot be read ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    """DeepSpeed's torch checkpoint engine with a weights-only :meth:`load` (DeepSpeed's own
+    unpickles with ``weights_only=False``: a run folder's ``.pt`` files could run code)."""
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return safe_load(path, map_location)
 
 
 def latest_tag(root: str | os.PathLike) -> Optional[str]:
@@ -138,9 +198,14 @@ def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> dict:
             f"{path} is missing: checkpoint {root / tag} was written by {saved} rank(s), this run has {world}. "
             "Resume with the same number of ranks and parallel.ep_size, or start a new output_dir"
         )
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("world_size") != world:
-        raise CheckpointError(f"checkpoint {root / tag} was written by {state.get('world_size')} ranks, this run has {world}")
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("world_size") != world:
+        saved = state.get("world_size") if isinstance(state, dict) else None
+        raise CheckpointError(f"checkpoint {root / tag} was written by {saved} ranks, this run has {world}")
+    if type(engine.checkpoint_engine) is TorchCheckpointEngine:  # every DeepSpeed load goes through it
+        engine.checkpoint_engine = SafeCheckpointEngine(engine._config)
+    elif not isinstance(engine.checkpoint_engine, SafeCheckpointEngine):
+        raise CheckpointError(f"checkpoint engine {type(engine.checkpoint_engine).__name__} is not supported: only the torch engine loads safely")
     load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {root / tag}")

@@ -48,7 +48,7 @@ from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
 from sparse_dit.moe import summarize_aux, update_balance_biases
 from sparse_dit.parallel import (
-    batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
+    CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
     load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
 )
 from sparse_dit.parallel.engine import free_port
@@ -488,8 +488,9 @@ def _log_samples(engine: Any, recipe: RecipeConfig, cond: Any, writer: Any, out_
     ctx[:, : min(2, videos.shape[2] - 1)] = True
     was_training = model.training
     model.eval()
-    pred = sample(model, tuple(videos.shape), cond(batch), num_inference_steps=recipe.diffusion.num_inference_steps,
-                  sampler=recipe.diffusion.sampler, shift=1.0, generator=torch.Generator().manual_seed(recipe.train.seed),
+    # the recipe's steps, sampler, guidance and the shift training used (issue 13)
+    pred = sample(model, tuple(videos.shape), cond(batch), **FlowMatching(recipe.diffusion).sampling_kwargs(tuple(videos.shape), model.config.patch_size),
+                  generator=torch.Generator().manual_seed(recipe.train.seed),
                   context=videos, context_mask=ctx, device=videos.device, dtype=dtype)
     model.train(was_training)
     if writer is None:
@@ -554,9 +555,9 @@ def run(args: argparse.Namespace) -> int:
         return launch(args.recipe, args.overrides, args.num_procs, args.master_port)
     try:
         summary = train(recipe)
-    except (ConfigError, TrainingDiverged) as exc:
+    except (ConfigError, CheckpointError, TrainingDiverged) as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 3
+        return 3 if isinstance(exc, TrainingDiverged) else 2
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "world_size"}, default=str))
     return 0

@@ -1,0 +1,106 @@
+"""Issue 17: nothing in a run folder runs code, no poisoned checkpoint, crash-safe side files,
+every bad input one clear line.
+
+The trainer runs as ``sparse-dit train`` (one process, one rank) on the tiny MoE recipe cut to
+two samples per step; each test starts as few processes as it can.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from _launch import TINY_MOE, cli, launch
+
+FAST = ["train.global_batch_size=2", "data.num_videos=16", "train.save_every=2", "train.log_every=1"]
+
+
+class _Payload:
+    """Unpickling this runs ``touch MARKER`` (what a planted pickle payload does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _train(out: Path, *overrides: str, timeout: float = 200):
+    return cli(["train", TINY_MOE, "--set", *FAST, f"output_dir={out}", *overrides], timeout=timeout)
+
+
+def _one_line(proc) -> str:
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("sparse-dit")]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    return lines[0]
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Loading never unpickles arbitrary objects
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(400)
+def test_planted_pickle_payloads_are_refused_and_never_run(tmp_path):
+    out = tmp_path / "run"
+    proc = _train(out, "train.max_steps=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    step = out / "checkpoints" / "step_00000002"
+    targets = [step / "trainer_rank00000.pt", step / "mp_rank_00_model_states.pt", next(step.glob("*optim_states.pt"))]
+    # the payload is real: an ordinary torch.load runs it
+    marker = tmp_path / "ran"
+    torch.save({"x": _Payload(marker)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert marker.exists()
+    marker.unlink()
+    for target in targets:
+        good = target.read_bytes()
+        state = torch.load(target, map_location="cpu", weights_only=False)  # ours: a dict, planted next to real tensors
+        state["planted"] = _Payload(marker)
+        torch.save(state, target)
+        proc = _train(out, "train.max_steps=4")
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = _one_line(proc)
+        assert str(target) in line and "refusing to load" in line and "posix.system" in line, line
+        assert not marker.exists(), f"the payload in {target.name} ran"
+        target.write_bytes(good)
+    # the untouched checkpoint still resumes (DeepSpeed's optimizer records load weights-only)
+    proc = _train(out, "train.max_steps=4")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert not marker.exists()
+    # files written through mkstemp follow the umask like any other file (not 0600)
+    mode = stat.S_IMODE((out / "checkpoints" / "latest").stat().st_mode)
+    want = 0o666 & ~_umask()
+    assert mode == want and stat.S_IMODE((out / "checkpoints" / "step_00000004" / "trainer_rank00000.pt").stat().st_mode) == want
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_safe_load_names_the_file_for_garbage_and_keeps_plain_state(tmp_path):
+    from sparse_dit.parallel import CheckpointError
+    from sparse_dit.parallel.checkpoint import safe_load
+
+    (tmp_path / "plain.pt").write_bytes(b"")
+    torch.save({"ema": {"w": torch.ones(2)}, "step": 3, "world_size": 1}, tmp_path / "ok.pt")
+    assert safe_load(tmp_path / "ok.pt")["step"] == 3
+    with pytest.raises(CheckpointError, match="plain.pt cannot be read"):
+        safe_load(tmp_path / "plain.pt")
+    (tmp_path / "raw.pkl").write_bytes(pickle.dumps(_Payload(tmp_path / "ran")))
+    with pytest.raises(CheckpointError, match="raw.pkl"):
+        safe_load(tmp_path / "raw.pkl")
+    assert not (tmp_path / "ran").exists()
