@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from sparse_dit.config import RecipeConfig
-from sparse_dit.diffusion import sample
+from sparse_dit.diffusion import FlowMatching, sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.recipes.batches import Conditioner, build_dataset
 from sparse_dit.schema import from_dict, load_yaml
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
     parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the recipe's)")
+    parser.add_argument("--shift", type=float, default=None, help="timestep shift of the sampling grid (default: the one training used)")
+    parser.add_argument("--sampler", default=None, choices=("euler", "heun"), help="ODE sampler (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fps", type=float, default=4.0)
 
@@ -49,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def generate(model_dir: str | Path, out: str | Path, num_samples: int = 2, context_frames: int = 0, prompt: Optional[str] = None,
              class_label: Optional[int] = None, frames: Optional[int] = None, height: Optional[int] = None,
              width: Optional[int] = None, steps: Optional[int] = None, guidance: Optional[float] = None,
-             seed: int = 0, fps: float = 4.0) -> Path:
+             seed: int = 0, fps: float = 4.0, shift: Optional[float] = None, sampler: Optional[str] = None) -> Path:
     """Sample ``num_samples`` videos and write them side by side to ``out``.
 
     Args:
@@ -61,7 +63,9 @@ def generate(model_dir: str | Path, out: str | Path, num_samples: int = 2, conte
         prompt: caption (text models); default: the held-out clips' captions.
         class_label: class index (class models); default: the held-out clips' labels.
         frames, height, width: video shape (default: the recipe's data shape).
-        steps: sampling steps; guidance: CFG scale (defaults: the recipe's diffusion section).
+        steps, guidance, shift, sampler: sampling steps, CFG scale, timestep shift, ODE sampler
+            (defaults: the recipe's diffusion section; the shift is the one training used for
+            this many tokens, ``diffusion.shift`` or the resolution shift).
         seed: sampling seed.
         fps: playback rate.
 
@@ -96,9 +100,11 @@ def generate(model_dir: str | Path, out: str | Path, num_samples: int = 2, conte
     if context_frames:
         ctx = torch.zeros(num_samples, T, dtype=torch.bool)
         ctx[:, :context_frames] = True
-    dc = recipe.diffusion
-    pred = sample(model, (num_samples, model.config.in_channels, T, H, W), kwargs, guidance_scale=dc.guidance_scale if guidance is None else guidance,
-                  num_inference_steps=steps or dc.num_inference_steps, sampler=dc.sampler, generator=torch.Generator().manual_seed(seed),
+    shape = (num_samples, model.config.in_channels, T, H, W)
+    settings = FlowMatching(recipe.diffusion).sampling_kwargs(shape, model.config.patch_size)
+    overrides = {"num_inference_steps": steps, "guidance_scale": guidance, "shift": shift, "sampler": sampler}
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    pred = sample(model, shape, kwargs, **settings, generator=torch.Generator().manual_seed(seed),
                   context=videos if ctx is not None else None, context_mask=ctx, progress=True)
     clips = []
     for i in range(num_samples):
@@ -114,5 +120,5 @@ def run(args: argparse.Namespace) -> int:
     """``sparse-dit generate``."""
     generate(args.model, args.out, num_samples=args.num_samples, context_frames=args.context_frames, prompt=args.prompt,
              class_label=args.class_label, frames=args.frames, height=args.height, width=args.width, steps=args.steps,
-             guidance=args.guidance, seed=args.seed, fps=args.fps)
+             guidance=args.guidance, seed=args.seed, fps=args.fps, shift=args.shift, sampler=args.sampler)
     return 0

@@ -30,6 +30,7 @@ __all__ = [
     "resolution_shift",
     "sample",
     "drop_conditioning",
+    "count_tokens",
 ]
 
 
@@ -45,6 +46,13 @@ def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
     shifting toward noise keeps the signal-to-noise ratio comparable across sizes.
     """
     return math.sqrt(max(num_tokens, 1) / base_tokens)
+
+
+def count_tokens(shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> int:
+    """Tokens of one (B, C, T, H, W) latent video cut into (pt, ph, pw) patches (>= 1)."""
+    T, H, W = shape[-3:]
+    pt, ph, pw = patch_size
+    return max(1, (T // pt) * (H // ph) * (W // pw))
 
 
 def drop_conditioning(
@@ -111,6 +119,14 @@ class FlowMatching:
         c = self.config
         return c.shift if c.shift is not None else resolution_shift(num_tokens, c.shift_base_tokens)
 
+    def sampling_kwargs(self, shape: tuple[int, ...], patch_size: tuple[int, int, int]) -> dict[str, Any]:
+        """The recipe's sampler settings for latents of ``shape``, as keyword arguments of
+        :func:`sample`: steps, sampler, guidance and the shift training used for this many tokens
+        (sampling on another shift's grid spends its steps where the model was not trained to)."""
+        c = self.config
+        return {"num_inference_steps": c.num_inference_steps, "sampler": c.sampler,
+                "guidance_scale": c.guidance_scale, "shift": self.shift_for(count_tokens(shape, patch_size))}
+
     def sample_timesteps(self, batch: int, num_tokens: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
         """Training timesteps (B,): uniform or logit-normal, then the (resolution) shift."""
         c = self.config
@@ -153,8 +169,7 @@ class FlowMatching:
         B, C, T = x0.shape[:3]
         model_kwargs = dict(model_kwargs or {})
         if num_tokens is None:
-            patch = getattr(getattr(model, "config", None), "patch_size", (1, 1, 1))
-            num_tokens = max(1, (T // patch[0]) * (x0.shape[3] // patch[1]) * (x0.shape[4] // patch[2]))
+            num_tokens = count_tokens(tuple(x0.shape), getattr(getattr(model, "config", None), "patch_size", (1, 1, 1)))
         gdev = generator.device if generator is not None else x0.device
         if t is None:
             t = self.sample_timesteps(B, num_tokens, generator=generator, device=x0.device)
