@@ -159,6 +159,10 @@ class ModelConfig(_Config):
 # --------------------------------------------------------------------------------------------
 
 
+# Sampling timestep grids (sparse_dit.diffusion.FlowMatchScheduler): diffusers' default first.
+TIMESTEP_GRIDS = ("diffusers", "uniform")
+
+
 @dataclass
 class DiffusionConfig(_Config):
     """Rectified-flow / flow-matching objective and sampler."""
@@ -173,6 +177,10 @@ class DiffusionConfig(_Config):
     shift_base_tokens: int = field(default=256, metadata=rule(ge=1))
     # Sampler
     sampler: str = field(default="euler", metadata=rule(choices=("euler", "heun")))
+    # Sampling timestep grid: "diffusers" = FlowMatchEulerDiscreteScheduler's (its last model call
+    # at the shifted sigma_min = shift(1/1000), then a step to 0); "uniform" = n + 1 evenly spaced
+    # points from 1 to 0, shifted (TIMESTEP_GRIDS above).
+    timestep_grid: str = field(default="diffusers", metadata=rule(choices=TIMESTEP_GRIDS))
     num_inference_steps: int = field(default=25, metadata=rule(ge=1))
     guidance_scale: float = field(default=1.0, metadata=rule(ge=0))
     # Probability of dropping the conditioning in training (classifier-free guidance).

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from sparse_dit.config import DiffusionConfig
+from sparse_dit.config import TIMESTEP_GRIDS, DiffusionConfig
 
 __all__ = [
     "FlowMatching",
@@ -31,6 +31,7 @@ __all__ = [
     "sample",
     "drop_conditioning",
     "count_tokens",
+    "TIMESTEP_GRIDS",
 ]
 
 
@@ -125,7 +126,8 @@ class FlowMatching:
         (sampling on another shift's grid spends its steps where the model was not trained to)."""
         c = self.config
         return {"num_inference_steps": c.num_inference_steps, "sampler": c.sampler,
-                "guidance_scale": c.guidance_scale, "shift": self.shift_for(count_tokens(shape, patch_size))}
+                "guidance_scale": c.guidance_scale, "shift": self.shift_for(count_tokens(shape, patch_size)),
+                "grid": c.timestep_grid}
 
     def sample_timesteps(self, batch: int, num_tokens: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
         """Training timesteps (B,): uniform or logit-normal, then the (resolution) shift."""
@@ -201,50 +203,70 @@ class FlowMatching:
 # --------------------------------------------------------------------------------------------
 
 
+# Timestep grids of the sampler (TIMESTEP_GRIDS, from config). "diffusers" is
+# FlowMatchEulerDiscreteScheduler's default (num_train_timesteps=1000, static shift): n points
+# evenly spaced from 1 down to its shifted sigma_min = shift(1/1000), shifted again, then 0
+# appended; its last step jumps from sigma_min to 0. "uniform" is n + 1 points evenly spaced from
+# 1 to 0, then shifted (sparse-dit before issue 13).
+
+
 class FlowMatchScheduler:
     """Euler / Heun integration of the flow ODE from t = 1 to t = 0, in diffusers' shape.
 
-    ``set_timesteps(n)`` makes ``timesteps`` (n values from 1 down, shifted) and ``sigmas``
-    (n + 1 values ending at 0); ``step(model_output, timestep, sample)`` advances one step.
-    For Heun, ``step`` is called twice per interval (predictor, then corrector), as in diffusers'
-    ``HeunDiscreteScheduler``: ``timesteps`` then lists each interior time twice.
+    ``set_timesteps(n)`` makes ``timesteps`` (the n times the model is called at, from 1 down,
+    shifted) and ``sigmas`` (n + 1 values ending at 0); ``step(model_output, timestep, sample)``
+    advances one step. The default grid equals diffusers' ``FlowMatchEulerDiscreteScheduler``
+    (see :data:`TIMESTEP_GRIDS`). For Heun, ``step`` is called twice per interval (predictor,
+    then corrector), as in diffusers' ``HeunDiscreteScheduler``: ``timesteps`` then lists each
+    interior time twice.
 
     Args:
         sampler: ``"euler"`` or ``"heun"``.
         shift: timestep shift (1.0 = none); see :func:`shift_timesteps`.
+        grid: ``"diffusers"`` (default) or ``"uniform"``; see :data:`TIMESTEP_GRIDS`.
+        num_train_timesteps: diffusers' ``num_train_timesteps`` (sets sigma_min of that grid).
     """
 
-    def __init__(self, sampler: str = "euler", shift: float = 1.0) -> None:
+    def __init__(self, sampler: str = "euler", shift: float = 1.0, grid: str = "diffusers", num_train_timesteps: int = 1000) -> None:
         if sampler not in ("euler", "heun"):
             raise ValueError(f"sampler={sampler!r} is not supported; choose 'euler' or 'heun'")
-        if shift <= 0:
+        if not shift > 0:
             raise ValueError(f"shift={shift} must be > 0")
-        self.sampler, self.shift = sampler, shift
+        if grid not in TIMESTEP_GRIDS:
+            raise ValueError(f"grid={grid!r} is not supported; choose one of {', '.join(TIMESTEP_GRIDS)}")
+        self.sampler, self.shift, self.grid, self.num_train_timesteps = sampler, shift, grid, num_train_timesteps
         self.timesteps = torch.empty(0)
         self.sigmas = torch.empty(0)
         self._index = 0
         self._prev: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _grid(self, n: int) -> torch.Tensor:
+        if self.grid == "uniform":
+            return shift_timesteps(torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64), self.shift)
+        sigma_min = float(shift_timesteps(torch.tensor(1.0 / self.num_train_timesteps, dtype=torch.float64), self.shift))
+        sig = shift_timesteps(torch.linspace(1.0, sigma_min, n, dtype=torch.float64), self.shift)
+        return torch.cat([sig, sig.new_zeros(1)])
+
     def set_timesteps(self, num_inference_steps: int, device: Any = None, strength: float = 1.0) -> None:
-        """Schedule ``num_inference_steps`` intervals from t = 1 to 0 on the shifted grid.
+        """Schedule ``num_inference_steps`` model calls from t = 1 to 0 on the shifted grid.
 
         Args:
-            num_inference_steps: intervals of the full grid.
+            num_inference_steps: steps of the full grid.
             device: where ``sigmas``/``timesteps`` live.
-            strength: start below t = 1 (SDEdit / img2img): keep only the grid points with
-                t <= strength, as diffusers' img2img pipelines do; ``sigmas[0]`` is then the
-                noise level to start from.
+            strength: the fraction of the schedule that is run, as diffusers' img2img pipelines
+                read it (SDEdit): the first ``int(n - n * strength)`` steps are skipped, and
+                ``sigmas[0]`` is the noise level the input is noised to.
         """
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
         if not 0.0 < strength <= 1.0:
             raise ValueError(f"strength={strength} must lie in (0, 1]")
-        grid = torch.linspace(1.0, 0.0, num_inference_steps + 1, dtype=torch.float64)
-        sig = shift_timesteps(grid, self.shift)
-        if strength < 1.0:
-            sig = sig[int(torch.nonzero(sig <= strength + 1e-9)[0]) :]
-            if len(sig) < 2:  # strength below the first grid step: take the last interval
-                sig = torch.stack([torch.tensor(strength, dtype=torch.float64), sig[-1]])
+        sig = self._grid(num_inference_steps)
+        # diffusers' StableDiffusion3Img2ImgPipeline.get_timesteps, kept to the letter
+        t_start = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+        sig = sig[t_start:]
+        if len(sig) < 2:
+            raise ValueError(f"strength={strength} runs no step of {num_inference_steps}; use strength >= {1 / num_inference_steps:g} or 0")
         num_inference_steps = len(sig) - 1
         self.sigmas = sig.float().to(device)
         if self.sampler == "euler":
@@ -311,6 +333,7 @@ def sample(
     progress: bool = False,
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
+    grid: str = "diffusers",
 ) -> torch.Tensor:
     """Generate latents by integrating the learned flow from noise (t = 1) to data (t = 0).
 
@@ -328,9 +351,12 @@ def sample(
         latents: initial noise (overrides ``generator``).
         context: (B, C, T, H, W) clean latents for the frames in ``context_mask``.
         context_mask: (B, T) bool: frames held at ``context`` throughout (prompts, kept frames).
-        init_latents: clean latents to edit (SDEdit): they are noised to the first grid point
-            with t <= ``strength`` and denoised from there.
-        strength: how much of ``init_latents`` to destroy, in (0, 1]; 1 = start from pure noise.
+        init_latents: clean latents to edit (SDEdit): noised to the first sigma of the last
+            ``strength`` of the schedule and denoised from there.
+        strength: the fraction of the schedule run on ``init_latents``, in (0, 1], as diffusers'
+            img2img pipelines read it (1 = start from pure noise; the first
+            ``int(n - n * strength)`` steps are skipped).
+        grid: timestep grid, ``"diffusers"`` or ``"uniform"`` (:data:`TIMESTEP_GRIDS`).
 
     Returns:
         (B, C, T, H, W) generated latents (context frames equal ``context``).
@@ -344,7 +370,7 @@ def sample(
     x = latents.to(device=device, dtype=dtype)
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"latents have shape {tuple(x.shape)}, expected {tuple(shape)}")
-    sched = FlowMatchScheduler(sampler, shift)
+    sched = FlowMatchScheduler(sampler, shift, grid)
     sched.set_timesteps(num_inference_steps, device=device, strength=strength if init_latents is not None else 1.0)
     if init_latents is not None:
         if tuple(init_latents.shape) != tuple(shape):

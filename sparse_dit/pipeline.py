@@ -9,7 +9,7 @@ and videos"). The tasks only differ in where the given frames sit::
     extend forward   [v0 v1 v2, _, _, _]        backward  [_, _, _, v0 v1 v2]
     interpolate      [a0 a1, _, _, _, b0 b1]
     loop             [v_end, _, _, v_start]      -> video + transition loops seamlessly
-    sdedit           all frames noised to t = strength, then denoised (no context)
+    sdedit           the last `strength` of the schedule run on the noised video (no context)
 
 With a compressing VAE the prompts are encoded on their own, so frame counts are in latent
 frames (``num_frames`` of the output are pixel frames; see ``VideoPipeline.latent_frames``).
@@ -31,7 +31,8 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from sparse_dit.diffusion import sample
+from sparse_dit.config import DiffusionConfig
+from sparse_dit.diffusion import count_tokens, resolution_shift, sample
 from sparse_dit.vae import IdentityVAE
 
 __all__ = ["VideoPipeline", "Layout", "GenerationMode", "GENERATION_MODES", "layout_clips"]
@@ -45,8 +46,8 @@ class Layout:
         shape: (B, C, T, h, w) of the latent video to sample.
         context: (B, C, T, h, w) clean latents of the given frames (None: nothing given).
         mask: (B, T) bool, True where a frame is given (None: nothing given).
-        init_latents: a clean latent video to edit (SDEdit): noised to t = ``strength``, then
-            denoised; ``strength == 0`` returns it unchanged without sampling.
+        init_latents: a clean latent video to edit (SDEdit): the last ``strength`` of the
+            schedule is run on it (diffusers' img2img); ``strength == 0`` returns it unchanged.
         strength: see ``init_latents`` (1.0 = start from pure noise).
         finish: maps the sampled latents to the output latents (``loop`` appends its transition
             to the input video); None = the sampled latents.
@@ -97,19 +98,42 @@ class VideoPipeline:
         vae: video compression network; default :class:`~sparse_dit.vae.IdentityVAE` (pixel space).
         text_encoder: callable ``captions -> TextEmbeddings(tokens, mask, pooled)``
             (``sparse_dit.data.load_text_encoder``); needed for prompts.
-        shift: timestep shift of the sampling grid (1.0 = none).
+        shift: timestep shift of the sampling grid (1.0 = none; None = the resolution shift
+            sqrt(tokens / shift_base_tokens) of each layout, as training's ``diffusion.shift: null``).
         sampler: ``"euler"`` or ``"heun"``.
+        grid: timestep grid, ``"diffusers"`` (FlowMatchEulerDiscreteScheduler's) or ``"uniform"``.
+        num_inference_steps, guidance_scale: defaults of every call.
+        shift_base_tokens: see ``shift``.
+
+    :meth:`from_config` takes all of them from a recipe's ``diffusion`` section.
 
     Call arguments follow diffusers' names: ``prompt, negative_prompt, height, width, num_frames,
     num_inference_steps, guidance_scale, generator, latents, output_type``. ``output_type`` is
     ``"pt"`` ((B, 3, T, H, W) in [-1, 1]), ``"np"`` (uint8 (B, T, H, W, 3)) or ``"latent"``.
     """
 
-    def __init__(self, model: nn.Module, vae: nn.Module | None = None, text_encoder: Any = None, shift: float = 1.0, sampler: str = "euler") -> None:
+    def __init__(self, model: nn.Module, vae: nn.Module | None = None, text_encoder: Any = None, shift: float | None = 1.0,
+                 sampler: str = "euler", grid: str = "diffusers", num_inference_steps: int = 25, guidance_scale: float = 1.0,
+                 shift_base_tokens: int = 256) -> None:
         self.model = model.eval()
         self.vae = vae if vae is not None else IdentityVAE(getattr(model.config, "in_channels", 3))
         self.text_encoder = text_encoder
-        self.shift, self.sampler = shift, sampler
+        self.shift, self.sampler, self.grid = shift, sampler, grid
+        self.num_inference_steps, self.guidance_scale, self.shift_base_tokens = num_inference_steps, guidance_scale, shift_base_tokens
+
+    @classmethod
+    def from_config(cls, model: nn.Module, diffusion: DiffusionConfig, vae: nn.Module | None = None, text_encoder: Any = None) -> "VideoPipeline":
+        """A pipeline that samples as the recipe says: its steps, sampler, guidance, grid and the
+        shift training used (``diffusion.shift``, or the resolution shift when that is null)."""
+        return cls(model, vae, text_encoder, shift=diffusion.shift, sampler=diffusion.sampler, grid=diffusion.timestep_grid,
+                   num_inference_steps=diffusion.num_inference_steps, guidance_scale=diffusion.guidance_scale,
+                   shift_base_tokens=diffusion.shift_base_tokens)
+
+    def shift_for(self, shape: tuple[int, ...]) -> float:
+        """The shift used for latents of ``shape`` (B, C, T, h, w)."""
+        if self.shift is not None:
+            return self.shift
+        return resolution_shift(count_tokens(shape, getattr(self.model.config, "patch_size", (1, 1, 1))), self.shift_base_tokens)
 
     # -- helpers -------------------------------------------------------------------------------
     @property
@@ -156,8 +180,8 @@ class VideoPipeline:
     # -- tasks: each one entry of GENERATION_MODES --------------------------------------------
     @torch.no_grad()
     def generate(self, mode: str, *, prompt: str | Sequence[str] | None = None,
-                 negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int = 25,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                 negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pt", **inputs: Any) -> Any:
         """Generate with the mode ``mode`` of :data:`GENERATION_MODES`.
 
@@ -166,7 +190,8 @@ class VideoPipeline:
                 ``"extend_forward"``, ``"extend_backward"``, ``"interpolate"``, ``"loop"``,
                 ``"sdedit"``).
             prompt, negative_prompt: captions (need a ``text_encoder``).
-            num_inference_steps, guidance_scale, generator, latents, output_type: as ``__call__``.
+            num_inference_steps, guidance_scale: None = the pipeline's.
+            generator, latents, output_type: as ``__call__``.
             **inputs: the mode's inputs (``GENERATION_MODES[mode].inputs``), e.g. ``video``.
         """
         entry = GENERATION_MODES.get(mode)
@@ -178,20 +203,22 @@ class VideoPipeline:
         lay = entry.layout(self, **inputs)
         if lay.init_latents is not None and lay.strength == 0:
             return self._output(lay.init_latents, output_type)  # nothing destroyed, nothing to restore
-        out = self._sample(lay, prompt, negative_prompt, num_inference_steps, guidance_scale, generator, latents)
+        steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
+        guidance = self.guidance_scale if guidance_scale is None else guidance_scale
+        out = self._sample(lay, prompt, negative_prompt, steps, guidance, generator, latents)
         return self._output(lay.finish(out) if lay.finish is not None else out, output_type)
 
     def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float,
                 generator, latents) -> torch.Tensor:
         cond, uncond = self._cond(prompt, lay.shape[0], negative_prompt)
         return sample(self.model, lay.shape, cond, uncond_kwargs=uncond, guidance_scale=guidance_scale,
-                      num_inference_steps=num_inference_steps, sampler=self.sampler, shift=self.shift,
-                      generator=generator, latents=latents, context=lay.context, context_mask=lay.mask,
+                      num_inference_steps=num_inference_steps, sampler=self.sampler, shift=self.shift_for(lay.shape),
+                      grid=self.grid, generator=generator, latents=latents, context=lay.context, context_mask=lay.mask,
                       device=self.device, init_latents=lay.init_latents, strength=lay.strength)
 
     def __call__(self, prompt: str | Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
-                 height: int = 32, width: int = 32, num_frames: int = 8, num_inference_steps: int = 25,
-                 guidance_scale: float = 1.0, generator: torch.Generator | None = None,
+                 height: int = 32, width: int = 32, num_frames: int = 8, num_inference_steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pt", batch_size: int = 1) -> Any:
         """Text-to-video (``num_frames=1``: an image)."""
         return self.generate("text_to_video", prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
@@ -221,8 +248,9 @@ class VideoPipeline:
                              context_frames=context_frames, **kwargs)
 
     def sdedit(self, video: torch.Tensor, strength: float = 0.6, **kwargs: Any) -> Any:
-        """SDEdit (Meng et al. 2022): noise ``video`` to t = ``strength``, then denoise it (toward
-        ``prompt`` if given). Small strengths keep layout and motion; 1.0 ignores the input."""
+        """SDEdit (Meng et al. 2022): run the last ``strength`` of the schedule on ``video`` noised
+        to that point (diffusers' img2img meaning), toward ``prompt`` if given. Small strengths
+        keep layout and motion; 1.0 ignores the input; 0 returns it."""
         return self.generate("sdedit", video=video, strength=strength, **kwargs)
 
 
@@ -280,7 +308,7 @@ def _sdedit(pipe: VideoPipeline, video: torch.Tensor, strength: float = 0.6) -> 
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength={strength} must lie in [0, 1]")
     z0 = pipe._encode(video)
-    return Layout(tuple(z0.shape), init_latents=z0, strength=strength)  # no context: every frame noised to t = strength
+    return Layout(tuple(z0.shape), init_latents=z0, strength=strength)  # no context: every frame noised
 
 
 @dataclass(frozen=True)
@@ -313,6 +341,6 @@ GENERATION_MODES: dict[str, GenerationMode] = {
         GenerationMode("extend_backward", _extend_backward, "a video is given; frames before it are generated"),
         GenerationMode("interpolate", _interpolate, "two clips are given; the frames between are generated"),
         GenerationMode("loop", _loop, "a video's end and start are given; the transition back is appended"),
-        GenerationMode("sdedit", _sdedit, "a video is noised to t = strength and denoised (SDEdit)"),
+        GenerationMode("sdedit", _sdedit, "a video is noised and the last `strength` of the schedule denoises it (SDEdit)"),
     )
 }

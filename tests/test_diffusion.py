@@ -177,7 +177,7 @@ def test_ema():
 
 
 def test_sdedit_schedule_starts_at_strength_and_keeps_a_clean_input():
-    s = FlowMatchScheduler("euler")
+    s = FlowMatchScheduler("euler", grid="uniform")  # 11 points 1.0, 0.9, ..., 0: half of it starts at 0.5
     s.set_timesteps(10, strength=0.5)
     assert float(s.sigmas[0]) == pytest.approx(0.5) and float(s.sigmas[-1]) == 0.0 and len(s.timesteps) == 5
     with pytest.raises(ValueError, match="strength"):

@@ -50,16 +50,21 @@ def _shifted(t: np.ndarray, s: float) -> np.ndarray:
     return s * t / (1 + (s - 1) * t)  # SD3's shift, written out here
 
 
+def _diffusers_timesteps(n: int, s: float) -> np.ndarray:
+    """FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(n) model-call sigmas: evenly spaced
+    from 1 to its shifted sigma_min = shift(1/1000), shifted again."""
+    return _shifted(np.linspace(1.0, _shifted(np.float64(1e-3), s), n), s)
+
+
 def test_generate_samples_at_the_recipes_shift_and_steps(tmp_path, monkeypatch):
     run = _tiny_run(tmp_path / "run", shift=6.0, num_inference_steps=3, sampler="euler")
     seen = _record_timesteps(monkeypatch)
     gen_cli.generate(run, tmp_path / "out.gif", num_samples=1)
-    expected = _shifted(np.linspace(1.0, 0.0, 4)[:-1], 6.0)
-    np.testing.assert_allclose(seen, expected, atol=1e-6)
+    np.testing.assert_allclose(seen, _diffusers_timesteps(3, 6.0), atol=1e-6)
     # a flag overrides the recipe
     seen.clear()
     gen_cli.generate(run, tmp_path / "out2.gif", num_samples=1, shift=1.0, steps=2)
-    np.testing.assert_allclose(seen, np.linspace(1.0, 0.0, 3)[:-1], atol=1e-6)
+    np.testing.assert_allclose(seen, _diffusers_timesteps(2, 1.0), atol=1e-6)
 
 
 def test_generate_without_a_fixed_shift_uses_trainings_resolution_shift(tmp_path, monkeypatch):
@@ -67,4 +72,4 @@ def test_generate_without_a_fixed_shift_uses_trainings_resolution_shift(tmp_path
     seen = _record_timesteps(monkeypatch)
     gen_cli.generate(run, tmp_path / "out.gif", num_samples=1)
     s = np.sqrt((T * (H // 2) * (W // 2)) / 4)  # tokens of a 4x8x8 clip in 1x2x2 patches over the base
-    np.testing.assert_allclose(seen, _shifted(np.linspace(1.0, 0.0, 3)[:-1], s), atol=1e-6)
+    np.testing.assert_allclose(seen, _diffusers_timesteps(2, s), atol=1e-6)
