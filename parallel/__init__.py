@@ -13,7 +13,9 @@ applies parallelism from outside, torchtitan style:
 See docs/training.md.
 """
 
-from sparse_dit.parallel.checkpoint import CheckpointError, export_final, full_state_dict, latest_tag, load_checkpoint, save_checkpoint
+from sparse_dit.parallel.checkpoint import (
+    CheckpointError, export_final, full_state_dict, latest_tag, load_checkpoint, nonfinite_state, save_checkpoint,
+)
 from sparse_dit.parallel.engine import (
     apply_activation_checkpointing,
     batch_layout,
@@ -57,6 +59,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "latest_tag",
+    "nonfinite_state",
     "full_state_dict",
     "export_final",
     "CheckpointError",

@@ -25,6 +25,7 @@ writes ``final/config.json`` + ``final/model.safetensors``, loadable with
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import re
@@ -46,7 +47,7 @@ from sparse_dit.moe import MoEFeedForward
 from sparse_dit.parallel.expert_parallel import gather_expert_tensor
 
 __all__ = [
-    "CheckpointError", "SafeCheckpointEngine", "safe_load", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict",
+    "CheckpointError", "SafeCheckpointEngine", "safe_load", "nonfinite_state", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict",
     "export_final",
 ]
 
@@ -126,6 +127,39 @@ class SafeCheckpointEngine(TorchCheckpointEngine):
 
     def load(self, path: str, map_location: Any = None) -> Any:
         return safe_load(path, map_location)
+
+
+def _local_tensors(engine: Any) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's weights (ZeRO-3: its partitions) and its optimizer's tensors (master weights, moments)."""
+    weights = [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+    opt = engine.optimizer
+    base = getattr(opt, "optimizer", opt)  # ZeRO and bf16 wrappers hold the torch optimizer
+    optim: list[torch.Tensor] = []
+    if base is not None:
+        for group in base.param_groups:
+            optim += [p for p in group["params"] if isinstance(p, torch.Tensor)]
+        for st in base.state.values():
+            optim += [v for v in st.values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+    return weights, optim
+
+
+def nonfinite_state(engine: Any, grad_norm: Optional[float] = None) -> Optional[str]:
+    """What is not finite on any rank (weights, optimizer state, the last gradient norm), or None;
+    collective: every rank must call it and gets the same answer.
+
+    Args:
+        engine: the DeepSpeed engine.
+        grad_norm: the last step's global gradient norm (None: not checked).
+    """
+    weights, optim = _local_tensors(engine)
+    bad = torch.tensor([
+        float(any(not bool(torch.isfinite(t).all()) for t in weights if t.numel())),
+        float(any(not bool(torch.isfinite(t).all()) for t in optim if t.numel())),
+        float(grad_norm is not None and not math.isfinite(grad_norm)),
+    ])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    names = [name for name, b in zip(("weights", "optimizer state", f"gradient norm ({grad_norm})"), bad.tolist()) if b]
+    return " and ".join(names) + " not finite" if names else None
 
 
 def latest_tag(root: str | os.PathLike) -> Optional[str]:

@@ -49,7 +49,7 @@ from sparse_dit.flops import count
 from sparse_dit.moe import summarize_aux, update_balance_biases
 from sparse_dit.parallel import (
     CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
-    load_checkpoint, resolve_precision, save_checkpoint, setup_expert_parallel,
+    load_checkpoint, nonfinite_state, resolve_precision, save_checkpoint, setup_expert_parallel,
 )
 from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
@@ -71,7 +71,8 @@ Hooks = dict[str, Callable[..., Any]]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the run stopped without saving."""
+    """The loss, the weights, the optimizer state or the gradient norm became NaN or infinite;
+    the run stopped without saving."""
 
 
 def _rank0_print(rank: int, *args: Any) -> None:
@@ -157,6 +158,7 @@ class TrainRun:
     last_tag: Optional[str]  # newest checkpoint written or resumed
     done_steps: int  # optimizer steps completed so far (start_step before the first)
     writer: Any  # TensorBoard writer on rank 0, else None
+    last_grad_norm: Optional[float] = None  # of the last step taken (checked before each save)
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     step_samples: list[tuple[float, float]] = field(default_factory=list)
@@ -243,6 +245,9 @@ def build_run(recipe: RecipeConfig) -> TrainRun:
     tag = latest_tag(ckpt_root) if ckpt_root.exists() else None
     if tag is not None:
         state = load_checkpoint(engine, ckpt_root, tag)
+        bad = nonfinite_state(engine)
+        if bad is not None:  # written before issue 17's save check, or edited
+            raise CheckpointError(f"checkpoint {ckpt_root / tag}: {bad}; point {ckpt_root / 'latest'} at an earlier step_* or start a new output_dir")
         start_step = int(state["step"])
         ema.load_state_dict(state["ema"])
         _rank0_print(rank, f"resumed from {ckpt_root / tag} at step {start_step}")
@@ -341,6 +346,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     run.step_samples.append((samples, tokens))
     run.losses.append(metrics["loss"])
     run.done_steps = step + 1
+    run.last_grad_norm = grad_norm
     metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt,
                     "tokens_per_s": tokens / dt})
     return StepResult(metrics, hist)
@@ -381,6 +387,13 @@ def maybe_save(run: TrainRun, step: int) -> Optional[str]:
     n = step + 1
     if n % run.recipe.train.save_every and n != run.end_step:
         return None
+    bad = nonfinite_state(run.engine, run.last_grad_norm)  # the loss check cannot see a step that poisons the weights
+    if bad is not None:
+        where = f"{run.ckpt_root / run.last_tag}" if run.last_tag else "none saved yet"
+        raise TrainingDiverged(
+            f"{bad} after step {n}; stopping without saving. Last good checkpoint: {where}. "
+            "Lower train.lr, raise train.warmup_steps or use parallel.precision=fp32."
+        )
     run.last_tag = save_checkpoint(run.engine, run.ckpt_root, n, {"ema": run.ema.state_dict()}, run.recipe.train.keep_last)
     return run.last_tag
 
@@ -412,8 +425,8 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
         "train_seconds": round(sum(run.step_times), 2),
         "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
         "final_loss": sum(losses[-50:]) / len(losses[-50:]) if losses else None,
-        "samples_per_s": sum(s for s, _ in run.step_samples[skip:]) / secs if secs else float("nan"),
-        "tokens_per_s": sum(t for _, t in run.step_samples[skip:]) / secs if secs else float("nan"),
+        "samples_per_s": sum(s for s, _ in run.step_samples[skip:]) / secs if secs else None,  # None: JSON has no NaN
+        "tokens_per_s": sum(t for _, t in run.step_samples[skip:]) / secs if secs else None,
         "final_dir": final_dir, "output_dir": str(run.out_dir), "world_size": run.world, "checkpoint": run.last_tag,
     }
     if run.rank == 0:
@@ -466,7 +479,13 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None) -> dict:
                 hooks["after_step"](run.engine, step, result.metrics)
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
                 _log_samples(run.engine, recipe, run.cond, run.writer, run.out_dir, step + 1, run.dtype)
-            maybe_save(run, step)
+            try:
+                maybe_save(run, step)
+            except TrainingDiverged as exc:
+                _rank0_print(run.rank, str(exc))
+                if run.writer is not None:
+                    run.writer.close()
+                raise
     finally:
         bar.close()
     return finish(run, hooks)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextvars
 import copy
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -171,6 +172,9 @@ def validate(obj: Any, prefix: str = "") -> None:
         if coerced is not value:
             object.__setattr__(obj, f.name, coerced)
             value = coerced
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in items):  # .inf/.nan parse as YAML floats
+            raise ConfigError(f"{name}={value!r} is not allowed; expected a finite number")
         meta = f.metadata
         if value is None or not meta:
             continue

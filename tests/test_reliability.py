@@ -104,3 +104,72 @@ def test_safe_load_names_the_file_for_garbage_and_keeps_plain_state(tmp_path):
     with pytest.raises(CheckpointError, match="raw.pkl"):
         safe_load(tmp_path / "raw.pkl")
     assert not (tmp_path / "ran").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# 2. No checkpoint of non-finite weights, optimizer state or gradient norm
+# --------------------------------------------------------------------------------------------
+
+
+def _poison_worker(out: Path) -> None:
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.train import TrainingDiverged, train
+
+    torch.set_num_threads(1)
+
+    def weights(engine, step, metrics):
+        if step + 1 == 4:  # the step before a save: the loss check cannot see it
+            with torch.no_grad():
+                engine.module.final_layer.linear.weight[0, 0] = float("inf")
+
+    def optim(engine, step, metrics):
+        if step + 1 == 4:
+            base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+            st = next(s for s in base.state.values() if "exp_avg_sq" in s)
+            st["exp_avg_sq"].view(-1)[0] = float("nan")
+
+    def grads(engine, step):
+        if step + 1 == 4:
+            p = engine.module.final_layer.linear.weight
+            p.grad = torch.full_like(p, float("inf"))
+
+    cases = {"weights": ({"after_step": weights}, []), "optim": ({"after_step": optim}, []),
+             "grads": ({"before_step": grads}, ["parallel.zero_stage=0", "parallel.precision=fp32", "train.grad_clip=0"])}
+    rec = {}
+    for name, (hooks, extra) in cases.items():
+        recipe = load_recipe(TINY_MOE, ["train.max_steps=6", *FAST, f"output_dir={out / name}", *extra])
+        try:
+            train(recipe, hooks)
+            rec[name] = "no error"
+        except TrainingDiverged as exc:
+            rec[name] = str(exc)
+    (out / "poison.json").write_text(json.dumps(rec))
+
+
+@pytest.mark.timeout(200)
+def test_a_save_of_non_finite_state_is_skipped_and_the_run_stops_naming_the_last_good_one(tmp_path):
+    launch([__file__, "poison", str(tmp_path)], world=1)
+    rec = json.loads((tmp_path / "poison.json").read_text())
+    for name, what in (("weights", "weights not finite after step 4"), ("optim", "optimizer state not finite after step 4"),
+                       ("grads", "gradient norm (inf)")):
+        msg = rec[name]
+        assert what in msg and "stopping without saving" in msg, (name, msg)
+        assert msg.endswith("use parallel.precision=fp32.") and str(tmp_path / name / "checkpoints" / "step_00000002") in msg
+        ckpts = tmp_path / name / "checkpoints"
+        assert (ckpts / "latest").read_text().strip() == "step_00000002", name
+        assert not (ckpts / "step_00000004").exists(), name
+        assert not (tmp_path / name / "final").exists()
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan", "[0.9, .nan]"])
+def test_non_finite_numbers_are_refused_at_validation(value):
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+
+    key = "train.betas" if value.startswith("[") else "train.lr"
+    with pytest.raises(ConfigError, match=rf"^{key}=.*(nan|inf).* is not allowed; expected a finite number$"):
+        load_recipe(TINY_MOE, [f"{key}={value}"])
+
+
+if __name__ == "__main__":
+    {"poison": _poison_worker}[sys.argv[1]](Path(sys.argv[2]))

@@ -128,7 +128,7 @@ def _nan_worker(out: Path) -> None:
     from sparse_dit.recipes.train import TrainingDiverged, train
 
     def poison(engine, step, metrics):
-        if step + 1 == 4:  # after the step-4 checkpoint is due, corrupt the live weights
+        if step + 1 == 5:  # after step 5 (not a save step: the save check would catch it), corrupt the live weights
             with torch.no_grad():
                 engine.module.final_layer.linear.weight.fill_(float("nan"))
 
@@ -143,10 +143,10 @@ def _nan_worker(out: Path) -> None:
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(tmp_path):
     launch([__file__, "nan", str(tmp_path)], world=1)
     msg = (tmp_path / "diverged.txt").read_text()
-    assert "train/loss is nan at step 5" in msg and "step_00000004" in msg
+    assert "train/loss is nan at step 6" in msg and "step_00000004" in msg
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    assert not (tmp_path / "checkpoints" / "step_00000005").exists()
-    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4]
+    assert not (tmp_path / "checkpoints" / "step_00000006").exists()
+    assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
     assert not (tmp_path / "final").exists()
 
 
