@@ -60,7 +60,7 @@ from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
 __all__ = [
     "TrainingDiverged", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
-    "launch", "add_arguments", "run", "main",
+    "launch", "add_arguments", "run", "main", "RESUME_FREE", "recipe_changes",
 ]
 
 # Order of the per-micro-step values all-reduced in one collective (mean over ranks).
@@ -180,30 +180,77 @@ class TrainRun:
         return self.recipe.parallel.zero_stage == 3
 
 
-def _check_resume(recipe: RecipeConfig, out_dir: Path) -> None:
-    """A checkpoint in ``output_dir`` must hold this model (a reused output_dir is the usual mistake)."""
+# Fields a resumed run may change without a flag: they extend or observe the run, they do not
+# change what the next step computes (docs/training.md, "Resuming").
+RESUME_FREE = ("train.max_steps", "train.stop_after", "train.save_every", "train.log_every", "train.keep_last", "train.sample_every",
+               "output_dir", "data.num_workers")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix.rstrip("."): d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def recipe_changes(before: dict, now: dict) -> dict[str, tuple[Any, Any]]:
+    """Dotted field -> (saved value, new value) for every field that differs."""
+    a, b = _flat(before), _flat(now)
+    missing = object()
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
+
+
+def _allowed(key: str, allow: Sequence[str]) -> bool:
+    return any(a == "all" or key == a or key.startswith(a + ".") for a in allow)
+
+
+def _check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[str] = ()) -> list[str]:
+    """A checkpoint in ``output_dir`` resumes only under the recipe that wrote it: every changed
+    field must be in :data:`RESUME_FREE` or in ``allow_changed`` (dotted fields, sections, or
+    ``all``). Returns the accepted changes as ``field: old -> new`` lines."""
     saved = out_dir / "recipe.yaml"
-    if not ((out_dir / "checkpoints" / "latest").is_file() and saved.is_file()):
-        return
-    before = (yaml.safe_load(saved.read_text()) or {}).get("model")
-    now = to_dict(recipe.model)
-    if before != now:
-        diff = sorted(k for k in set(before or {}) | set(now) if (before or {}).get(k) != now.get(k))
+    if not (out_dir / "checkpoints" / "latest").is_file():
+        return []
+    flag = "--allow-changed all"
+    before: Any = None
+    if not saved.is_file():
+        state = "is missing"
+    else:
+        try:
+            before = yaml.safe_load(saved.read_text(encoding="utf-8"))
+            state = "is empty" if before is None else f"holds a {type(before).__name__}, not a recipe"
+        except (yaml.YAMLError, UnicodeDecodeError) as exc:
+            state = f"is not readable YAML ({str(exc).splitlines()[0]})"
+    if not isinstance(before, dict) or not before:
+        if _allowed("model", allow_changed):
+            return [f"{saved} {state}: resuming under this recipe ({flag})"]
+        raise ConfigError(f"{saved} {state}, so the recipe of the checkpoints in {out_dir / 'checkpoints'} is unknown; restore it, "
+                          f"or pass {flag} to resume them under this recipe")
+    changes = recipe_changes(before, to_dict(recipe))
+    refused = {k: v for k, v in changes.items() if not (k in RESUME_FREE or _allowed(k, allow_changed))}
+    if refused:
+        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
+        model = " (a different model: use a new output_dir)" if any(k.startswith("model.") or k == "preset" for k in refused) else ""
         raise ConfigError(
-            f"output_dir={str(out_dir)!r} holds checkpoints of a different model (model.{diff[0] if diff else '?'} differs); "
-            "use a new output_dir, or the recipe that wrote it to resume"
+            f"output_dir={str(out_dir)!r} holds checkpoints of another recipe{model}: {listed}. Resume with the recipe that wrote "
+            f"it, or accept the changes with --allow-changed {','.join(refused)}"
         )
+    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()]
 
 
-def build_run(recipe: RecipeConfig) -> TrainRun:
+def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainRun:
     """Create (or join) the process group, build model, engine, EMA and data, and resume from
     ``output_dir/checkpoints/latest`` when it exists.
 
     Args:
         recipe: the validated recipe.
+        allow_changed: recipe fields (dotted, a section, or ``all``) a resume may change beyond
+            :data:`RESUME_FREE`; the accepted changes are printed and appended to ``recipe_changes.log``.
 
     Raises:
-        ConfigError: settings that cannot work on this many ranks, or a checkpoint of another model.
+        ConfigError: settings that cannot work on this many ranks, or a checkpoint of another recipe.
     """
     rank, world = init_distributed()
     check_parallel_config(recipe, world)
@@ -212,9 +259,13 @@ def build_run(recipe: RecipeConfig) -> TrainRun:
     precision = resolve_precision(par.precision)
     dtype = _dtype(precision)
     out_dir = Path(recipe.output_dir)
-    _check_resume(recipe, out_dir)
+    accepted = _check_resume(recipe, out_dir, allow_changed)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if accepted:
+            print("resuming with a changed recipe:\n  " + "\n  ".join(accepted), flush=True)
+            with open(out_dir / "recipe_changes.log", "a", encoding="utf-8") as fh:
+                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} " + "; ".join(accepted) + "\n")
         _atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
 
     # Model: the same initialisation on every rank, then experts sharded over the EP group
@@ -434,7 +485,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     return summary
 
 
-def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None) -> dict:
+def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Sequence[str] = ()) -> dict:
     """Train ``recipe``; resumes from ``output_dir/checkpoints/latest`` when it exists.
 
     Works in one process (a one-rank gloo/nccl group is created) and under any launcher. The
@@ -446,6 +497,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None) -> dict:
         hooks: optional callbacks for tests and tools: ``before_step(engine, step)`` after the
             last backward of a step (gradients reduced) and before the optimizer step;
             ``after_step(engine, step, metrics)``; ``at_end(engine, ema, info)`` before export.
+        allow_changed: recipe fields a resume may change (see :func:`build_run`).
 
     Returns:
         The summary of :func:`finish` (also written to ``output_dir/summary.json``).
@@ -455,7 +507,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None) -> dict:
         ConfigError: for settings that cannot work (named field and value).
     """
     hooks = hooks or {}
-    run = build_run(recipe)
+    run = build_run(recipe, allow_changed)
     tc = recipe.train
     run.engine.train()
     bar = tqdm(range(run.start_step, run.end_step), initial=run.start_step, total=tc.max_steps, desc="train", unit="step",
@@ -532,11 +584,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override recipe fields, e.g. --set train.max_steps=100 parallel.ep_size=2")
     parser.add_argument("--num-procs", type=int, default=1,
                         help="ranks on this machine; >1 runs the deepspeed launcher (default: 1 process)")
+    parser.add_argument("--allow-changed", default="", metavar="FIELDS",
+                        help="resume although these recipe fields changed: comma-separated dotted fields or sections, or 'all' "
+                             f"(always allowed: {', '.join(RESUME_FREE)})")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port for --num-procs > 1 (default: a free one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
 
 
-def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2, master_port: Optional[int] = None) -> int:
+def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2, master_port: Optional[int] = None,
+           allow_changed: str = "") -> int:
     """Run ``recipe`` on ``num_procs`` ranks of this machine through the deepspeed launcher
     (``--num_gpus N``: CPU ranks on a CPU machine); returns the launcher's exit code.
 
@@ -545,10 +601,13 @@ def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2
         overrides: ``--set`` overrides.
         num_procs: ranks.
         master_port: rendezvous port (default: a free one).
+        allow_changed: ``--allow-changed`` for a resume.
     """
     port = master_port or free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port", str(port),
            "--no_local_rank", "--module", "sparse_dit.recipes.train", str(recipe)]
+    if allow_changed:
+        cmd += ["--allow-changed", allow_changed]
     if overrides:
         cmd += ["--set", *overrides]
     print("launching:", " ".join(cmd[2:]).replace("deepspeed.launcher.runner", "deepspeed", 1), flush=True)
@@ -571,9 +630,9 @@ def run(args: argparse.Namespace) -> int:
         except ConfigError as exc:
             print(f"sparse-dit train: {exc}", file=sys.stderr)
             return 2
-        return launch(args.recipe, args.overrides, args.num_procs, args.master_port)
+        return launch(args.recipe, args.overrides, args.num_procs, args.master_port, args.allow_changed)
     try:
-        summary = train(recipe)
+        summary = train(recipe, allow_changed=[a.strip() for a in args.allow_changed.split(",") if a.strip()])
     except (ConfigError, CheckpointError, TrainingDiverged) as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrainingDiverged) else 2

@@ -158,6 +158,6 @@ def test_one_process_cli_run_without_a_launcher(tmp_path):
     assert all(math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0 for r in rows)  # ZeRO-0 norm computed by the trainer
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()) == ["step_00000002", "step_00000003"]
     other = cli(["train", TINY_MOE, "--set", "train.max_steps=3", f"output_dir={tmp_path}"])  # reused output_dir
-    assert other.returncode == 2 and "holds checkpoints of a different model" in other.stderr, other.stderr[-2000:]
+    assert other.returncode == 2 and "holds checkpoints of another recipe (a different model" in other.stderr, other.stderr[-2000:]
     bad = cli(["train", TINY_MOE, "--num-procs", "2", "--set", "parallel.ep_size=3"])
     assert bad.returncode == 2 and "parallel.ep_size=3 does not divide model.moe.num_experts=4" in bad.stderr

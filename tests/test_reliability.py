@@ -171,5 +171,75 @@ def test_non_finite_numbers_are_refused_at_validation(value):
         load_recipe(TINY_MOE, [f"{key}={value}"])
 
 
+# --------------------------------------------------------------------------------------------
+# 3. Resume compares the whole recipe
+# --------------------------------------------------------------------------------------------
+
+
+def _saved_run(tmp_path: Path, *overrides: str):
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.schema import to_dict
+
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text("step_00000002")
+    recipe = load_recipe(TINY_MOE, [f"output_dir={out}", *overrides])
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    return out, recipe
+
+
+def test_resume_refuses_every_changed_field_and_lists_them(tmp_path):
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.train import _check_resume
+
+    out, _ = _saved_run(tmp_path)
+    changed = load_recipe(TINY_MOE, [f"output_dir={out}", "train.lr=0.002", "diffusion.shift=3.0", "data.num_frames=4"])
+    with pytest.raises(ConfigError) as err:
+        _check_resume(changed, out)
+    msg = str(err.value)
+    assert "another recipe:" in msg and "a different model" not in msg
+    for part in ("train.lr: 0.001 -> 0.002", "diffusion.shift: 1.0 -> 3.0", "data.num_frames: 6 -> 4",
+                 "--allow-changed data.num_frames,diffusion.shift,train.lr"):
+        assert part in msg, msg
+    # accepted by the flag: by field, by section, or all; the accepted changes come back for the log
+    assert _check_resume(changed, out, ["train.lr", "diffusion", "data.num_frames"]) == [
+        "data.num_frames: 6 -> 4", "diffusion.shift: 1.0 -> 3.0", "train.lr: 0.001 -> 0.002"]
+    assert len(_check_resume(changed, out, ["all"])) == 3
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.001 -> 0\.002\. Resume"):
+        _check_resume(changed, out, ["diffusion", "data"])
+    with pytest.raises(ConfigError, match="a different model: use a new output_dir"):
+        _check_resume(load_recipe(TINY_MOE, [f"output_dir={out}", "model.depth=3"]), out)
+
+
+def test_resume_allows_extending_and_observing_a_run_by_default(tmp_path):
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.train import RESUME_FREE, _check_resume
+
+    out, _ = _saved_run(tmp_path)
+    free = ["train.max_steps=500", "train.stop_after=3", "train.save_every=7", "train.log_every=3", "train.keep_last=5",
+            "train.sample_every=9", "data.num_workers=2", f"output_dir={tmp_path / 'moved'}"]
+    assert sorted(o.split("=")[0] for o in free) == sorted(RESUME_FREE)
+    lines = _check_resume(load_recipe(TINY_MOE, free), out)
+    assert len(lines) == len(free) and "train.max_steps: 200 -> 500" in lines
+    assert _check_resume(load_recipe(TINY_MOE, [f"output_dir={out}"]), out) == []
+
+
+@pytest.mark.parametrize("content", ["", "\n", "[oops", "- a list\n"])
+def test_an_empty_or_broken_saved_recipe_is_named_not_called_another_model(tmp_path, content):
+    from sparse_dit.config import ConfigError
+    from sparse_dit.recipes.train import _check_resume
+
+    out, recipe = _saved_run(tmp_path)
+    (out / "recipe.yaml").write_text(content)
+    with pytest.raises(ConfigError) as err:
+        _check_resume(recipe, out)
+    msg = str(err.value)
+    assert str(out / "recipe.yaml") in msg and "--allow-changed all" in msg and "different model" not in msg, msg
+    assert ("is empty" in msg) == (not content.strip())
+    assert ("not readable YAML" in msg) == content.startswith("[") and ("holds a list" in msg) == content.startswith("-")
+    assert _check_resume(recipe, out, ["all"])[0].startswith(str(out / "recipe.yaml"))
+
+
 if __name__ == "__main__":
     {"poison": _poison_worker}[sys.argv[1]](Path(sys.argv[2]))
