@@ -117,11 +117,30 @@ def _write_metrics(path: Path, row: dict) -> None:
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows a crashed run logged past the checkpoint being resumed."""
+    """Drop rows a crashed run logged past the checkpoint being resumed, and a torn line (a kill
+    mid-write) with a warning naming it; rewritten atomically."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
-    path.write_text("".join(r + "\n" for r in rows))
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = int(row["step"])
+        except (ValueError, TypeError, KeyError):
+            print(f"warning: {path} line {i} is torn or not a metrics row (dropped): {line[:80]!r}", file=sys.stderr, flush=True)
+            continue
+        if step <= last_step:
+            rows.append(line)
+    _atomic_write(path, "".join(r + "\n" for r in rows))
+
+
+def _clean_tmp(out_dir: Path) -> None:
+    """Remove the ``.*.tmp`` files of writes a kill interrupted (ours are hidden, named after their target)."""
+    for folder in [out_dir, out_dir / "checkpoints", *(out_dir / "checkpoints").glob("step_*")]:
+        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+            tmp.unlink(missing_ok=True)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -262,6 +281,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     accepted = _check_resume(recipe, out_dir, allow_changed)
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
+        _clean_tmp(out_dir)
         if accepted:
             print("resuming with a changed recipe:\n  " + "\n  ".join(accepted), flush=True)
             with open(out_dir / "recipe_changes.log", "a", encoding="utf-8") as fh:

@@ -74,10 +74,30 @@ def test_planted_pickle_payloads_are_refused_and_never_run(tmp_path):
         assert str(target) in line and "refusing to load" in line and "posix.system" in line, line
         assert not marker.exists(), f"the payload in {target.name} ran"
         target.write_bytes(good)
-    # the untouched checkpoint still resumes (DeepSpeed's optimizer records load weights-only)
-    proc = _train(out, "train.max_steps=4")
+    # the same launches check crash-safe side files (item 4) and the recipe comparison (item 3):
+    # a kill mid-append tore the last metrics row; killed saves left .tmp files
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 3, "loss": 0.1')
+    leftovers = [out / ".recipe.yaml.tmp", out / "checkpoints" / ".latest.x1y2.tmp", step / ".trainer_rank00000.pt.a9.tmp"]
+    for f in leftovers:
+        f.write_bytes(b"partial")
+    proc = _train(out, "train.max_steps=4", "train.lr=0.002")  # another learning rate: refused, listed
+    assert proc.returncode == 2
+    line = _one_line(proc)
+    assert "train.lr: 0.001 -> 0.002" in line and "--allow-changed train.lr" in line, line
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 0.001  # not rewritten by the refused run
+    # accepted with the flag and logged; the untouched checkpoint resumes (DeepSpeed's optimizer records load weights-only)
+    proc = cli(["train", TINY_MOE, "--allow-changed", "train.lr", "--set", *FAST, f"output_dir={out}", "train.max_steps=4",
+                "train.lr=0.002"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout and "step 2" in proc.stdout
+    assert "resuming with a changed recipe:\n  train.lr: 0.001 -> 0.002" in proc.stdout
+    assert "train.lr: 0.001 -> 0.002" in (out / "recipe_changes.log").read_text()
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["train"]["lr"] == 0.002
+    assert f"{out / 'metrics.jsonl'} line 3 is torn" in proc.stderr
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    assert not any(f.exists() for f in leftovers)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["steps"] == 4
     assert not marker.exists()
     # files written through mkstemp follow the umask like any other file (not 0600)
     mode = stat.S_IMODE((out / "checkpoints" / "latest").stat().st_mode)
