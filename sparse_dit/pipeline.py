@@ -182,7 +182,8 @@ class VideoPipeline:
     def generate(self, mode: str, *, prompt: str | Sequence[str] | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                 latents: torch.Tensor | None = None, output_type: str = "pt", **inputs: Any) -> Any:
+                 latents: torch.Tensor | None = None, output_type: str = "pt",
+                 model_kwargs: dict[str, Any] | None = None, **inputs: Any) -> Any:
         """Generate with the mode ``mode`` of :data:`GENERATION_MODES`.
 
         Args:
@@ -192,6 +193,8 @@ class VideoPipeline:
             prompt, negative_prompt: captions (need a ``text_encoder``).
             num_inference_steps, guidance_scale: None = the pipeline's.
             generator, latents, output_type: as ``__call__``.
+            model_kwargs: extra conditioning passed to the model as is (``class_labels``, or
+                ``text_emb``/``text_mask`` encoded elsewhere), batch-first like the layout.
             **inputs: the mode's inputs (``GENERATION_MODES[mode].inputs``), e.g. ``video``.
         """
         entry = GENERATION_MODES.get(mode)
@@ -205,12 +208,13 @@ class VideoPipeline:
             return self._output(lay.init_latents, output_type)  # nothing destroyed, nothing to restore
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
-        out = self._sample(lay, prompt, negative_prompt, steps, guidance, generator, latents)
+        out = self._sample(lay, prompt, negative_prompt, steps, guidance, generator, latents, model_kwargs)
         return self._output(lay.finish(out) if lay.finish is not None else out, output_type)
 
     def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float,
-                generator, latents) -> torch.Tensor:
+                generator, latents, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         cond, uncond = self._cond(prompt, lay.shape[0], negative_prompt)
+        cond = {**(model_kwargs or {}), **cond}
         return sample(self.model, lay.shape, cond, uncond_kwargs=uncond, guidance_scale=guidance_scale,
                       num_inference_steps=num_inference_steps, sampler=self.sampler, shift=self.shift_for(lay.shape),
                       grid=self.grid, generator=generator, latents=latents, context=lay.context, context_mask=lay.mask,
@@ -247,6 +251,45 @@ class VideoPipeline:
         return self.generate("loop", video=video, num_transition_frames=num_transition_frames,
                              context_frames=context_frames, **kwargs)
 
+    @torch.no_grad()
+    def rollout(self, video: torch.Tensor, num_frames: int, window: int, context_frames: int,
+                generator: torch.Generator | None = None, **kwargs: Any) -> torch.Tensor:
+        """World rollout: extend ``video`` forward, window by window, to ``num_frames`` frames.
+
+        Each window gives the model the last ``context_frames`` frames made so far and asks for
+        up to ``window - context_frames`` new ones (``extend_forward``), so every model call sees
+        at most ``window`` frames whatever ``num_frames`` is: memory stays flat in the length.
+
+        Args:
+            video: (B, C, T, H, W) in [-1, 1], T >= ``context_frames``: the start of the rollout.
+            num_frames: frames of the returned video (the given ones included), > T.
+            window: frames per model call (the length the model was trained on).
+            context_frames: frames carried from one window to the next, in [1, window - 1].
+            generator: shared by all windows (reproducible rollouts).
+            **kwargs: sampling arguments of :meth:`generate` (``prompt``, ``model_kwargs``, ...).
+
+        Returns:
+            (B, C, num_frames, H, W) float in [-1, 1] on the CPU.
+        """
+        T = video.shape[2]
+        if not 1 <= context_frames < window:
+            raise ValueError(f"context_frames={context_frames} must lie in [1, window - 1 = {window - 1}]")
+        if T < context_frames:
+            raise ValueError(f"the video has {T} frames; a rollout with context_frames={context_frames} needs at least that many")
+        if num_frames <= T:
+            raise ValueError(f"num_frames={num_frames} must exceed the {T} frames given")
+        kwargs.pop("output_type", None)
+        chunks, last = [video.cpu()], video[:, :, -context_frames:]
+        made = T
+        while made < num_frames:
+            new = min(window - context_frames, num_frames - made)
+            out = self.generate("extend_forward", video=last, num_new_frames=new, generator=generator, output_type="pt", **kwargs)
+            fresh = out[:, :, context_frames:]
+            chunks.append(fresh.cpu())
+            last = out[:, :, -context_frames:]
+            made += fresh.shape[2]
+        return torch.cat(chunks, dim=2)
+
     def sdedit(self, video: torch.Tensor, strength: float = 0.6, **kwargs: Any) -> Any:
         """SDEdit (Meng et al. 2022): run the last ``strength`` of the schedule on ``video`` noised
         to that point (diffusers' img2img meaning), toward ``prompt`` if given. Small strengths
@@ -273,11 +316,17 @@ def _image_to_video(pipe: VideoPipeline, image: torch.Tensor, num_frames: int = 
     return _given([first, pipe.latent_frames(num_frames) - first.shape[2]])  # [img, _, _, _]
 
 
+def _latent_count(pipe: VideoPipeline, name: str, frames: int) -> int:
+    """``frames`` new pixel frames in latent frames: >= 1 and a whole number (never floored)."""
+    tc = pipe.vae.temporal_compression
+    if frames < 1 or frames % tc:
+        allowed = "an int >= 1" if tc == 1 else f"a positive multiple of the VAE's temporal compression {tc}"
+        raise ValueError(f"{name}={frames} is not allowed; use {allowed}")
+    return frames // tc
+
+
 def _new_frames(pipe: VideoPipeline, num_new_frames: int) -> int:
-    gap = num_new_frames // pipe.vae.temporal_compression
-    if gap < 1:
-        raise ValueError(f"num_new_frames={num_new_frames} must be >= the VAE's temporal compression {pipe.vae.temporal_compression}")
-    return gap
+    return _latent_count(pipe, "num_new_frames", num_new_frames)
 
 
 def _extend_forward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: int) -> Layout:
@@ -291,14 +340,14 @@ def _extend_backward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: i
 
 
 def _interpolate(pipe: VideoPipeline, start: torch.Tensor, end: torch.Tensor, num_frames_between: int) -> Layout:
-    gap = num_frames_between // pipe.vae.temporal_compression
+    gap = _latent_count(pipe, "num_frames_between", num_frames_between)
     return _given([pipe._encode(start), gap, pipe._encode(end)])  # [a0 a1, _, _, b0 b1]
 
 
 def _loop(pipe: VideoPipeline, video: torch.Tensor, num_transition_frames: int, context_frames: int = 2) -> Layout:
     z = pipe._encode(video)
     k = min(context_frames, z.shape[2])
-    gap = num_transition_frames // pipe.vae.temporal_compression
+    gap = _latent_count(pipe, "num_transition_frames", num_transition_frames)
     lay = _given([z[:, :, -k:], gap, z[:, :, :k]])  # [v_end, _, _, v_start]
     # The output is the video followed by the transition: playing it on repeat loops.
     return Layout(lay.shape, lay.context, lay.mask, finish=lambda out: torch.cat([z, out[:, :, k : k + gap]], dim=2))
