@@ -261,5 +261,71 @@ def test_an_empty_or_broken_saved_recipe_is_named_not_called_another_model(tmp_p
     assert _check_resume(recipe, out, ["all"])[0].startswith(str(out / "recipe.yaml"))
 
 
+# --------------------------------------------------------------------------------------------
+# 5. data --overwrite: a new folder swapped in at the end, never the command's inputs
+# --------------------------------------------------------------------------------------------
+
+
+def _write_mp4(path: Path, frames, fps: float = 8.0) -> None:
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=int(fps))
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for f in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _ramp(num_frames: int, size: int = 16):
+    import numpy as np
+
+    levels = (8 * np.arange(num_frames)).astype(np.uint8)
+    return np.broadcast_to(levels[:, None, None, None], (num_frames, size, size, 3)).copy()
+
+
+def test_overwrite_refuses_an_out_that_holds_the_inputs(tmp_path, capsys):
+    from sparse_dit.cli import main as cli_main
+
+    src = tmp_path / "project" / "clips"
+    src.mkdir(parents=True)
+    for i in range(2):
+        _write_mp4(src / f"v{i}.mp4", _ramp(8))
+    (tmp_path / "project" / "notes.txt").write_text("unrelated")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out in (src, src.parent):  # the source folder itself, or a folder above it
+        rc = cli_main(["data", "folder", "--videos", str(src), "--out", str(out), "--frames", "4", "--resolution", "16x16",
+                       "--workers", "0", "--no-progress", "--overwrite"])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"out={str(out)!r} holds the input {str(src)!r}" in err and "Traceback" not in err, err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing deleted, nothing left behind
+    out = tmp_path / "ds"
+    assert cli_main(["data", "folder", "--videos", str(src), "--out", str(out), "--frames", "4", "--resolution", "16x16",
+                     "--workers", "0", "--no-progress"]) == 0
+
+
+def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path):
+    import datasets
+
+    from sparse_dit.data import generate_physics_videos, write_physics_dataset
+    from sparse_dit.data.hf import physics_features, physics_record, write_dataset
+
+    out = tmp_path / "ds"
+    write_physics_dataset(out, "parabola", "id", 3, frames=4, height=16, width=16, seed=0, workers=1, progress=False)
+
+    def rows():  # the generator dies after one row (a crash, a bad video, Ctrl-C)
+        yield generate_physics_videos("parabola", "id", 1, frames=4, height=16, width=16, seed=1, workers=1)[0]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_dataset(rows(), out, physics_features(), physics_record, overwrite=True)
+    assert len(datasets.load_from_disk(str(out))) == 3  # the old dataset, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no .ds.new*/.ds.old* left behind
+    write_physics_dataset(out, "parabola", "id", 2, frames=4, height=16, width=16, seed=5, workers=1, progress=False, overwrite=True)
+    assert len(datasets.load_from_disk(str(out))) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
 if __name__ == "__main__":
     {"poison": _poison_worker}[sys.argv[1]](Path(sys.argv[2]))

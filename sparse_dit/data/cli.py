@@ -99,11 +99,16 @@ def _bytes_per_video(ds) -> float:
     return float(np.mean([len(b) for b in ds.select_columns(["video"])["video"]])) if len(ds) else 0.0
 
 
+def _paths(*values: str | None) -> list[str]:
+    """The arguments that name existing files or folders (a text encoder may be a name, not a path)."""
+    return [v for v in values if v and os.path.exists(v)]
+
+
 def _physics(args: argparse.Namespace) -> int:
     height, width = args.resolution
     ds = write_physics_dataset(
         args.out, args.scenario, args.split, args.num_videos, args.frames, height, width, args.seed,
-        fps=args.fps, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
+        fps=args.fps, workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, inputs=_paths(args.text_encoder),
     )
     raw = args.frames * height * width * 3
     stored = _bytes_per_video(ds)
@@ -130,7 +135,8 @@ def _folder(args: argparse.Namespace) -> int:
                    "fps": float(item["fps"]), "source": names[int(item["index"])]}
 
     description = json.dumps({"kind": "sparse-dit video folder", "video_encoding": "npz", "source": os.path.abspath(args.videos)})
-    out = write_dataset(rows(), args.out, folder_features(), description=description, overwrite=args.overwrite)
+    inputs = [args.videos, *_paths(args.captions, args.text_encoder)]
+    out = write_dataset(rows(), args.out, folder_features(), description=description, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {len(out)} videos to {args.out} ({_bytes_per_video(out):,.0f} bytes per video); "
           f"skipped {ds.num_skipped} undecodable and {ds.num_too_short} too-short file(s)")
     for name, error in ds.skipped:

@@ -34,7 +34,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import datasets
 import numpy as np
@@ -174,11 +174,13 @@ def write_dataset(
     to_record=lambda r: r,
     description: str = "",
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> datasets.Dataset:
     """Stream rows into an Arrow dataset at ``out`` (``datasets.load_from_disk(out)`` reads it).
 
     Rows are written to a temporary Arrow cache next to ``out`` as they arrive, so memory stays
-    flat for any number of videos; then the dataset is saved to ``out``.
+    flat for any number of videos; the dataset is saved to a new folder next to ``out`` and
+    swapped in at the end, so an existing ``out`` is replaced only once the new one is complete.
 
     Args:
         rows: an iterable of rows (consumed once).
@@ -187,12 +189,10 @@ def write_dataset(
         to_record: converts a row into a record matching ``features``.
         description: stored as the dataset's description.
         overwrite: replace an existing ``out``.
+        inputs: the paths the rows are read from; ``out`` may not be or hold any of them.
     """
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"out={str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
-        shutil.rmtree(out)
+    _check_out(out, overwrite, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows_iter = iter(rows)
     was_disabled = datasets.are_progress_bars_disabled()
@@ -208,12 +208,46 @@ def write_dataset(
             finally:
                 _GENERATORS.pop(tmp, None)
             ds.info.description = description
-            ds.save_to_disk(str(out))
-            del ds
+            new = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.new"))
+            try:
+                ds.save_to_disk(str(new))
+                del ds
+                _swap_in(new, out)
+            finally:
+                shutil.rmtree(new, ignore_errors=True)
     finally:
         if not was_disabled:
             datasets.enable_progress_bars()
     return datasets.load_from_disk(str(out))
+
+
+def _check_out(out: Path, overwrite: bool, inputs: Sequence[str | os.PathLike]) -> None:
+    """Refuse an ``out`` that is a file, that holds an input, or that exists without ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; expected a folder (new, empty, or with --overwrite a dataset to replace)")
+    real = out.resolve()
+    for src in inputs:
+        s = Path(src).resolve()
+        if s == real or real in s.parents:
+            raise ValueError(f"out={str(out)!r} holds the input {str(src)!r}; writing there would replace it: choose another --out")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ValueError(f"out={str(out)!r} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Put the finished folder ``new`` at ``out``; an old ``out`` is removed only after the rename."""
+    if not out.exists():
+        os.replace(new, out)
+        return
+    old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old"))
+    os.replace(out, old / out.name)
+    try:
+        os.replace(new, out)
+    except BaseException:
+        os.replace(old / out.name, out)  # put the old one back
+        shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 _GENERATORS: dict[str, dict] = {}
@@ -237,6 +271,7 @@ def write_physics_dataset(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
 ) -> datasets.Dataset:
     """Generate physics-world videos and save them as a Hugging Face dataset at ``out``.
 
@@ -253,6 +288,7 @@ def write_physics_dataset(
         workers: generator processes (default: all cores).
         progress: show a tqdm progress bar.
         overwrite: replace an existing ``out``.
+        inputs: paths the command reads (a text encoder folder); ``out`` may not hold them.
 
     Returns:
         The saved dataset, loaded back from ``out``.
@@ -277,7 +313,7 @@ def write_physics_dataset(
             "seed": seed,
         }
     )
-    return write_dataset(rows, out, physics_features(), physics_record, description, overwrite)
+    return write_dataset(rows, out, physics_features(), physics_record, description, overwrite, inputs)
 
 
 def load_video_dataset(path: str | os.PathLike) -> datasets.Dataset:
