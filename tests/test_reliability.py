@@ -327,5 +327,49 @@ def test_overwrite_keeps_the_old_dataset_until_the_new_one_is_complete(tmp_path)
     assert len(datasets.load_from_disk(str(out))) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+# --------------------------------------------------------------------------------------------
+# 6. Truncated videos are skipped and named, never padded
+# --------------------------------------------------------------------------------------------
+
+
+def _ffmpeg_mp4(path: Path, frames: int = 24) -> Path:
+    import subprocess
+
+    imageio_ffmpeg = pytest.importorskip("imageio_ffmpeg")
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-loglevel", "error", "-y", "-f", "lavfi", "-i", "testsrc=size=32x32:rate=8",
+                    "-frames:v", str(frames), "-pix_fmt", "yuv420p", "-c:v", "libx264", "-g", "4", "-movflags", "+faststart", str(path)],
+                   check=True, timeout=60)
+    return path
+
+
+def test_a_truncated_video_is_skipped_and_named_never_padded(tmp_path, capsys):
+    import datasets
+
+    from sparse_dit.cli import main as cli_main
+    from sparse_dit.data import TruncatedVideoError, VideoFolderDataset, probe_video, read_video
+
+    src = tmp_path / "clips"
+    src.mkdir()
+    full = _ffmpeg_mp4(src / "whole.mp4")
+    data = full.read_bytes()
+    (src / "cut.mp4").write_bytes(data[: int(len(data) * 0.6)])  # the index (faststart) declares 24 frames; the tail is gone
+    assert probe_video(full).num_frames == 24 and read_video(full).shape[0] == 24
+    with pytest.raises(TruncatedVideoError, match=r"truncated: \d+ of the 24 frames it declares"):
+        probe_video(src / "cut.mp4")
+    with pytest.raises(ValueError):  # read on its own (no probe): an error or TruncatedVideoError, never 16 frames
+        read_video(src / "cut.mp4", list(range(16)))
+    with pytest.raises(TruncatedVideoError, match="frame 30 wanted, the last decodable one is 23"):  # was: frame 23 repeated
+        read_video(full, [20, 30])
+    with pytest.warns(UserWarning, match="cut.mp4"):
+        ds = VideoFolderDataset(src, num_frames=16)
+    assert len(ds) == 1 and ds.num_skipped == 1 and ds.skipped[0][0].endswith("cut.mp4") and "truncated" in ds.skipped[0][1]
+    out = tmp_path / "ds"
+    rc = cli_main(["data", "folder", "--videos", str(src), "--out", str(out), "--frames", "16", "--resolution", "32x32",
+                   "--workers", "0", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "skipped 1 undecodable" in printed and "skipped cut.mp4: TruncatedVideoError: truncated" in printed, printed
+    assert datasets.load_from_disk(str(out))["source"] == ["whole.mp4"]
+
+
 if __name__ == "__main__":
     {"poison": _poison_worker}[sys.argv[1]](Path(sys.argv[2]))

@@ -18,6 +18,7 @@ from einops import rearrange
 
 __all__ = [
     "VIDEO_EXTENSIONS",
+    "TruncatedVideoError",
     "VideoMeta",
     "probe_video",
     "read_video",
@@ -54,11 +55,18 @@ def _fps(stream) -> float:
     return float(rate) if rate else 0.0
 
 
+class TruncatedVideoError(ValueError):
+    """A video holds fewer frames than its container declares (a cut download, a killed encoder)."""
+
+
 def probe_video(source: str | os.PathLike | bytes) -> VideoMeta:
     """Read a video's frame count, size and frame rate; decode its first frame to be sure.
 
-    Raises whatever PyAV raises (``av.error.FFmpegError`` is a ValueError) or ValueError when the
-    file holds no decodable video stream.
+    The frame count is what the file holds: when the container declares a count, the packets are
+    counted too (demuxed, not decoded), and a file holding fewer is refused, never padded.
+
+    Raises whatever PyAV raises (``av.error.FFmpegError`` is a ValueError), ValueError when the
+    file holds no decodable video stream, :class:`TruncatedVideoError` for a truncated file.
 
     Args:
         source: a path or the file's bytes.
@@ -71,13 +79,15 @@ def probe_video(source: str | os.PathLike | bytes) -> VideoMeta:
         first = next(container.decode(stream), None)
         if first is None:
             raise ValueError("no decodable frame")
-        count = int(stream.frames or 0)
-        if count <= 0:
-            if stream.duration and fps:
-                count = int(round(float(stream.duration * stream.time_base) * fps))
-            else:  # demux and count packets (no decoding)
-                container.seek(0)
-                count = sum(1 for packet in container.demux(stream) if packet.size)
+        declared = int(stream.frames or 0)
+        count = declared
+        if count <= 0 and stream.duration and fps:
+            count = int(round(float(stream.duration * stream.time_base) * fps))
+        elif count > 0 or not (stream.duration and fps):  # demux and count packets (no decoding)
+            container.seek(0)
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+            if declared and count < declared:  # PyAV decodes what is there without an error (PITFALLS)
+                raise TruncatedVideoError(f"truncated: {count} of the {declared} frames it declares are in the file")
         return VideoMeta(num_frames=max(count, 1), height=first.height, width=first.width, fps=fps or 25.0)
 
 
@@ -86,7 +96,8 @@ def read_video(source: str | os.PathLike | bytes, indices: Sequence[int] | None 
 
     Seeks to the keyframe before the first wanted frame, so crops late in long files are cheap.
     Frame indices come from timestamps (``round(pts * time_base * fps)``); in variable-frame-
-    rate files a missing index repeats the previous decoded frame.
+    rate files a missing index repeats the previous decoded frame; frames past the last decodable
+    one raise :class:`TruncatedVideoError` (never padded).
 
     Args:
         source: a path or the file's bytes.
@@ -101,19 +112,22 @@ def read_video(source: str | os.PathLike | bytes, indices: Sequence[int] | None 
         if wanted and wanted[0] > 0 and stream.time_base:
             container.seek(start_pts + int(wanted[0] / fps / stream.time_base), stream=stream, backward=True)
         frames: dict[int, np.ndarray] = {}
-        counter = 0
+        counter = last_decoded = 0
         for frame in container.decode(stream):
             if frame.pts is not None and stream.time_base:
                 idx = int(round(float((frame.pts - start_pts) * stream.time_base) * fps))
             else:
                 idx = counter
             counter = idx + 1
+            last_decoded = idx
             if wanted is not None and idx > wanted[-1]:
                 break
             if wanted is None or idx in wanted:
                 frames[idx] = frame.to_ndarray(format="rgb24")
     if not frames:
         raise ValueError("no frame decoded")
+    if wanted is not None and wanted[-1] > last_decoded:  # never pad a cut file with its last frame
+        raise TruncatedVideoError(f"truncated: frame {wanted[-1]} wanted, the last decodable one is {last_decoded}")
     if wanted is None:
         return np.stack([frames[k] for k in sorted(frames)])
     out, last = [], None
