@@ -8,6 +8,7 @@ subcommand runs, so ``sparse-dit flops`` never pays for importing deepspeed.
     sparse-dit train RECIPE.yaml ...   train (one process, or N ranks via the deepspeed launcher)
     sparse-dit generate RUN_DIR ...    sample videos from a trained model
     sparse-dit eval ...                quality / cost evaluations and dense-vs-sparse reports
+    sparse-dit convert dit CKPT ...    an official DiT checkpoint -> a from_pretrained folder
     sparse-dit flops PRESET ...        analytic params and MACs
     sparse-dit bench ...               performance benchmarks
     sparse-dit quickstart --out DIR    the end-to-end demo that `make demo` runs
@@ -27,6 +28,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("sparse_dit.recipes.train", "train a recipe under DeepSpeed (1 process or N ranks)"),
     "generate": ("sparse_dit.recipes.generate", "sample videos from a trained model"),
     "eval": ("sparse_dit.evals.cli", "evaluate runs: quality, inference cost, dense-vs-sparse reports"),
+    "convert": ("sparse_dit.convert", "official checkpoints (facebookresearch/DiT) -> a from_pretrained folder"),
     "flops": ("sparse_dit.flops_cli", "analytic params and forward MACs of a preset or config"),
     "bench": ("sparse_dit.bench", "run the performance benchmarks"),
     "quickstart": ("sparse_dit.recipes.quickstart", "end-to-end demo: data, train both models, evaluate, report"),

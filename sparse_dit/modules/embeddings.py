@@ -183,12 +183,18 @@ def sincos_1d(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def sincos_pos_embed(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
-    """Fixed positions for a (t, h, w) token grid -> (t*h*w, dim).
+    """Fixed positions for a (t, h, w) token grid -> (t*h*w, dim), tokens in (t h w) order.
 
-    The spatial part is DiT's 2D sin-cos (half the channels encode h, half w); a 1D sin-cos of
-    the frame index is added on top for video, so images and videos share one scheme.
+    The spatial part is exactly DiT's 2D sin-cos (facebookresearch/DiT ``get_2d_sincos_pos_embed``):
+    its grid is ``np.meshgrid(grid_w, grid_h)``, so the first half of the channels encodes the
+    column (w) and the second half the row (h); an official DiT checkpoint's ``pos_embed`` equals
+    this at t = 1. For video, a 1D sin-cos of the frame index is added, minus its value at frame 0,
+    so the first frame (and every image, t = 1) carries DiT's positions unchanged.
     """
     t, h, w = grid
     gt, gh, gw = torch.meshgrid(torch.arange(t), torch.arange(h), torch.arange(w), indexing="ij")
-    spatial = torch.cat([sincos_1d(gh.flatten(), dim // 2), sincos_1d(gw.flatten(), dim // 2)], dim=1)
-    return spatial + sincos_1d(gt.flatten(), dim)  # (N, dim)
+    spatial = torch.cat([sincos_1d(gw.flatten(), dim // 2), sincos_1d(gh.flatten(), dim // 2)], dim=1)
+    if t == 1:
+        return spatial  # (N, dim): DiT's layout exactly
+    temporal = sincos_1d(gt.flatten(), dim) - sincos_1d(torch.zeros(1), dim)  # zero at frame 0
+    return spatial + temporal  # (N, dim)
