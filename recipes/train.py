@@ -280,13 +280,16 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     out_dir = Path(recipe.output_dir)
     accepted = _check_resume(recipe, out_dir, allow_changed)
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _clean_tmp(out_dir)
-        if accepted:
-            print("resuming with a changed recipe:\n  " + "\n  ".join(accepted), flush=True)
-            with open(out_dir / "recipe_changes.log", "a", encoding="utf-8") as fh:
-                fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} " + "; ".join(accepted) + "\n")
-        _atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _clean_tmp(out_dir)
+            if accepted:
+                print("resuming with a changed recipe:\n  " + "\n  ".join(accepted), flush=True)
+                with open(out_dir / "recipe_changes.log", "a", encoding="utf-8") as fh:
+                    fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} " + "; ".join(accepted) + "\n")
+            _atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+        except OSError as exc:  # read-only, a file in the way, no space: one line, no traceback
+            raise ConfigError(f"output_dir={recipe.output_dir!r} cannot be written ({exc.strerror or exc}: {exc.filename or out_dir})") from None
 
     # Model: the same initialisation on every rank, then experts sharded over the EP group
     torch.manual_seed(tc.seed)
@@ -296,7 +299,10 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     model = engine.module
     with _gathered(model, par.zero_stage == 3):
         ema = EMA(model, decay=tc.ema_decay)
-    cond = Conditioner(recipe, engine.device, dtype)
+    try:
+        cond = Conditioner(recipe, engine.device, dtype)
+    except (ValueError, OSError, ImportError) as exc:  # a missing or unusable text encoder
+        raise ConfigError(f"data.text_encoder={recipe.data.text_encoder!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
     # Data: every rank is a data-parallel rank (EP shards experts, not the batch)
     try:

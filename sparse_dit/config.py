@@ -256,6 +256,10 @@ class TrainConfig(_Config):
     # still spans max_steps: for time-limited jobs and the resume test. None = run to max_steps.
     stop_after: Optional[int] = field(default=None, metadata=rule(ge=1))
 
+    def _check(self) -> None:
+        if not all(0 <= b < 1 for b in self.betas):  # Adam's moment decays: b = 1 never forgets, b >= 1 diverges
+            raise ConfigError(f"{current_prefix() or 'train.'}betas={list(self.betas)!r} is out of range; allowed: two numbers in [0, 1)")
+
 
 @dataclass
 class DataConfig(_Config):

@@ -208,10 +208,15 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw = apply_overrides(raw, list(overrides))
     preset = raw.get("preset")
     if preset is not None:
+        if not isinstance(preset, str):
+            raise ConfigError(f"preset={preset!r} has type {type(preset).__name__}; expected a preset name (str), e.g. debug-E4A2")
         base = to_dict(preset_config(preset))
         model = raw.get("model") or {}
         if not isinstance(model, dict):
             raise ConfigError(f"model must be a mapping, got {type(model).__name__}")
-        moe = {**base.pop("moe"), **(model.get("moe") or {})}
+        moe_over = model.get("moe") or {}
+        if not isinstance(moe_over, dict):
+            raise ConfigError(f"model.moe={moe_over!r} has type {type(moe_over).__name__}; expected a mapping of MoEConfig fields")
+        moe = {**base.pop("moe"), **moe_over}
         raw["model"] = {**base, **{k: v for k, v in model.items() if k != "moe"}, "moe": moe}
     return from_dict(RecipeConfig, raw)

@@ -82,6 +82,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin in (list, tuple):
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: a list of exactly len(args)
+            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
         inner = _type_name(args[0]) if args else "any"
         return f"{origin.__name__}[{inner}{', ...' if origin is tuple else ''}]"
     if origin is dict:
@@ -125,6 +127,9 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, (list, tuple)):
             return _NO
         args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:  # tuple[float, float]: exactly that many
+            if len(value) != len(args):
+                return _NO
         inner = args[0] if args else Any
         items = []
         for i, item in enumerate(value):
@@ -212,7 +217,7 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
     unknown = [k for k in data if k not in names]
     if unknown:
         raise ConfigError(
-            f"unknown key '{prefix}{unknown[0]}' in {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
+            f"unknown key {prefix + str(unknown[0])!r} in {cls.__name__}; allowed keys: {', '.join(sorted(names))}"
         )
     hints = _hints(cls)
     kwargs = {}
@@ -257,7 +262,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: cannot parse value {raw!r} ({exc})") from exc
+        raise ConfigError(f"override {text!r}: cannot parse value {raw!r} ({yaml_error_line(exc)})") from None
     return key.split("."), value
 
 
@@ -281,13 +286,49 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return out
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last, silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, typing.Hashable) and key in seen:
+                raise ConfigError(f"duplicate key {key!r} at line {line} (first at line {seen[key]}); give each key once")
+            if isinstance(key, typing.Hashable):
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: what is wrong and where (PyYAML's own message spans several)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {problem}"
+
+
 def load_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping from ``path`` (an empty file is an empty mapping)."""
+    """Read a YAML mapping from ``path`` (an empty file is an empty mapping).
+
+    Raises:
+        ConfigError: a missing file, a file that is not UTF-8 text or not valid YAML, a key given
+            twice, or a top level that is not a mapping; one line naming the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    with open(path, encoding="utf-8") as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+    except ConfigError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(path)!r}: {yaml_error_line(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data

@@ -371,5 +371,135 @@ def test_a_truncated_video_is_skipped_and_named_never_padded(tmp_path, capsys):
     assert datasets.load_from_disk(str(out))["source"] == ["whole.mp4"]
 
 
+# --------------------------------------------------------------------------------------------
+# 7. Malformed configs: one ConfigError line each
+# --------------------------------------------------------------------------------------------
+
+MALFORMED = {  # file text -> what the one line must say
+    "syntax": (b"preset: debug-E4A2\nmodel: {depth: 2\n", "YAML syntax error at line 3, column 1: expected ',' or '}'"),
+    "tab": (b"\t- x: 1\n", "YAML syntax error at line 1, column 1"),
+    "latin1": ("preset: debug-E4A2\n# caf\u00e9\n".encode("latin-1"), "is not UTF-8 text (byte 0xe9 at offset 24)"),
+    "moe_scalar": (b"preset: debug-E4A2\nmodel:\n  moe: 4\n", "model.moe=4 has type int; expected a mapping"),
+    "moe_list": (b"preset: debug-E4A2\nmodel:\n  moe: [1, 2]\n", "model.moe=[1, 2] has type list; expected a mapping"),
+    "moe_scalar_no_preset": (b"model:\n  moe: 4\n", "model.moe=4 has type int; expected MoEConfig"),
+    "preset_int": (b"preset: 5\n", "preset=5 has type int; expected a preset name"),
+    "preset_list": (b"preset: [a]\n", "preset=['a'] has type list; expected a preset name"),
+    "betas_short": (b"train:\n  betas: [0.9]\n", "train.betas=[0.9] has type list; expected a list of 2 (float, float)"),
+    "betas_long": (b"train:\n  betas: [0.9, 0.99, 0.5]\n", "expected a list of 2 (float, float)"),
+    "betas_high": (b"train:\n  betas: [1.5, 0.99]\n", "train.betas=[1.5, 0.99] is out of range; allowed: two numbers in [0, 1)"),
+    "betas_one": (b"train:\n  betas: [0.9, 1.0]\n", "is out of range; allowed: two numbers in [0, 1)"),
+    "betas_negative": (b"train:\n  betas: [-0.1, 0.99]\n", "is out of range"),
+    "duplicate_key": (b"train:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", "duplicate key 'lr' at line 3 (first at line 2)"),
+    "duplicate_section": (b"train:\n  lr: 1.0e-3\ntrain:\n  seed: 2\n", "duplicate key 'train' at line 3 (first at line 1)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_each_malformed_config_is_one_clear_line(tmp_path, case):
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+
+    text, want = MALFORMED[case]
+    path = tmp_path / f"{case}.yaml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    msg = str(err.value)
+    assert want in msg and "\n" not in msg, msg
+
+
+def test_malformed_config_from_the_cli_is_one_line_and_exit_2(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(MALFORMED["duplicate_key"][0])
+    proc = cli(["train", str(path)], timeout=120)
+    assert proc.returncode == 2 and "duplicate key 'lr'" in _one_line(proc)
+
+
+
+@pytest.mark.timeout(300)
+def test_bad_run_settings_are_one_line_from_sparse_dit_train(tmp_path):
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.schema import to_dict
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    proc = _train(blocker / "run", "train.max_steps=1")  # output_dir under a file: cannot be created
+    assert proc.returncode == 2 and f"output_dir={str(blocker / 'run')!r} cannot be written" in _one_line(proc)
+    proc = _train(tmp_path / "enc", "train.max_steps=1", f"data.text_encoder={tmp_path / 'no_encoder'}")
+    assert proc.returncode == 2 and f"data.text_encoder={str(tmp_path / 'no_encoder')!r}" in _one_line(proc)
+    # a checkpoint written by 2 ranks, resumed by 1
+    out = tmp_path / "two"
+    step = out / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (out / "checkpoints" / "latest").write_text(step.name)
+    recipe = load_recipe(TINY_MOE, [*FAST, f"output_dir={out}", "train.max_steps=4"])
+    (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe), sort_keys=False))
+    torch.save({"ema": {}, "step": 2, "world_size": 2, "rank": 0}, step / "trainer_rank00000.pt")
+    proc = _train(out, "train.max_steps=4")
+    assert proc.returncode == 2 and "was written by 2 ranks, this run has 1" in _one_line(proc)
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def _tiny_paths() -> list[str]:
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.train import _flat
+    from sparse_dit.schema import to_dict
+
+    return sorted(_flat(to_dict(load_recipe(TINY_MOE)))) + ["preset", "model.moe", "train.context", "nosuch", "train.nosuch"]
+
+
+_PATHS = _tiny_paths()
+
+
+def _one_config_error_or_none(fn) -> None:
+    from sparse_dit.config import ConfigError
+
+    try:
+        fn()
+    except ConfigError as exc:  # anything else is a traceback for the user
+        assert "\n" not in str(exc) and 0 < len(str(exc)) < 2000, str(exc)
+
+
+@hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(path=st.sampled_from(_PATHS), value=_VALUES)
+def test_any_value_at_any_recipe_field_is_valid_or_one_config_error(path, value):
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.schema import load_yaml
+
+    raw = load_yaml(TINY_MOE)
+    node = raw
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {}) if isinstance(node.get(part, {}), dict) else {}
+    node[leaf] = value
+    _one_config_error_or_none(lambda: load_recipe(data=raw))
+
+
+@hypothesis.settings(max_examples=300, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(key=st.sampled_from(_PATHS) | st.text(max_size=12), raw=st.text(max_size=16))
+def test_any_override_text_is_valid_or_one_config_error(key, raw):
+    from sparse_dit.presets import load_recipe
+
+    _one_config_error_or_none(lambda: load_recipe(TINY_MOE, [f"{key}={raw}"]))
+
+
+@hypothesis.settings(max_examples=150, deadline=None, suppress_health_check=list(hypothesis.HealthCheck))
+@hypothesis.given(data=st.binary(max_size=64) | st.text(max_size=64).map(lambda t: t.encode("utf-8", "surrogatepass")))
+def test_any_file_bytes_are_a_recipe_or_one_config_error(tmp_path_factory, data):
+    from sparse_dit.presets import load_recipe
+
+    path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
+    path.write_bytes(data)
+    _one_config_error_or_none(lambda: load_recipe(path))
+
+
 if __name__ == "__main__":
     {"poison": _poison_worker}[sys.argv[1]](Path(sys.argv[2]))
