@@ -33,11 +33,14 @@ non-expert groups. The learning rate follows linear warmup then cosine decay to
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import json
 import math
 import os
 import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -49,6 +52,7 @@ from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optim
 from deepspeed.utils import set_z3_leaf_modules
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+from torch.utils.cpp_extension import _get_build_directory
 
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.moe import MoEFeedForward
@@ -56,6 +60,7 @@ from sparse_dit.moe import MoEFeedForward
 __all__ = [
     "free_port",
     "init_distributed",
+    "check_build_lock",
     "is_gpu",
     "resolve_precision",
     "batch_layout",
@@ -80,20 +85,64 @@ def is_gpu() -> bool:
     return get_accelerator().device_name() != "cpu"
 
 
-def init_distributed() -> tuple[int, int]:
+# DeepSpeed builds its CPU collective op on the first start on a machine (about 27 s on 2 cores,
+# PITFALLS); a kill during that build leaves torch's FileBaton lock, and every later start then
+# waits on it forever with no output. No build takes this long: older locks are stale.
+BUILD_LOCK_STALE_S = 600.0
+_CPU_OP = "deepspeed_shm_comm"
+
+
+def check_build_lock(stale_after_s: float = BUILD_LOCK_STALE_S) -> Optional[str]:
+    """Report (and remove when stale) the build lock of DeepSpeed's CPU op; returns what was found.
+
+    The lock holds no owner pid (torch's ``FileBaton``), so age is the only test: a lock older than
+    ``stale_after_s`` is removed with a note; a younger one is reported (a build may be running).
+    """
+    try:
+        lock = Path(_get_build_directory(_CPU_OP, verbose=False)) / "lock"
+    except Exception:  # no cache folder: nothing can be locked
+        return None
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    if age > stale_after_s:
+        lock.unlink(missing_ok=True)
+        return f"removed a stale DeepSpeed build lock {lock} ({age / 60:.0f} min old: a killed first start left it)"
+    return f"DeepSpeed's CPU op build lock {lock} is {age:.0f} s old: waiting for another start's build; if none runs, delete it"
+
+
+def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int]:
     """Initialise torch.distributed through DeepSpeed; returns (rank, world_size).
 
     Under a launcher (``deepspeed``, ``torchrun``) the env already holds RANK/WORLD_SIZE/
     MASTER_ADDR/MASTER_PORT. Without one this is a single process: a one-rank group on a free
     local port is created, so that the engine, ZeRO and checkpoints run exactly as with N ranks.
     The backend is DeepSpeed's choice for the accelerator (gloo on CPU, nccl on CUDA).
+
+    Args:
+        timeout_s: the process group's collective timeout (``parallel.timeout_s``): a frozen or
+            dead rank makes the others fail after this long (DeepSpeed's default: 10 minutes).
     """
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     backend = "gloo" if not is_gpu() else None
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    if not is_gpu():
+        note = check_build_lock()
+        if note is not None:
+            print(f"rank {os.environ['RANK']}: {note}", file=sys.stderr, flush=True)
+    kwargs = {}
+    if timeout_s is not None:
+        kwargs["timeout"] = datetime.timedelta(seconds=timeout_s)
+        # Groups made later (DeepSpeed's data- and expert-parallel groups, where ZeRO reduces)
+        # take torch's module default (30 min), not the world group's: set that default too.
+        c10d = dist.distributed_c10d
+        c10d.default_pg_timeout = kwargs["timeout"]
+        if isinstance(getattr(c10d, "default_pg_nccl_timeout", None), datetime.timedelta):
+            c10d.default_pg_nccl_timeout = kwargs["timeout"]
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     if is_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()

@@ -202,7 +202,7 @@ class TrainRun:
 # Fields a resumed run may change without a flag: they extend or observe the run, they do not
 # change what the next step computes (docs/training.md, "Resuming").
 RESUME_FREE = ("train.max_steps", "train.stop_after", "train.save_every", "train.log_every", "train.keep_last", "train.sample_every",
-               "output_dir", "data.num_workers")
+               "output_dir", "data.num_workers", "parallel.timeout_s")
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -271,7 +271,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     Raises:
         ConfigError: settings that cannot work on this many ranks, or a checkpoint of another recipe.
     """
-    rank, world = init_distributed()
+    rank, world = init_distributed(recipe.parallel.timeout_s)
     check_parallel_config(recipe, world)
     micro, accum, G = batch_layout(recipe, world)
     tc, par = recipe.train, recipe.parallel
@@ -662,9 +662,26 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, CheckpointError, TrainingDiverged) as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrainingDiverged) else 2
+    except RuntimeError as exc:  # torch's DistBackendError and gloo's errors are RuntimeErrors
+        if not _peer_lost(exc):
+            raise
+        rank = os.environ.get("RANK", "0")
+        first = str(exc).strip().splitlines()[0][:300]
+        print(f"sparse-dit train: rank {rank}: another rank stopped answering (frozen or dead) within "
+              f"parallel.timeout_s={recipe.parallel.timeout_s:g}; stopping. Resume from output_dir's latest checkpoint. ({first})",
+              file=sys.stderr, flush=True)
+        os._exit(4)  # the process group is broken: its teardown could wait on the lost rank
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "world_size"}, default=str))
     return 0
+
+
+_PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "broken pipe", "connection refused")
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective failed because another rank froze or died (gloo/NCCL wording)."""
+    return dist.is_initialized() and any(w in str(exc).lower() for w in _PEER_LOST)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

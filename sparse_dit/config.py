@@ -300,6 +300,9 @@ class ParallelConfig(_Config):
     precision: str = field(default="auto", metadata=rule(choices=("auto", "fp32", "bf16", "fp16", "bf16-autocast")))
     # Optional user DeepSpeed JSON whose keys override the generated config.
     deepspeed_config: Optional[str] = None
+    # Collective timeout of the process group: a frozen or dead rank makes the others stop with a
+    # message after this long instead of DeepSpeed's silent 10-minute default (issue 17).
+    timeout_s: float = field(default=300.0, metadata=rule(gt=0))
 
 
 @dataclass

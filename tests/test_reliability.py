@@ -238,7 +238,7 @@ def test_resume_allows_extending_and_observing_a_run_by_default(tmp_path):
 
     out, _ = _saved_run(tmp_path)
     free = ["train.max_steps=500", "train.stop_after=3", "train.save_every=7", "train.log_every=3", "train.keep_last=5",
-            "train.sample_every=9", "data.num_workers=2", f"output_dir={tmp_path / 'moved'}"]
+            "train.sample_every=9", "data.num_workers=2", f"output_dir={tmp_path / 'moved'}", "parallel.timeout_s=60"]
     assert sorted(o.split("=")[0] for o in free) == sorted(RESUME_FREE)
     lines = _check_resume(load_recipe(TINY_MOE, free), out)
     assert len(lines) == len(free) and "train.max_steps: 200 -> 500" in lines
@@ -499,6 +499,67 @@ def test_any_file_bytes_are_a_recipe_or_one_config_error(tmp_path_factory, data)
     path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
     path.write_bytes(data)
     _one_config_error_or_none(lambda: load_recipe(path))
+
+
+# --------------------------------------------------------------------------------------------
+# 8. A frozen rank; a stale build lock
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.distributed
+def test_a_frozen_rank_makes_the_other_exit_within_parallel_timeout_s(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    from _launch import rank_env
+    from sparse_dit.parallel.engine import free_port
+
+    port, out = free_port(), tmp_path / "run"
+    args = [sys.executable, "-m", "sparse_dit.recipes.train", TINY_MOE, "--set", *FAST, "train.max_steps=100000", "train.save_every=100000",
+            f"output_dir={out}", "parallel.timeout_s=5"]
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in range(2)]  # files, not pipes: a full pipe would block a rank
+    procs = [subprocess.Popen(args, env=rank_env(r, 2, port), stdout=logs[r], stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        deadline = time.monotonic() + 200
+        while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+            assert time.monotonic() < deadline and procs[0].poll() is None, (tmp_path / "rank0.log").read_text()[-3000:]
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGSTOP)  # rank 1 freezes mid-run
+        frozen_at = time.monotonic()
+        procs[0].wait(timeout=120)
+        waited = time.monotonic() - frozen_at
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+    err = (tmp_path / "rank0.log").read_text()
+    assert procs[0].returncode == 4, err[-3000:]
+    assert waited < 60, waited  # 5 s timeout (plus a step in flight), not DeepSpeed's 10 minutes
+    lines = [line for line in err.splitlines() if line.startswith("sparse-dit train:")]
+    assert len(lines) == 1 and "rank 0: another rank stopped answering" in lines[0] and "parallel.timeout_s=5" in lines[0], err[-3000:]
+    assert "Traceback" not in err
+
+
+def test_a_stale_deepspeed_build_lock_is_removed_and_a_fresh_one_reported(tmp_path, monkeypatch):
+    import time
+
+    from sparse_dit.parallel.engine import check_build_lock
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    assert check_build_lock() is None
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(exist_ok=True)
+    lock.touch()
+    note = check_build_lock()
+    assert lock.exists() and str(lock) in note and "waiting for another start's build" in note
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    note = check_build_lock()
+    assert not lock.exists() and note.startswith(f"removed a stale DeepSpeed build lock {lock} (60 min old")
 
 
 if __name__ == "__main__":
