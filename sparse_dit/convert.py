@@ -72,8 +72,8 @@ def convert_dit(state_dict: dict[str, torch.Tensor], config: ModelConfig | str) 
         config = preset_config(config)
     if config.pos_embed != "sincos" or config.qk_norm or config.cross_attention or config.moe.num_experts:
         raise ConversionError("a DiT checkpoint needs a dense config with pos_embed='sincos', qk_norm=False and no cross-attention")
-    model = SparseDiT(config).eval()
-    ours = model.state_dict()
+    with torch.device("meta"):  # shapes first: a mismatched checkpoint never allocates the model
+        ours = SparseDiT(config).state_dict()
     src = dict(state_dict)
     pos = src.pop("pos_embed", None)
     out: dict[str, torch.Tensor] = {}
@@ -84,7 +84,7 @@ def convert_dit(state_dict: dict[str, torch.Tensor], config: ModelConfig | str) 
             value = value[:, :, None]  # Conv2d (D, C, p, p) -> Conv3d (D, C, 1, p, p)
         if tuple(value.shape) != tuple(ours[key].shape):
             raise ConversionError(f"checkpoint key {key!r} has shape {tuple(value.shape)}; this config needs {tuple(ours[key].shape)}")
-        out[key] = value.to(ours[key].dtype)
+        out[key] = value.to(ours[key].dtype)  # (meta tensors carry the dtype)
     missing = sorted(set(ours) - set(out))
     if missing:
         raise ConversionError(f"checkpoint lacks {len(missing)} keys this config needs, e.g. {missing[:3]}")
@@ -97,6 +97,7 @@ def convert_dit(state_dict: dict[str, torch.Tensor], config: ModelConfig | str) 
         err = float((pos.reshape(n, -1).float() - expected).abs().max())
         if err > 1e-4:
             raise ConversionError(f"pos_embed differs from DiT's fixed sin-cos layout by {err:.3g}; not a DiT checkpoint?")
+    model = SparseDiT(config).eval()
     model.load_state_dict(out)
     return model
 
