@@ -1,5 +1,7 @@
 """Quality metrics for generated videos (installed as ``sparse_dit.evals``).
 
+- ``rollout``: long world rollouts scored by horizon bucket (1-8, 9-16, 17-32, ...) against the
+  simulator and the calibration baselines (``sparse-dit eval rollout``; opt-in metric).
 - ``physics``: PhyWorld-style physics fidelity (ball positions/velocities found by colour vs the
   simulator's ground truth), calibration baselines, per-split reports.
 - ``frechet``: a numerically stable Frechet distance and one over physics-trajectory features.
@@ -33,6 +35,7 @@ from sparse_dit.evals.physics import (
     score_splits,
 )
 from sparse_dit.evals.video_metrics import frame_metrics, psnr, ssim, to_uint8_videos
+from sparse_dit.evals.rollout import evaluate_rollout, horizon_buckets, score_by_horizon, simulate_rollout_split
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import DEFAULT_METRICS, METRICS, Metric, MetricInput
@@ -40,6 +43,10 @@ from sparse_dit.evals.compare import compare, evaluate_run, load_run
 
 __all__ = [
     "heldout_loss",
+    "evaluate_rollout",
+    "horizon_buckets",
+    "score_by_horizon",
+    "simulate_rollout_split",
     "cost_report",
     "generation_macs",
     "measure_generation",

@@ -4,6 +4,7 @@
     sparse-dit eval physics [RUN_DIR] --data id=PATH      (calibration baselines; a run's scores)
     sparse-dit eval cost PRESET_OR_RUN --size 8,32,32 --size 16,64,64 [--no-measure]
     sparse-dit eval loss RUN_DIR --data id=PATH
+    sparse-dit eval rollout RUN_DIR --frames 32 [--scenario occlusion] [--ood] [--out rollout.json]
 
 Validation data is either saved physics datasets (``--data NAME=PATH``, repeatable; the first
 is the headline split) or simulated on the fly (``--scenario uniform --fps 4 --num-videos 48``
@@ -15,17 +16,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sparse_dit.dit import SparseDiT
+from sparse_dit.config import ConfigError
 from sparse_dit.evals.compare import compare, evaluate_run, load_run, load_split, physics_split
 from sparse_dit.evals.cost import cost_report
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score_baselines
 from sparse_dit.evals.report import _clean, write_report
+from sparse_dit.evals.rollout import evaluate_rollout, pipeline_predictor, simulate_rollout_split
+from sparse_dit.pipeline import VideoPipeline
 from sparse_dit.presets import preset_config
 
 __all__ = ["add_arguments", "run"]
@@ -91,6 +96,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--num-t", type=int, default=10)
     _data_args(p)
     _eval_args(p)
+    p = sub.add_parser("rollout", help="roll a run out N frames from simulated clips; errors per horizon bucket vs baselines")
+    p.add_argument("run", metavar="RUN_DIR")
+    p.add_argument("--frames", type=int, required=True, help="N: frames rolled out after the given ones (buckets 1-8, 9-16, 17-32, ...)")
+    p.add_argument("--scenario", default="uniform", help="physics scenario(s) to simulate (e.g. occlusion: balls pass behind a bar)")
+    p.add_argument("--ood", action="store_true", help="also score an out-of-distribution split (speeds/radii outside training's)")
+    p.add_argument("--num-videos", type=int, default=8)
+    p.add_argument("--fps", type=float, default=4.0, help="frame rate of the simulation: the training data's (the quickstart's: 4)")
+    p.add_argument("--data-seed", type=int, default=1_000_003, help="seed of the simulated scenes (not the training seed)")
+    p.add_argument("--context-frames", type=int, default=None, help="given / carried frames (default: the recipe's prefix, else 3)")
+    p.add_argument("--window", type=int, default=None, help="frames per model call (default: the recipe's clip length)")
+    p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the recipe's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="write the result as JSON to this file")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -129,8 +148,67 @@ def _print(obj: Any, as_json: bool) -> None:
         print(json.dumps(_clean(obj), indent=2))
 
 
+def _rollout_table(result: dict[str, Any]) -> str:
+    """Plain-text tables: one per split, a row per (predictor, bucket)."""
+    lines = []
+    for split, res in result["splits"].items():
+        lines.append(f"split {split}: {res['model']['num_videos']} videos, {res['model']['context_frames']} given frames, "
+                     f"{res['model']['generated_frames']} rolled out")
+        lines.append(f"  {'predictor':<18} {'horizon':>8} {'vel err':>8} {'pos err':>8} {'detect':>7} {'gt speed':>8} {'pairs':>6}")
+        rows = [("model", res["model"])] + list(res["baselines"].items())
+        for name, sc in rows:
+            for b in res["buckets"]:
+                r = sc["per_bucket"][b]
+                lines.append(f"  {name:<18} {b:>8} {r['velocity_error']:8.3f} {r['position_error']:8.2f} "
+                             f"{r['detection_rate']:7.3f} {r['gt_speed']:8.3f} {r['num_visible']:6d}")
+    return "\n".join(lines)
+
+
+def _run_rollout(args: argparse.Namespace) -> int:
+    if args.frames < 1:
+        raise ValueError(f"--frames={args.frames} is not allowed; give the number of frames to roll out, an int >= 1")
+    if args.num_videos < 1:
+        raise ValueError(f"--num-videos={args.num_videos} is not allowed; use an int >= 1")
+    if not args.fps > 0:
+        raise ValueError(f"--fps={args.fps} is not allowed; use a number > 0")
+    run = load_run(args.run)
+    r = run.recipe
+    if r is None:
+        raise ValueError(f"{args.run}: no recipe.yaml; a rollout needs the training size, clip length and sampler settings")
+    ctx = args.context_frames or (r.train.context.frames if r.train.context.mode == "prefix" else 3)
+    window = args.window or r.data.num_frames
+    if not 1 <= ctx < window:
+        raise ValueError(f"--context-frames={ctx} is not allowed with {window}-frame windows; use 1..{window - 1}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps={args.steps} is not allowed; use an int >= 1")
+    pipe = VideoPipeline.from_config(run.model, r.diffusion)
+    predict = pipeline_predictor(pipe, window, ctx, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps)
+    result: dict[str, Any] = {"run": str(args.run), "scenario": args.scenario, "frames": args.frames, "fps": args.fps,
+                              "window": window, "context_frames": ctx, "splits": {}}
+    for split in ("id", "ood") if args.ood else ("id",):
+        videos, states = simulate_rollout_split(args.scenario, split, args.num_videos, ctx, args.frames, r.data.height, r.data.width,
+                                                args.data_seed, args.fps)
+        result["splits"][split], _ = evaluate_rollout(predict, videos, states, ctx)
+    if args.out:
+        Path(args.out).write_text(json.dumps(_clean(result), indent=2))
+    if args.json:
+        _print(result, True)
+    else:
+        print(_rollout_table(result))
+        if args.out:
+            print(f"wrote {Path(args.out).resolve()}")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    """``sparse-dit eval``; a bad rollout input is one line on stderr and exit status 2."""
     cmd = args.eval_command
+    if cmd == "rollout":
+        try:
+            return _run_rollout(args)
+        except (ValueError, ConfigError, FileNotFoundError, OSError) as exc:
+            print(f"sparse-dit eval rollout: {exc}", file=sys.stderr)
+            return 2
     if cmd == "compare":
         splits = _splits(args)
         report, videos = compare(args.runs, splits, context_frames=args.context_frames, latency_repeats=args.latency_repeats,

@@ -1,6 +1,6 @@
 """Quality metrics as one table: ``METRICS``, the list :func:`~sparse_dit.evals.compare.evaluate_run` walks.
 
-Each metric's computation lives in its own file (``loss.py``, ``physics.py``,
+Each metric's computation lives in its own file (``loss.py``, ``physics.py``, ``rollout.py``,
 ``video_metrics.py``, ``frechet.py``, ``fvd.py``); an entry here says what it needs, how to call
 it, which of its numbers head the report and whether lower is better. A new metric is a file
 plus one entry::
@@ -38,9 +38,12 @@ from sparse_dit.evals.frechet import trajectory_frechet_distance
 from sparse_dit.evals.fvd import frechet_video_distance
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score
+from sparse_dit.evals.rollout import evaluate_rollout, pipeline_predictor, simulate_rollout_split
 from sparse_dit.evals.video_metrics import frame_metrics
+from sparse_dit.pipeline import VideoPipeline
 
-__all__ = ["NEEDS", "Split", "Metric", "MetricInput", "METRICS", "DEFAULT_METRICS", "FVD_NUM_FRAMES", "select_metrics"]
+__all__ = ["NEEDS", "Split", "Metric", "MetricInput", "METRICS", "DEFAULT_METRICS", "FVD_NUM_FRAMES", "ROLLOUT_DEFAULTS",
+           "select_metrics"]
 
 # What a metric may ask for: generated videos, the real videos, the simulator's states, the model.
 NEEDS = ("generated", "ground_truth", "states", "model")
@@ -181,6 +184,36 @@ def _fvd(x: MetricInput) -> dict[str, Any]:
                                           batch_size=x.batch_size)}
 
 
+# Settings of the opt-in ``rollout`` metric; override any of them through ``metric_options``.
+ROLLOUT_DEFAULTS: dict[str, Any] = {
+    "rollout_frames": 32,  # N frames rolled out after the C given ones (buckets 1-8, 9-16, 17-32)
+    "rollout_scenario": "uniform",
+    "rollout_splits": ("id",),  # add "ood" for out-of-distribution scenes
+    "rollout_num_videos": 8,
+    "rollout_fps": 4.0,  # the training data's frame rate (the quickstart's: 4)
+    "rollout_window": None,  # frames per model call; None = the headline split's clip length
+    "rollout_data_seed": 1_000_003,
+    "rollout_steps": 25,
+    "rollout_shift": 1.0,  # the recipe's diffusion.shift when known
+}
+
+
+def _rollout(x: MetricInput) -> dict[str, Any]:
+    o = {**ROLLOUT_DEFAULTS, **{k: v for k, v in x.options.items() if k in ROLLOUT_DEFAULTS}}
+    T, H, W = x.split.videos.shape[1:4]
+    window = int(o["rollout_window"] or T)
+    pipe = VideoPipeline(x.model, shift=o["rollout_shift"], num_inference_steps=int(o["rollout_steps"]))
+    predict = pipeline_predictor(pipe, window, x.context_frames, seed=x.seed, batch_size=x.batch_size)
+    out: dict[str, Any] = {"rollout": {}}
+    for split in o["rollout_splits"]:
+        videos, states = simulate_rollout_split(o["rollout_scenario"], split, int(o["rollout_num_videos"]), x.context_frames,
+                                                int(o["rollout_frames"]), H, W, int(o["rollout_data_seed"]), float(o["rollout_fps"]))
+        out["rollout"][split], _ = evaluate_rollout(predict, videos, states, x.context_frames)
+    head = out["rollout"][o["rollout_splits"][0]]["model"]["overall"]
+    out.update({f"rollout_{k}": head[k] for k in ("velocity_error", "position_error", "detection_rate")})
+    return out
+
+
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
@@ -195,6 +228,11 @@ METRICS: dict[str, Metric] = {
                lower_is_better={"trajectory_fd": True}),
         Metric("fvd", needs=("generated", "ground_truth"), compute=_fvd, lower_is_better={"fvd": True}, opt_in=True,
                unavailable=_fvd_unavailable, summary=lambda r: f"FVD {r['fvd']:.2f}"),
+        # slow (N / (window - C) model calls per video): opt-in; sparse-dit eval rollout runs it alone
+        Metric("rollout", needs=("model",), compute=_rollout, per_split=False, opt_in=True,
+               lower_is_better={"rollout_velocity_error": True, "rollout_position_error": True, "rollout_detection_rate": False},
+               summary=lambda r: (f"rollout: velocity error {r['rollout_velocity_error']:.3f} px/frame, position error "
+                                  f"{r['rollout_position_error']:.2f} px, detection {r['rollout_detection_rate']:.3f}")),
     )
 }
 

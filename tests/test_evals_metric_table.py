@@ -44,7 +44,7 @@ def model():
 
 
 def test_table_entries_are_well_formed() -> None:
-    assert list(METRICS) == ["heldout_loss", "physics", "frames", "trajectory_fd", "fvd"]
+    assert list(METRICS) == ["heldout_loss", "physics", "frames", "trajectory_fd", "fvd", "rollout"]
     assert DEFAULT_METRICS == ("heldout_loss", "physics", "frames", "trajectory_fd")  # FVD is opt-in (no weights here)
     for name, m in METRICS.items():
         assert m.name == name and set(m.needs) <= set(NEEDS) and m.lower_is_better
