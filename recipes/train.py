@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -667,9 +668,9 @@ def run(args: argparse.Namespace) -> int:
             raise
         rank = os.environ.get("RANK", "0")
         first = str(exc).strip().splitlines()[0][:300]
-        print(f"sparse-dit train: rank {rank}: another rank stopped answering (frozen or dead) within "
-              f"parallel.timeout_s={recipe.parallel.timeout_s:g}; stopping. Resume from output_dir's latest checkpoint. ({first})",
-              file=sys.stderr, flush=True)
+        print(f"sparse-dit train: rank {rank}: {_silent_ranks(int(rank), int(os.environ.get('WORLD_SIZE', '1')))} stopped answering "
+              f"(frozen or dead) within parallel.timeout_s={recipe.parallel.timeout_s:g}; stopping. Resume from output_dir's latest "
+              f"checkpoint. ({first})", file=sys.stderr, flush=True)
         os._exit(4)  # the process group is broken: its teardown could wait on the lost rank
     if summary["world_size"] == 1 or int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps({k: v for k, v in summary.items() if k != "world_size"}, default=str))
@@ -682,6 +683,22 @@ _PEER_LOST = ("timed out", "timeout", "connection closed", "connection reset", "
 def _peer_lost(exc: BaseException) -> bool:
     """A collective failed because another rank froze or died (gloo/NCCL wording)."""
     return dist.is_initialized() and any(w in str(exc).lower() for w in _PEER_LOST)
+
+
+def _silent_ranks(me: int, world: int, wait_s: float = 3.0) -> str:
+    """Name the ranks that froze or died: every rank that hits a lost peer says so in the
+    rendezvous store; after ``wait_s`` the ranks that did not are the silent ones."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(datetime.timedelta(seconds=wait_s))
+        store.set(f"sparse_dit/lost/{me}", "1")
+        time.sleep(wait_s)
+        silent = [r for r in range(world) if r != me and not store.check([f"sparse_dit/lost/{r}"])]
+    except Exception:  # the store lives in rank 0's process: it does not answer when rank 0 froze
+        return "rank 0 (it hosts the rendezvous store, which does not answer)" if me != 0 else "another rank"
+    if not silent:
+        return "another rank"
+    return f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
