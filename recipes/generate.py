@@ -9,6 +9,7 @@
     sparse-dit generate RUN --mode sdedit --video clip.mp4 --strength 0.5 --out edit.mp4
     sparse-dit generate RUN --mode rollout --video clip.mp4 --frames 64 --out long.mp4
     sparse-dit generate RUN --out pred.gif --context-frames 2                  # held-out clips, predicted
+    sparse-dit generate RUN --prompt "a red ball bouncing" [--expand mod:fn | --no-expand] --out t.mp4
 
 ``RUN`` is a run folder (``final/`` + ``recipe.yaml``) or a folder written by ``save_pretrained``.
 Every sampling setting (steps, shift, guidance, sampler, grid) defaults to the recipe's
@@ -16,7 +17,9 @@ Every sampling setting (steps, shift, guidance, sampler, grid) defaults to the r
 read from mp4/gif/png/jpg, centre-cropped to the model's aspect ratio and resized to its
 height x width. Each run writes ``OUT`` as .mp4, .gif and a contact-sheet .png (one row per
 sample). Without ``--video``, the video modes take held-out clips of the run's data source.
-Bad inputs are one line naming the flag, the value and what is allowed. Runs in one CPU process,
+``--prompt`` is expanded into a caption like the training captions (``sparse_dit.prompts``: the
+template expander by default, ``--expand NAME_OR_MODULE:FUNCTION`` plugs another) unless
+``--no-expand``. Bad inputs are one line naming the flag, the value and what is allowed. Runs in one CPU process,
 whatever parallelism trained the model.
 """
 
@@ -37,6 +40,7 @@ from einops import rearrange
 from sparse_dit.config import TIMESTEP_GRIDS, ConfigError, RecipeConfig
 from sparse_dit.dit import SparseDiT
 from sparse_dit.pipeline import VideoPipeline
+from sparse_dit.prompts import expand_prompt, resolve_expander
 from sparse_dit.recipes.batches import Conditioner, build_dataset
 from sparse_dit.schema import from_dict, load_yaml
 from sparse_dit.video_io import from_uint8, save_video, side_by_side, to_uint8
@@ -318,6 +322,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="frames of the input given to the model (default: all of --video; held-out clips: the recipe's prefix)")
     parser.add_argument("--new-frames", type=int, default=None, help="frames to generate (default: the recipe's length minus the given ones)")
     parser.add_argument("--prompt", default=None, help="caption for text-conditioned models (default: the held-out clips' captions)")
+    parser.add_argument("--expand", default="template", metavar="NAME|MODULE:FUNCTION",
+                        help="prompt expander for --prompt: 'template' (the physics world's captions), 'none', or a dotted path to a function str -> str")
+    parser.add_argument("--no-expand", action="store_true", help="use --prompt exactly as given")
     parser.add_argument("--class-label", type=int, default=None, help="class for class-conditioned models")
     parser.add_argument("--frames", type=int, default=None, help="frames of the output (text, image-to-video, rollout; default: the recipe's)")
     parser.add_argument("--height", type=int, default=None)
@@ -432,10 +439,17 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
             held["items"] = items
         return held["video"]
 
-    # conditioning: --prompt / --class-label, else the held-out clips' captions and labels
+    # conditioning: --prompt (expanded unless --no-expand) / --class-label, else the held-out clips' captions and labels
+    prompt = args.prompt
+    if prompt:
+        try:
+            expander = resolve_expander(None if args.no_expand else args.expand)
+        except ValueError as exc:
+            raise GenerateError(f"--expand: {exc}") from None
+        prompt = expand_prompt(prompt, expander)
     uses_held = mode in ("extend", "interpolate", "loop", "sdedit", "rollout") and not args.video
     items = (held_out(), held["items"])[1] if uses_held else [{} for _ in range(args.num_samples)]
-    batch: dict[str, Any] = {"caption": [args.prompt or it.get("caption", "") for it in items]}
+    batch: dict[str, Any] = {"caption": [prompt or it.get("caption", "") for it in items]}
     if args.class_label is not None:
         batch["label"] = torch.full((args.num_samples,), args.class_label)
     elif items and all("label" in it for it in items):
@@ -457,6 +471,8 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
     summary = (f"sparse-dit generate --mode {mode}: {videos.shape[0]} x {videos.shape[2]} frames of {H}x{W} "
                f"(steps {diffusion.num_inference_steps}, shift {pipe.shift_for((1, 3, min(T, window), H, W)):g}, "
                f"guidance {diffusion.guidance_scale:g}, {diffusion.sampler}, {diffusion.timestep_grid} grid)")
+    if prompt:
+        summary += f"; prompt {args.prompt!r}" + (f" expanded to {prompt!r}" if prompt != args.prompt else "")
     return Generated(videos, reference, summary)
 
 
