@@ -222,7 +222,9 @@ def build_ds_config(recipe: RecipeConfig, world_size: int) -> dict:
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         # fp32 weights and optimizer; the engine runs the forward under torch.autocast(bf16).
-        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16"},
+        # No lower-precision-safe modules: DeepSpeed would otherwise all-reduce the gradients of
+        # nn.Linear weights in bf16; ours stay fp32, so N ranks average what one rank would.
+        "torch_autocast": {"enabled": precision == "bf16-autocast", "dtype": "bfloat16", "lower_precision_safe_modules": []},
         "steps_per_print": 10**9,  # the trainer logs; keep DeepSpeed quiet
         "wall_clock_breakdown": False,
     }

@@ -73,7 +73,8 @@ def test_bf16_autocast_precision_turns_on_deepspeeds_torch_autocast_only():
     from sparse_dit.presets import load_recipe
 
     cfg = build_ds_config(load_recipe(TINY_MOE, ["parallel.precision=bf16-autocast"]), 1)
-    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    # gradients are all-reduced in fp32 (DeepSpeed would reduce nn.Linear gradients in bf16)
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]  # fp32 weights and optimizer
     cfg = build_ds_config(load_recipe(TINY_MOE, ["parallel.precision=bf16"]), 1)
     assert not cfg["torch_autocast"]["enabled"] and cfg["bf16"]["enabled"]
@@ -113,7 +114,8 @@ def _pieces_worker(out: Path) -> None:
     rec: dict = {}
     run = build_run(recipe)
     rec["built"] = {"start_step": run.start_step, "end_step": run.end_step, "accum": run.accum, "dtype": str(run.dtype),
-                    "recipe_yaml": (out / "recipe.yaml").is_file(), "autocast": bool(run.engine.torch_autocast_enabled())}
+                    "recipe_yaml": (out / "recipe.yaml").is_file(), "autocast": bool(run.engine.torch_autocast_enabled()),
+                    "comm_dtypes": sorted({str(getattr(p, "comm_dtype", p.dtype)) for p in run.model.parameters()})}
     before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     batches = run.source.loader(0, run.end_step, 0)
     res = train_step(run, 0, batches)
@@ -138,6 +140,7 @@ def test_trainer_pieces_build_step_log_save_finish(tmp_path):
     b = rec["built"]
     assert (b["start_step"], b["end_step"], b["accum"]) == (0, 4, 1) and b["recipe_yaml"] and b["autocast"]
     assert b["dtype"] == "torch.float32"  # batches in the weights' dtype; autocast casts inside
+    assert b["comm_dtypes"] == ["torch.float32"]  # gradients are reduced in fp32, as one rank would sum them
     s = rec["step0"]
     assert s["step"] == 1 and s["samples"] == 4 and s["loss"] > 0 and s["grad_norm"] > 0
     # the optimizer stepped the fp32 master weights (adaLN-Zero: at step 1 only the zero-initialised
