@@ -171,12 +171,16 @@ def _run_rollout(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-videos={args.num_videos} is not allowed; use an int >= 1")
     if not args.fps > 0:
         raise ValueError(f"--fps={args.fps} is not allowed; use a number > 0")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} is not allowed; use an int >= 1")
     run = load_run(args.run)
     r = run.recipe
     if r is None:
         raise ValueError(f"{args.run}: no recipe.yaml; a rollout needs the training size, clip length and sampler settings")
-    ctx = args.context_frames or (r.train.context.frames if r.train.context.mode == "prefix" else 3)
-    window = args.window or r.data.num_frames
+    ctx = args.context_frames if args.context_frames is not None else (r.train.context.frames if r.train.context.mode == "prefix" else 3)
+    window = args.window if args.window is not None else r.data.num_frames
+    if window < 2:
+        raise ValueError(f"--window={window} is not allowed; a window holds the carried frames and at least one new one, so use >= 2")
     if not 1 <= ctx < window:
         raise ValueError(f"--context-frames={ctx} is not allowed with {window}-frame windows; use 1..{window - 1}")
     if args.steps is not None and args.steps < 1:

@@ -171,6 +171,9 @@ def test_cli_rollout_prints_buckets_and_writes_json(tmp_path, capsys):
     (["--frames", "4", "--scenario", "nope"], "scenario"),
     (["--frames", "4", "--context-frames", "6"], "--context-frames=6"),
     (["--frames", "4", "--num-videos", "0"], "--num-videos=0"),
+    (["--frames", "4", "--context-frames", "0"], "--context-frames=0"),
+    (["--frames", "4", "--window", "1"], "--window=1"),
+    (["--frames", "4", "--batch-size", "0"], "--batch-size=0"),
 ])
 def test_cli_rollout_bad_inputs_are_one_line(tmp_path, capsys, argv, words):
     run = _tiny_run(tmp_path / "run")
