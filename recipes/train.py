@@ -55,13 +55,14 @@ from sparse_dit.parallel import (
 from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
+from sparse_dit.recipes.run_dir import RESUME_FREE, append_metrics, atomic_write, check_resume, clean_tmp, truncate_metrics
 from sparse_dit.recipes.tb import add_expert_histogram, add_gif, open_writer
 from sparse_dit.schema import to_dict
 from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
 __all__ = [
     "TrainingDiverged", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
-    "launch", "add_arguments", "run", "main", "RESUME_FREE", "recipe_changes",
+    "launch", "add_arguments", "run", "main",
 ]
 
 # Order of the per-micro-step values all-reduced in one collective (mean over ranks).
@@ -110,44 +111,6 @@ def _plain_grad_norm(model: torch.nn.Module) -> float | None:
     if not grads:
         return None
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
-
-
-def _write_metrics(path: Path, row: dict) -> None:
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row) + "\n")
-
-
-def _truncate_metrics(path: Path, last_step: int) -> None:
-    """Drop rows a crashed run logged past the checkpoint being resumed, and a torn line (a kill
-    mid-write) with a warning naming it; rewritten atomically."""
-    if not path.is_file():
-        return
-    rows = []
-    for i, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            step = int(row["step"])
-        except (ValueError, TypeError, KeyError):
-            print(f"warning: {path} line {i} is torn or not a metrics row (dropped): {line[:80]!r}", file=sys.stderr, flush=True)
-            continue
-        if step <= last_step:
-            rows.append(line)
-    _atomic_write(path, "".join(r + "\n" for r in rows))
-
-
-def _clean_tmp(out_dir: Path) -> None:
-    """Remove the ``.*.tmp`` files of writes a kill interrupted (ours are hidden, named after their target)."""
-    for folder in [out_dir, out_dir / "checkpoints", *(out_dir / "checkpoints").glob("step_*")]:
-        for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
-            tmp.unlink(missing_ok=True)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,66 +163,6 @@ class TrainRun:
         return self.recipe.parallel.zero_stage == 3
 
 
-# Fields a resumed run may change without a flag: they extend or observe the run, they do not
-# change what the next step computes (docs/training.md, "Resuming").
-RESUME_FREE = ("train.max_steps", "train.stop_after", "train.save_every", "train.log_every", "train.keep_last", "train.sample_every",
-               "output_dir", "data.num_workers", "parallel.timeout_s")
-
-
-def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(d, dict):
-        return {prefix.rstrip("."): d}
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
-    return out
-
-
-def recipe_changes(before: dict, now: dict) -> dict[str, tuple[Any, Any]]:
-    """Dotted field -> (saved value, new value) for every field that differs."""
-    a, b = _flat(before), _flat(now)
-    missing = object()
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
-
-
-def _allowed(key: str, allow: Sequence[str]) -> bool:
-    return any(a == "all" or key == a or key.startswith(a + ".") for a in allow)
-
-
-def _check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[str] = ()) -> list[str]:
-    """A checkpoint in ``output_dir`` resumes only under the recipe that wrote it: every changed
-    field must be in :data:`RESUME_FREE` or in ``allow_changed`` (dotted fields, sections, or
-    ``all``). Returns the accepted changes as ``field: old -> new`` lines."""
-    saved = out_dir / "recipe.yaml"
-    if not (out_dir / "checkpoints" / "latest").is_file():
-        return []
-    flag = "--allow-changed all"
-    before: Any = None
-    if not saved.is_file():
-        state = "is missing"
-    else:
-        try:
-            before = yaml.safe_load(saved.read_text(encoding="utf-8"))
-            state = "is empty" if before is None else f"holds a {type(before).__name__}, not a recipe"
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            state = f"is not readable YAML ({str(exc).splitlines()[0]})"
-    if not isinstance(before, dict) or not before:
-        if _allowed("model", allow_changed):
-            return [f"{saved} {state}: resuming under this recipe ({flag})"]
-        raise ConfigError(f"{saved} {state}, so the recipe of the checkpoints in {out_dir / 'checkpoints'} is unknown; restore it, "
-                          f"or pass {flag} to resume them under this recipe")
-    changes = recipe_changes(before, to_dict(recipe))
-    refused = {k: v for k, v in changes.items() if not (k in RESUME_FREE or _allowed(k, allow_changed))}
-    if refused:
-        listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
-        model = " (a different model: use a new output_dir)" if any(k.startswith("model.") or k == "preset" for k in refused) else ""
-        raise ConfigError(
-            f"output_dir={str(out_dir)!r} holds checkpoints of another recipe{model}: {listed}. Resume with the recipe that wrote "
-            f"it, or accept the changes with --allow-changed {','.join(refused)}"
-        )
-    return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()]
-
-
 def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainRun:
     """Create (or join) the process group, build model, engine, EMA and data, and resume from
     ``output_dir/checkpoints/latest`` when it exists.
@@ -279,16 +182,16 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     precision = resolve_precision(par.precision)
     dtype = _dtype(precision)
     out_dir = Path(recipe.output_dir)
-    accepted = _check_resume(recipe, out_dir, allow_changed)
+    accepted = check_resume(recipe, out_dir, allow_changed)
     if rank == 0:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            _clean_tmp(out_dir)
+            clean_tmp(out_dir)
             if accepted:
                 print("resuming with a changed recipe:\n  " + "\n  ".join(accepted), flush=True)
                 with open(out_dir / "recipe_changes.log", "a", encoding="utf-8") as fh:
                     fh.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} " + "; ".join(accepted) + "\n")
-            _atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
+            atomic_write(out_dir / "recipe.yaml", yaml.safe_dump(to_dict(recipe), sort_keys=False))
         except OSError as exc:  # read-only, a file in the way, no space: one line, no traceback
             raise ConfigError(f"output_dir={recipe.output_dir!r} cannot be written ({exc.strerror or exc}: {exc.filename or out_dir})") from None
 
@@ -330,7 +233,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
         ema.load_state_dict(state["ema"])
         _rank0_print(rank, f"resumed from {ckpt_root / tag} at step {start_step}")
     if rank == 0:
-        _truncate_metrics(out_dir / "metrics.jsonl", start_step)
+        truncate_metrics(out_dir / "metrics.jsonl", start_step)
     writer = open_writer(out_dir / "tensorboard", purge_step=start_step + 1 if start_step else None) if rank == 0 else None
     _rank0_print(
         rank,
@@ -441,7 +344,7 @@ def log_step(run: TrainRun, result: StepResult) -> None:
     if run.rank != 0:
         return
     metrics, step = result.metrics, int(result.metrics["step"])
-    _write_metrics(run.out_dir / "metrics.jsonl", metrics)
+    append_metrics(run.out_dir / "metrics.jsonl", metrics)
     w = run.writer
     w.add_scalar("train/loss", metrics["loss"], step)
     if step % run.recipe.train.log_every and step != run.end_step:
@@ -508,7 +411,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
         "final_dir": final_dir, "output_dir": str(run.out_dir), "world_size": run.world, "checkpoint": run.last_tag,
     }
     if run.rank == 0:
-        _atomic_write(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
+        atomic_write(run.out_dir / "summary.json", json.dumps(summary, indent=2, default=str))
     return summary
 
 

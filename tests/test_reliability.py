@@ -211,7 +211,7 @@ def _saved_run(tmp_path: Path, *overrides: str):
 def test_resume_refuses_every_changed_field_and_lists_them(tmp_path):
     from sparse_dit.config import ConfigError
     from sparse_dit.presets import load_recipe
-    from sparse_dit.recipes.train import _check_resume
+    from sparse_dit.recipes.run_dir import check_resume as _check_resume
 
     out, _ = _saved_run(tmp_path)
     changed = load_recipe(TINY_MOE, [f"output_dir={out}", "train.lr=0.002", "diffusion.shift=3.0", "data.num_frames=4"])
@@ -234,7 +234,7 @@ def test_resume_refuses_every_changed_field_and_lists_them(tmp_path):
 
 def test_resume_allows_extending_and_observing_a_run_by_default(tmp_path):
     from sparse_dit.presets import load_recipe
-    from sparse_dit.recipes.train import RESUME_FREE, _check_resume
+    from sparse_dit.recipes.run_dir import RESUME_FREE, check_resume as _check_resume
 
     out, _ = _saved_run(tmp_path)
     free = ["train.max_steps=500", "train.stop_after=3", "train.save_every=7", "train.log_every=3", "train.keep_last=5",
@@ -248,7 +248,7 @@ def test_resume_allows_extending_and_observing_a_run_by_default(tmp_path):
 @pytest.mark.parametrize("content", ["", "\n", "[oops", "- a list\n"])
 def test_an_empty_or_broken_saved_recipe_is_named_not_called_another_model(tmp_path, content):
     from sparse_dit.config import ConfigError
-    from sparse_dit.recipes.train import _check_resume
+    from sparse_dit.recipes.run_dir import check_resume as _check_resume
 
     out, recipe = _saved_run(tmp_path)
     (out / "recipe.yaml").write_text(content)
@@ -450,7 +450,7 @@ _VALUES = st.recursive(
 
 def _tiny_paths() -> list[str]:
     from sparse_dit.presets import load_recipe
-    from sparse_dit.recipes.train import _flat
+    from sparse_dit.recipes.run_dir import flat_fields as _flat
     from sparse_dit.schema import to_dict
 
     return sorted(_flat(to_dict(load_recipe(TINY_MOE)))) + ["preset", "model.moe", "train.context", "nosuch", "train.nosuch"]
