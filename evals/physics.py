@@ -55,6 +55,39 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
+def frame_pairs(tracks: Sequence[Any], c: int, n_gen: int) -> tuple[list[list[float]], list[list[float]], list[list[float]], np.ndarray, np.ndarray]:
+    """Per generated frame i (time c + i): position errors of found balls, velocity errors of
+    balls found in this and the previous frame, ground-truth speeds, and visible / found counts.
+
+    Args:
+        tracks: from :func:`~sparse_dit.evals.tracking.track_videos`.
+        c: context frames (the first generated frame is ``c``; c >= 1).
+        n_gen: generated frames scored.
+    """
+    pos_err: list[list[float]] = [[] for _ in range(n_gen)]
+    vel_err: list[list[float]] = [[] for _ in range(n_gen)]
+    speeds: list[list[float]] = [[] for _ in range(n_gen)]
+    visible = np.zeros(n_gen, dtype=np.int64)
+    found = np.zeros(n_gen, dtype=np.int64)
+    for tr in tracks:
+        for i in range(n_gen):
+            t = c + i
+            for k in range(tr.radius.shape[0]):
+                if not tr.gt_visible[t, k]:
+                    continue
+                visible[i] += 1
+                if tr.found[t, k]:
+                    found[i] += 1
+                    pos_err[i].append(float(np.linalg.norm(tr.positions[t, k] - tr.gt_positions[t, k])))
+                if tr.gt_visible[t - 1, k]:
+                    v_gt = tr.gt_positions[t, k] - tr.gt_positions[t - 1, k]
+                    speeds[i].append(float(np.linalg.norm(v_gt)))
+                    if tr.found[t, k] and tr.found[t - 1, k]:
+                        v_hat = tr.positions[t, k] - tr.positions[t - 1, k]
+                        vel_err[i].append(float(np.linalg.norm(v_hat - v_gt)))
+    return pos_err, vel_err, speeds, visible, found
+
+
 def score(
     videos: Any,
     states: Sequence[Any],
@@ -94,29 +127,10 @@ def score(
                           min_area_fraction=min_area_fraction)
     c = int(context_frames)
     n_gen = tracks[0].positions.shape[0] - c
-    pos_err: list[list[float]] = [[] for _ in range(n_gen)]
-    vel_err: list[list[float]] = [[] for _ in range(n_gen)]
-    visible = np.zeros(n_gen, dtype=np.int64)
-    found = np.zeros(n_gen, dtype=np.int64)
-    speeds: list[float] = []
-    ctx_visible = ctx_found = 0
-    for tr in tracks:
-        ctx_visible += int(tr.gt_visible[:c].sum())
-        ctx_found += int((tr.gt_visible[:c] & tr.found[:c]).sum())
-        for i, t in enumerate(range(c, c + n_gen)):
-            for k in range(tr.radius.shape[0]):
-                if not tr.gt_visible[t, k]:
-                    continue
-                visible[i] += 1
-                if tr.found[t, k]:
-                    found[i] += 1
-                    pos_err[i].append(float(np.linalg.norm(tr.positions[t, k] - tr.gt_positions[t, k])))
-                if tr.gt_visible[t - 1, k]:
-                    v_gt = tr.gt_positions[t, k] - tr.gt_positions[t - 1, k]
-                    speeds.append(float(np.linalg.norm(v_gt)))
-                    if tr.found[t, k] and tr.found[t - 1, k]:
-                        v_hat = tr.positions[t, k] - tr.positions[t - 1, k]
-                        vel_err[i].append(float(np.linalg.norm(v_hat - v_gt)))
+    pos_err, vel_err, speed_per_frame, visible, found = frame_pairs(tracks, c, n_gen)
+    speeds = [e for frame in speed_per_frame for e in frame]
+    ctx_visible = sum(int(tr.gt_visible[:c].sum()) for tr in tracks)
+    ctx_found = sum(int((tr.gt_visible[:c] & tr.found[:c]).sum()) for tr in tracks)
     all_pos = [e for frame in pos_err for e in frame]
     all_vel = [e for frame in vel_err for e in frame]
     num_visible, num_found = int(visible.sum()), int(found.sum())

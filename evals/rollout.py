@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from sparse_dit.data import generate_physics_videos
-from sparse_dit.evals.physics import BASELINES
+from sparse_dit.evals.physics import BASELINES, frame_pairs
 from sparse_dit.evals.tracking import check_videos, track_videos
 from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.pipeline import VideoPipeline
@@ -125,27 +125,7 @@ def score_by_horizon(
             raise ValueError(f"bucket {lo}-{hi} is not allowed: horizons run 1..{n_gen} (the generated frames)")
     tracks = track_videos(videos, states, c, **detect_kwargs)
     # per generated frame h = 1..n_gen: lists of errors and visible/found counts
-    pos_err: list[list[float]] = [[] for _ in range(n_gen)]
-    vel_err: list[list[float]] = [[] for _ in range(n_gen)]
-    speeds: list[list[float]] = [[] for _ in range(n_gen)]
-    visible = np.zeros(n_gen, dtype=np.int64)
-    found = np.zeros(n_gen, dtype=np.int64)
-    for tr in tracks:
-        for i in range(n_gen):
-            t = c + i
-            for k in range(tr.radius.shape[0]):
-                if not tr.gt_visible[t, k]:
-                    continue
-                visible[i] += 1
-                if tr.found[t, k]:
-                    found[i] += 1
-                    pos_err[i].append(float(np.linalg.norm(tr.positions[t, k] - tr.gt_positions[t, k])))
-                if tr.gt_visible[t - 1, k]:
-                    v_gt = tr.gt_positions[t, k] - tr.gt_positions[t - 1, k]
-                    speeds[i].append(float(np.linalg.norm(v_gt)))
-                    if tr.found[t, k] and tr.found[t - 1, k]:
-                        v_hat = tr.positions[t, k] - tr.positions[t - 1, k]
-                        vel_err[i].append(float(np.linalg.norm(v_hat - v_gt)))
+    pos_err, vel_err, speeds, visible, found = frame_pairs(tracks, c, n_gen)
 
     def pooled(lo: int, hi: int) -> dict[str, Any]:
         sl = slice(lo - 1, hi)
