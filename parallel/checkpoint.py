@@ -6,7 +6,7 @@ Layout of ``output_dir/checkpoints/``::
         mp_rank_00_model_states.pt  DeepSpeed: module, lr scheduler, step counters
         *_optim_states.pt           DeepSpeed: ZeRO/optimizer shards (expert shards included)
         trainer_rank00000.pt        ours, one per rank: EMA weights (this rank's expert shard
-                                    under EP), step, world/EP size
+                                    under EP), step, world_size, ep_size
     latest                          the tag of the newest *complete* checkpoint
 
 A save writes every rank's files first, then (after a barrier) rank 0 replaces ``latest``
@@ -21,10 +21,16 @@ equal an uninterrupted run's (tests/test_train_runs.py).
 Export: :func:`export_final` gathers the EMA expert shards of every expert-parallel rank and
 writes ``final/config.json`` + ``final/model.safetensors``, loadable with
 ``SparseDiT.from_pretrained`` in one process whatever EP size trained it.
+
+Layout: a checkpoint resumes only on the number of ranks and the ``parallel.ep_size`` that
+wrote it (ZeRO shards the optimizer per rank, expert parallelism shards the experts per EP
+rank; neither is resharded). :func:`check_layout` reads both from rank 0's trainer file before
+any engine exists and refuses another layout in one line that says what to pass.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -36,6 +42,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+import yaml
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
@@ -48,7 +55,7 @@ from sparse_dit.parallel.expert_parallel import gather_expert_tensor
 
 __all__ = [
     "CheckpointError", "SafeCheckpointEngine", "safe_load", "nonfinite_state", "latest_tag", "save_checkpoint", "load_checkpoint", "full_state_dict",
-    "export_final",
+    "export_final", "checkpoint_layout", "check_layout",
 ]
 
 _TAG = re.compile(r"^step_(\d{8})$")
@@ -181,15 +188,96 @@ def _rank_file(root: Path, tag: str, rank: int) -> Path:
     return root / tag / f"trainer_rank{rank:05d}.pt"
 
 
-def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, trainer_state: dict, keep_last: int) -> str:
+LAYOUT_FILE = "layout.json"  # per tag: {"step", "world_size", "ep_size"}, readable without unpickling anything
+
+
+def checkpoint_layout(root: str | os.PathLike, tag: Optional[str] = None) -> Optional[dict]:
+    """How a checkpoint was written: ``{"tag", "world_size", "ep_size"}`` (``ep_size`` None when
+    unknown), or None when ``root`` holds no checkpoint.
+
+    Read from the tag's ``layout.json``; for checkpoints written before it existed, from rank 0's
+    trainer file (world size, EP size) or the count of trainer files and the run's ``recipe.yaml``.
+
+    Args:
+        root: ``output_dir/checkpoints``.
+        tag: a tag; default the ``latest`` one.
+    """
+    root = Path(root)
+    tag = tag or (latest_tag(root) if root.is_dir() else None)
+    if tag is None:
+        return None
+    world: Any = None
+    ep: Any = None
+    layout = root / tag / LAYOUT_FILE
+    if layout.is_file():
+        try:
+            saved = json.loads(layout.read_text(encoding="utf-8"))
+            world, ep = saved.get("world_size"), saved.get("ep_size")
+        except (ValueError, AttributeError, OSError) as exc:
+            raise CheckpointError(f"{layout} is not a readable layout record ({exc})") from None
+    else:
+        first = _rank_file(root, tag, 0)
+        if first.is_file():
+            state = safe_load(first)
+            if isinstance(state, dict):
+                world, ep = state.get("world_size"), state.get("ep_size")
+        if ep is None and (root.parent / "recipe.yaml").is_file():
+            try:
+                ep = (yaml.safe_load((root.parent / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("parallel", {}).get("ep_size")
+            except (yaml.YAMLError, UnicodeDecodeError, AttributeError):
+                ep = None
+    if not isinstance(world, int):
+        world = len(list((root / tag).glob("trainer_rank*.pt"))) or None
+    return {"tag": tag, "world_size": world, "ep_size": ep if isinstance(ep, int) else None}
+
+
+def check_layout(root: str | os.PathLike, world_size: int, ep_size: int, tag: Optional[str] = None) -> None:
+    """Refuse to resume a checkpoint on another number of ranks or another ``parallel.ep_size``.
+
+    Args:
+        root: ``output_dir/checkpoints``.
+        world_size: ranks of this run.
+        ep_size: this run's ``parallel.ep_size``.
+        tag: the tag to check; default the ``latest`` one (nothing to check when there is none).
+
+    Raises:
+        CheckpointError: one line naming what wrote the checkpoint and what to pass instead
+            (``--num-procs N``, ``--set parallel.ep_size=E``) or ``--overwrite``.
+    """
+    layout = checkpoint_layout(root, tag)
+    if layout is None:
+        return
+    world, ep = layout["world_size"], layout["ep_size"]
+    if world in (None, world_size) and ep in (None, ep_size):
+        return
+    where = Path(root) / layout["tag"]
+    if world not in (None, world_size):
+        what = f"checkpoint {where} was written by {world} rank{'s' if world != 1 else ''}, this run has {world_size}"
+        if ep is not None:
+            what += f" (parallel.ep_size={ep} then, {ep_size} now)"
+    else:
+        what = f"checkpoint {where} was written with parallel.ep_size={ep}, this run has parallel.ep_size={ep_size}"
+    flags = []
+    if world is not None:
+        flags.append(f"--num-procs {world}")
+    if ep is not None and (ep != ep_size or ep > 1):
+        flags.append(f"--set parallel.ep_size={ep}")
+    raise CheckpointError(
+        f"{what}: a checkpoint resumes only on the ranks and expert-parallel size that wrote it. Resume with "
+        f"{' '.join(flags)}, or pass --overwrite to delete {Path(root).parent}'s checkpoints and start over (or use a new output_dir)"
+    )
+
+
+def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, trainer_state: dict, keep_last: int, ep_size: Optional[int] = None) -> str:
     """Save engine + trainer state as tag ``step_{step:08d}``; every rank must call it.
 
     Args:
         engine: the DeepSpeed engine.
         root: ``output_dir/checkpoints``.
         step: completed optimizer steps.
-        trainer_state: this rank's state (EMA, ...); ``step``, ``world_size`` are added.
+        trainer_state: this rank's state (EMA, ...); ``step``, ``world_size``, ``ep_size`` are added.
         keep_last: how many complete checkpoints to keep.
+        ep_size: the run's ``parallel.ep_size`` (stored: a resume under another one is refused; None: unknown).
 
     Returns:
         The tag.
@@ -198,8 +286,10 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, trainer_sta
     tag = f"step_{step:08d}"
     rank, world = dist.get_rank(), dist.get_world_size()
     (root / tag).mkdir(parents=True, exist_ok=True)
-    state = dict(trainer_state, step=step, world_size=world, rank=rank)
+    state = dict(trainer_state, step=step, world_size=world, ep_size=ep_size, rank=rank)
     _atomic_torch_save(state, _rank_file(root, tag, rank))
+    if rank == 0:  # before the barrier: part of every complete checkpoint
+        _atomic_text(root / tag / LAYOUT_FILE, json.dumps({"step": step, "world_size": world, "ep_size": ep_size}))
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     dist.barrier()
     if rank == 0:
@@ -212,19 +302,22 @@ def save_checkpoint(engine: Any, root: str | os.PathLike, step: int, trainer_sta
     return tag
 
 
-def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str) -> dict:
+def load_checkpoint(engine: Any, root: str | os.PathLike, tag: str, ep_size: Optional[int] = None) -> dict:
     """Restore engine state (weights, optimizer, schedule) and return this rank's trainer state.
 
     Args:
         engine: the DeepSpeed engine, built exactly as for the run that saved.
         root: ``output_dir/checkpoints``.
         tag: the checkpoint tag (see :func:`latest_tag`).
+        ep_size: this run's ``parallel.ep_size``; checked against the stored one when given.
 
     Raises:
-        CheckpointError: when the checkpoint was written by a different number of ranks.
+        CheckpointError: when the checkpoint was written by a different number of ranks or EP size.
     """
     root = Path(root)
     rank, world = dist.get_rank(), dist.get_world_size()
+    if ep_size is not None:
+        check_layout(root, world, ep_size, tag)
     path = _rank_file(root, tag, rank)
     if not path.is_file():
         saved = len(list((root / tag).glob("trainer_rank*.pt")))

@@ -1,6 +1,6 @@
 """The files of a run folder: the recipe check on resume, ``metrics.jsonl``, atomic writes.
 
-A run folder (``output_dir``) holds ``recipe.yaml``, ``metrics.jsonl``, ``summary.json``,
+A run folder (``output_dir``) holds ``recipe.yaml``, ``ds_config.json``, ``metrics.jsonl``, ``summary.json``,
 ``checkpoints/`` and ``final/`` (docs/training.md, "Outputs"). Everything here is what the
 trainer needs to write them crash-safely and to resume only under the recipe that wrote them.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,7 +19,7 @@ import yaml
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.schema import to_dict
 
-__all__ = ["RESUME_FREE", "append_metrics", "truncate_metrics", "clean_tmp", "atomic_write", "flat_fields", "recipe_changes", "check_resume"]
+__all__ = ["RESUME_FREE", "RUN_FILES", "clear_run", "append_metrics", "truncate_metrics", "clean_tmp", "atomic_write", "flat_fields", "recipe_changes", "check_resume"]
 
 
 def append_metrics(path: Path, row: dict) -> None:
@@ -51,6 +52,32 @@ def clean_tmp(out_dir: Path) -> None:
     for folder in [out_dir, out_dir / "checkpoints", *(out_dir / "checkpoints").glob("step_*")]:
         for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
             tmp.unlink(missing_ok=True)
+
+
+# What the trainer writes into output_dir; `sparse-dit train --overwrite` removes exactly these
+# (anything else a user put there stays).
+RUN_FILES = ("checkpoints", "final", "exports", "tensorboard", "samples", "metrics.jsonl", "summary.json", "recipe.yaml",
+             "recipe_changes.log", "ds_config.json")
+
+
+def clear_run(out_dir: Path) -> list[str]:
+    """``--overwrite``: delete the run files (:data:`RUN_FILES`) of ``out_dir`` so a run starts over;
+    returns the names removed.
+
+    Args:
+        out_dir: the run's ``output_dir`` (need not exist).
+    """
+    removed = []
+    for name in RUN_FILES:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    return removed
 
 
 def atomic_write(path: Path, text: str) -> None:

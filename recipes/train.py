@@ -55,7 +55,8 @@ from sparse_dit.parallel import (
 from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
-from sparse_dit.recipes.run_dir import RESUME_FREE, append_metrics, atomic_write, check_resume, clean_tmp, truncate_metrics
+from sparse_dit.parallel.checkpoint import check_layout
+from sparse_dit.recipes.run_dir import RESUME_FREE, append_metrics, atomic_write, check_resume, clean_tmp, clear_run, truncate_metrics
 from sparse_dit.recipes.tb import add_expert_histogram, add_gif, open_writer
 from sparse_dit.schema import to_dict
 from sparse_dit.video_io import save_video, side_by_side, to_uint8
@@ -163,7 +164,7 @@ class TrainRun:
         return self.recipe.parallel.zero_stage == 3
 
 
-def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainRun:
+def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite: bool = False) -> TrainRun:
     """Create (or join) the process group, build model, engine, EMA and data, and resume from
     ``output_dir/checkpoints/latest`` when it exists.
 
@@ -171,11 +172,19 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
         recipe: the validated recipe.
         allow_changed: recipe fields (dotted, a section, or ``all``) a resume may change beyond
             :data:`RESUME_FREE`; the accepted changes are printed and appended to ``recipe_changes.log``.
+        overwrite: delete the run files of ``output_dir`` (``recipes.run_dir.RUN_FILES``: checkpoints,
+            final/, logs) first and start over, instead of resuming.
 
     Raises:
         ConfigError: settings that cannot work on this many ranks, or a checkpoint of another recipe.
+        CheckpointError: a checkpoint written by another number of ranks or ``parallel.ep_size``.
     """
     rank, world = init_distributed(recipe.parallel.timeout_s)
+    if overwrite:
+        removed = clear_run(Path(recipe.output_dir)) if rank == 0 else []
+        _rank0_print(rank, f"--overwrite: removed {', '.join(removed)} from {recipe.output_dir}" if removed else "--overwrite: nothing to remove")
+        dist.barrier()
+    check_layout(Path(recipe.output_dir) / "checkpoints", world, recipe.parallel.ep_size)  # before the recipe check: say what to pass
     check_parallel_config(recipe, world)
     micro, accum, G = batch_layout(recipe, world)
     tc, par = recipe.train, recipe.parallel
@@ -199,7 +208,9 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     torch.manual_seed(tc.seed)
     model = SparseDiT(recipe.model)
     ep = setup_expert_parallel(model, par.ep_size)
-    engine, _ = build_engine(model, recipe, world)
+    engine, ds_config = build_engine(model, recipe, world)
+    if rank == 0:  # the resolved DeepSpeed config, as deepspeed.initialize received it
+        atomic_write(out_dir / "ds_config.json", json.dumps(ds_config, indent=2, default=repr) + "\n")
     model = engine.module
     with _gathered(model, par.zero_stage == 3):
         ema = EMA(model, decay=tc.ema_decay)
@@ -225,7 +236,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = ()) -> TrainR
     start_step = 0
     tag = latest_tag(ckpt_root) if ckpt_root.exists() else None
     if tag is not None:
-        state = load_checkpoint(engine, ckpt_root, tag)
+        state = load_checkpoint(engine, ckpt_root, tag, par.ep_size)
         bad = nonfinite_state(engine)
         if bad is not None:  # written before issue 17's save check, or edited
             raise CheckpointError(f"checkpoint {ckpt_root / tag}: {bad}; point {ckpt_root / 'latest'} at an earlier step_* or start a new output_dir")
@@ -375,7 +386,8 @@ def maybe_save(run: TrainRun, step: int) -> Optional[str]:
             f"{bad} after step {n}; stopping without saving. Last good checkpoint: {where}. "
             "Lower train.lr, raise train.warmup_steps or use parallel.precision=fp32."
         )
-    run.last_tag = save_checkpoint(run.engine, run.ckpt_root, n, {"ema": run.ema.state_dict()}, run.recipe.train.keep_last)
+    run.last_tag = save_checkpoint(run.engine, run.ckpt_root, n, {"ema": run.ema.state_dict()}, run.recipe.train.keep_last,
+                                   ep_size=run.recipe.parallel.ep_size)
     return run.last_tag
 
 
@@ -415,7 +427,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     return summary
 
 
-def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Sequence[str] = ()) -> dict:
+def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Sequence[str] = (), overwrite: bool = False) -> dict:
     """Train ``recipe``; resumes from ``output_dir/checkpoints/latest`` when it exists.
 
     Works in one process (a one-rank gloo/nccl group is created) and under any launcher. The
@@ -428,6 +440,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
             last backward of a step (gradients reduced) and before the optimizer step;
             ``after_step(engine, step, metrics)``; ``at_end(engine, ema, info)`` before export.
         allow_changed: recipe fields a resume may change (see :func:`build_run`).
+        overwrite: start over in ``output_dir`` instead of resuming (see :func:`build_run`).
 
     Returns:
         The summary of :func:`finish` (also written to ``output_dir/summary.json``).
@@ -437,7 +450,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
         ConfigError: for settings that cannot work (named field and value).
     """
     hooks = hooks or {}
-    run = build_run(recipe, allow_changed)
+    run = build_run(recipe, allow_changed, overwrite)
     tc = recipe.train
     run.engine.train()
     bar = tqdm(range(run.start_step, run.end_step), initial=run.start_step, total=tc.max_steps, desc="train", unit="step",
@@ -517,6 +530,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-changed", default="", metavar="FIELDS",
                         help="resume although these recipe fields changed: comma-separated dotted fields or sections, or 'all' "
                              f"(always allowed: {', '.join(RESUME_FREE)})")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over: delete output_dir's checkpoints, final/ and logs instead of resuming from them")
     parser.add_argument("--master-port", type=int, default=None, help="rendezvous port for --num-procs > 1 (default: a free one)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # set by launchers
 
@@ -554,15 +569,27 @@ def run(args: argparse.Namespace) -> int:
     if args.num_procs < 1:
         print(f"sparse-dit train: --num-procs={args.num_procs} must be >= 1", file=sys.stderr)
         return 2
-    if args.num_procs > 1 and "RANK" not in os.environ:
-        try:  # fail before spawning ranks
+    launched = "RANK" in os.environ  # a rank under a launcher (ours, deepspeed's, torchrun)
+    if not launched:  # fail before any process group or rank exists
+        try:
             check_parallel_config(recipe, args.num_procs)
-        except ConfigError as exc:
+            if args.overwrite:  # only once the settings are known to work
+                removed = clear_run(Path(recipe.output_dir))
+                if removed:
+                    print(f"--overwrite: removed {', '.join(removed)} from {recipe.output_dir}", flush=True)
+            else:
+                check_layout(Path(recipe.output_dir) / "checkpoints", args.num_procs, recipe.parallel.ep_size)
+        except (ConfigError, CheckpointError) as exc:
             print(f"sparse-dit train: {exc}", file=sys.stderr)
             return 2
-        return launch(args.recipe, args.overrides, args.num_procs, args.master_port, args.allow_changed)
+        except OSError as exc:
+            print(f"sparse-dit train: --overwrite: cannot remove run files of output_dir={recipe.output_dir!r} ({exc})", file=sys.stderr)
+            return 2
+        if args.num_procs > 1:  # the ranks resume the folder this process checked (or cleared)
+            return launch(args.recipe, args.overrides, args.num_procs, args.master_port, args.allow_changed)
     try:
-        summary = train(recipe, allow_changed=[a.strip() for a in args.allow_changed.split(",") if a.strip()])
+        summary = train(recipe, allow_changed=[a.strip() for a in args.allow_changed.split(",") if a.strip()],
+                        overwrite=args.overwrite and launched)
     except (ConfigError, CheckpointError, TrainingDiverged) as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrainingDiverged) else 2

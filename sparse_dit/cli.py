@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from sparse_dit.schema import ConfigError
 
 __all__ = ["main", "SUBCOMMANDS"]
 
@@ -57,11 +60,38 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+# Errors that are about the user's input, not a bug: a missing file or folder (a run directory
+# that does not exist), a bad value (ConfigError, and DatasetKindError, a dataset of the wrong
+# kind, which subclasses it). The CLI prints them as one line; SPARSE_DIT_TRACEBACK=1 re-raises.
+_USER_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, ConfigError)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
+        text = f"{exc.filename}: {exc.strerror}"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run ``sparse-dit ARGV``; returns the exit code (2 for input errors, printed as one line).
+
+    Args:
+        argv: the arguments (default ``sys.argv[1:]``).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
-    return int(_load(args.command).run(args) or 0)
+    try:
+        return int(_load(args.command).run(args) or 0)
+    except _USER_ERRORS as exc:
+        if os.environ.get("SPARSE_DIT_TRACEBACK"):
+            raise
+        print(f"sparse-dit {args.command}: {_first_line(exc)}", file=sys.stderr, flush=True)
+        return 2
+    except BrokenPipeError:  # `sparse-dit flops --list | head`: the reader left; not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -41,8 +41,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from sparse_dit.data.physics import iter_physics_videos, parse_scenarios
+from sparse_dit.schema import ConfigError
 
 __all__ = [
+    "DatasetKindError",
+    "dataset_kind",
     "VIDEO_ENCODING",
     "encode_video",
     "decode_video",
@@ -56,6 +59,25 @@ __all__ = [
 ]
 
 VIDEO_ENCODING = "npz"  # stored in the dataset description; see the module docstring
+
+
+class DatasetKindError(ConfigError):
+    """A path that is not the kind of dataset asked for (not a saved dataset, or a video-folder
+    dataset where a physics one is needed). A ConfigError: the CLI prints it as one line."""
+
+
+def dataset_kind(ds: datasets.Dataset) -> str:
+    """The ``kind`` this project stored in a dataset's description (``"sparse-dit physics world"``,
+    ``"sparse-dit video folder"``), or ``"unknown"`` for datasets written elsewhere.
+
+    Args:
+        ds: a loaded dataset.
+    """
+    try:
+        kind = json.loads(ds.info.description or "{}").get("kind")
+    except (ValueError, AttributeError):
+        kind = None
+    return kind if isinstance(kind, str) else "unknown"
 
 
 def encode_video(video: np.ndarray) -> bytes:
@@ -324,7 +346,8 @@ def load_video_dataset(path: str | os.PathLike) -> datasets.Dataset:
     """
     path = Path(path)
     if not (path / "dataset_info.json").exists() and not (path / "dataset_dict.json").exists():
-        raise ValueError(f"path={str(path)!r} is not a saved Hugging Face dataset (no dataset_info.json); write one with `sparse-dit data physics --out DIR`")
+        what = "does not exist" if not path.exists() else "is not a saved Hugging Face dataset (no dataset_info.json)"
+        raise DatasetKindError(f"path={str(path)!r} {what}; write one with `sparse-dit data physics --out DIR` or `sparse-dit data folder --out DIR`")
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         if len(ds) != 1:

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from sparse_dit.data.bucketing import Shape, assign_bucket
-from sparse_dit.data.hf import decode_states, decode_video, load_video_dataset
+from sparse_dit.data.hf import DatasetKindError, dataset_kind, decode_states, decode_video, load_video_dataset
 from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, clip_indices, probe_video, read_video, resize_crop, stride_for_fps, to_model_video
 
 __all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl", "collate_clips"]
@@ -392,7 +392,10 @@ class PhysicsVideoDataset(HFVideoDataset):
         super().__init__(dataset, video_column="video", caption_column="caption", num_frames=num_frames, random_crop=random_crop, **kwargs)
         missing = {"states", "params", "scenario"} - set(self.dataset.column_names)
         if missing:
-            raise ValueError(f"not a physics dataset: missing columns {sorted(missing)}")
+            where = f"{str(dataset)!r} " if isinstance(dataset, (str, os.PathLike)) else ""
+            raise DatasetKindError(
+                f"{where}is not a physics dataset (kind: {dataset_kind(self.dataset)}): missing columns {sorted(missing)}. Physics "
+                "datasets come from `sparse-dit data physics`; train on other video datasets with data.source=hf")
 
     def states(self, index: int) -> dict[str, np.ndarray]:
         """Ground-truth states of dataset row ``index`` (position (T, K, 2), velocity (T, K, 2),
