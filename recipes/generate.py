@@ -306,6 +306,14 @@ def write_outputs(out: Path, videos: torch.Tensor, fps: float, reference: Option
 # --------------------------------------------------------------------------------------------
 
 
+def _guidance_arg(text: str) -> tuple[float, ...]:
+    """``--guidance``: one scale (``4``) or one per noise range, highest noise first (``5,3``)."""
+    try:
+        return tuple(float(w) for w in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma-separated list of numbers (e.g. 4 or 5,3)") from None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``sparse-dit generate``."""
     parser.add_argument("model", help="a run folder (with final/ and recipe.yaml) or a folder written by save_pretrained")
@@ -330,7 +338,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="sampling steps (default: the recipe's)")
-    parser.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default: the recipe's)")
+    parser.add_argument("--guidance", "--guidance-scale", dest="guidance", type=_guidance_arg, default=None, metavar="W[,W...]",
+                        help="classifier-free guidance scale (default: the recipe's); a noise-level MoE model takes one per "
+                             "noise range, highest noise first, e.g. 5,3")
     parser.add_argument("--shift", type=float, default=None, help="timestep shift of the sampling grid (default: the one training used)")
     parser.add_argument("--sampler", default=None, choices=("euler", "heun"), help="ODE sampler (default: the recipe's)")
     parser.add_argument("--grid", default=None, choices=TIMESTEP_GRIDS, help="timestep grid (default: the recipe's)")
@@ -421,11 +431,20 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
         raise GenerateError(f"--steps={args.steps} is not allowed; use an int >= 1")
     if args.shift is not None and not args.shift > 0:
         raise GenerateError(f"--shift={args.shift} is not allowed; use a number > 0 (1 = no shift)")
-    if args.guidance is not None and not args.guidance >= 0:
-        raise GenerateError(f"--guidance={args.guidance} is not allowed; use a number >= 0 (1 = no guidance)")
-
-    diffusion = recipe.diffusion.replace(**{k: v for k, v in (("shift", args.shift), ("sampler", args.sampler), ("timestep_grid", args.grid),
-                                                               ("num_inference_steps", args.steps), ("guidance_scale", args.guidance)) if v is not None})
+    guidance: dict[str, Any] = {}
+    if isinstance(args.guidance, (int, float)):  # generate(..., guidance=4.0) from Python
+        args.guidance = (float(args.guidance),)
+    if args.guidance is not None:
+        if any(not w >= 0 for w in args.guidance):
+            raise GenerateError(f"--guidance={','.join(f'{w:g}' for w in args.guidance)} is not allowed; use numbers >= 0 (1 = no guidance)")
+        ranges = model.config.moe.num_noise_ranges
+        if len(args.guidance) not in (1, ranges):
+            raise GenerateError(f"--guidance gives {len(args.guidance)} scales; this model has {ranges} noise range(s): give 1"
+                                + (f" or {ranges} (highest noise first)" if ranges > 1 else ""))
+        guidance = ({"guidance_scale": args.guidance[0], "guidance_scales": ()} if len(args.guidance) == 1
+                    else {"guidance_scales": tuple(args.guidance)})
+    diffusion = recipe.diffusion.replace(**guidance, **{k: v for k, v in (("shift", args.shift), ("sampler", args.sampler), ("timestep_grid", args.grid),
+                                                                          ("num_inference_steps", args.steps)) if v is not None})
     pipe = VideoPipeline.from_config(model, diffusion)
     # the window a rollout slides: the length the model was trained on
     window = d.num_frames
@@ -470,7 +489,7 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
         reference = None
     summary = (f"sparse-dit generate --mode {mode}: {videos.shape[0]} x {videos.shape[2]} frames of {H}x{W} "
                f"(steps {diffusion.num_inference_steps}, shift {pipe.shift_for((1, 3, min(T, window), H, W)):g}, "
-               f"guidance {diffusion.guidance_scale:g}, {diffusion.sampler}, {diffusion.timestep_grid} grid)")
+               f"guidance {','.join(f'{w:g}' for w in diffusion.guidance_scales) or f'{diffusion.guidance_scale:g}'}, {diffusion.sampler}, {diffusion.timestep_grid} grid)")
     if prompt:
         summary += f"; prompt {args.prompt!r}" + (f" expanded to {prompt!r}" if prompt != args.prompt else "")
     return Generated(videos, reference, summary)

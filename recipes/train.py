@@ -47,13 +47,14 @@ from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.diffusion import EMA, FlowMatching, drop_conditioning, sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
-from sparse_dit.moe import summarize_aux, update_balance_biases
+from sparse_dit.moe import summarize_aux, update_balance_biases, update_batch_thresholds
 from sparse_dit.parallel import (
     CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
     load_checkpoint, nonfinite_state, resolve_precision, save_checkpoint, setup_expert_parallel,
 )
 from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
+from sparse_dit.recipes.init_from import load_init_weights, noise_range_setup
 from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
 from sparse_dit.parallel.checkpoint import check_layout
 from sparse_dit.recipes.run_dir import RESUME_FREE, append_metrics, atomic_write, check_resume, clean_tmp, clear_run, truncate_metrics
@@ -207,7 +208,10 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     # Model: the same initialisation on every rank, then experts sharded over the EP group
     torch.manual_seed(tc.seed)
     model = SparseDiT(recipe.model)
+    if tc.init_from is not None and not ((out_dir / "checkpoints").exists() and latest_tag(out_dir / "checkpoints") is not None):
+        _rank0_print(rank, f"initialised from {load_init_weights(model, tc.init_from)}")  # a new run; a resume loads its checkpoint
     ep = setup_expert_parallel(model, par.ep_size)
+    t_range = noise_range_setup(model, recipe)  # train.noise_range: one noise range alone (issue 11)
     engine, ds_config = build_engine(model, recipe, world)
     if rank == 0:  # the resolved DeepSpeed config, as deepspeed.initialize received it
         atomic_write(out_dir / "ds_config.json", json.dumps(ds_config, indent=2, default=repr) + "\n")
@@ -253,7 +257,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     )
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
     return TrainRun(recipe=recipe, rank=rank, world=world, micro=micro, accum=accum, precision=precision, dtype=dtype, engine=engine,
-                    ema=ema, fm=FlowMatching(recipe.diffusion), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
+                    ema=ema, fm=FlowMatching(recipe.diffusion, t_range=t_range), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
                     end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer)
 
 
@@ -326,6 +330,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
     grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
     update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
+    update_batch_thresholds(model, reduce_fn=lambda t: dist.all_reduce(t))  # router: batch (no collective without one)
     with _gathered(model, run.zero3):
         run.ema.update(model)
     if hist is not None:

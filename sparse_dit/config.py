@@ -54,7 +54,15 @@ class MoEConfig(_Config):
     # Fine-grained experts (DeepSeekMoE): split each expert into `granularity` narrower ones.
     granularity: int = field(default=1, metadata=rule(ge=1))
     shared_experts: int = field(default=0, metadata=rule(ge=0))
-    router: str = field(default="token_choice", metadata=rule(choices=("token_choice", "expert_choice")))
+    # Routing rule (sparse_dit.moe.routers.ROUTERS; docs/moe.md "Routing"): "batch" = top-(k*T) over all
+    # token-expert scores of the micro-batch; "noise_level" = one expert set per timestep range (Wan2.2).
+    router: str = field(default="token_choice", metadata=rule(choices=("token_choice", "expert_choice", "batch", "noise_level")))
+    # noise_level: boundaries between timestep ranges (one boundary = two ranges, Wan2.2). Range 0 is
+    # the highest noise (t >= the largest boundary); each range owns num_experts / ranges experts.
+    noise_boundaries: tuple[float, ...] = ()
+    # Unit of noise_boundaries: "t" (a timestep in (0, 1), the shifted t the model sees) or "snr"
+    # (signal-to-noise ratio ((1 - t) / t)^2 of x_t, > 0; t = 1 / (1 + sqrt(snr))).
+    noise_boundary_unit: str = field(default="t", metadata=rule(choices=("t", "snr")))
     score_func: str = field(default="softmax", metadata=rule(choices=("softmax", "sigmoid")))
     # Renormalise the top-k weights to sum to one (Mixtral/DeepSeek style).
     renormalize: bool = True
@@ -84,11 +92,57 @@ class MoEConfig(_Config):
     def enabled(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def boundary_timesteps(self) -> tuple[float, ...]:
+        """``noise_boundaries`` as timesteps t, largest (highest noise) first."""
+        if self.noise_boundary_unit == "snr":
+            return tuple(sorted((1.0 / (1.0 + b ** 0.5) for b in self.noise_boundaries), reverse=True))
+        return tuple(sorted(self.noise_boundaries, reverse=True))
+
+    @property
+    def num_noise_ranges(self) -> int:
+        """Timestep ranges of ``router="noise_level"`` (1 for every other rule)."""
+        return len(self.noise_boundaries) + 1 if self.router == "noise_level" else 1
+
+    def router_options(self) -> dict:
+        """Rule-specific constructor arguments of the router (``noise_level``: its boundaries as t)."""
+        return {"boundaries": self.boundary_timesteps} if self.router == "noise_level" else {}
+
     def _check(self) -> None:
-        if self.enabled and self.router == "token_choice" and self.top_k > self.num_experts:
+        p = current_prefix() or "model.moe."
+        if self.enabled and self.router in ("token_choice", "batch") and self.top_k > self.num_experts:
             raise ConfigError(
-                f"model.moe.top_k={self.top_k} is out of range; allowed: 1..num_experts ({self.num_experts})"
+                f"{p}top_k={self.top_k} is out of range; allowed: 1..num_experts ({self.num_experts})"
             )
+        if self.noise_boundaries and self.router != "noise_level":
+            raise ConfigError(f"{p}noise_boundaries={list(self.noise_boundaries)!r} is only used by router='noise_level'; "
+                              f"got router={self.router!r}")
+        if self.enabled and self.router == "batch" and self.capacity_factor is not None:
+            raise ConfigError(f"{p}capacity_factor={self.capacity_factor} is not used by router='batch' (its pool holds "
+                              "exactly top_k routes per token on average); set it to null")
+        if self.enabled and self.router in ("batch", "noise_level") and self.bias_update_rate > 0:
+            raise ConfigError(f"{p}bias_update_rate={self.bias_update_rate} is not available with router={self.router!r}; "
+                              "use the balance loss (aux_loss_coef) and set bias_update_rate=0")
+        if self.router == "noise_level" and self.enabled:
+            b = self.noise_boundaries
+            if not b:
+                raise ConfigError(f"{p}noise_boundaries=[] is empty; router='noise_level' needs at least one boundary "
+                                  "(e.g. [0.875] with noise_boundary_unit='t')")
+            if self.noise_boundary_unit == "t" and not all(0 < x < 1 for x in b):
+                raise ConfigError(f"{p}noise_boundaries={list(b)!r} is out of range; allowed: timesteps in (0, 1)")
+            if self.noise_boundary_unit == "snr" and not all(x > 0 for x in b):
+                raise ConfigError(f"{p}noise_boundaries={list(b)!r} is out of range; allowed: SNR values > 0")
+            if len(set(b)) != len(b):
+                raise ConfigError(f"{p}noise_boundaries={list(b)!r} has a repeated boundary; give distinct values")
+            R = len(b) + 1
+            if self.num_experts % R:
+                raise ConfigError(f"{p}num_experts={self.num_experts} is not divisible by the {R} noise ranges of "
+                                  f"noise_boundaries={list(b)!r}; each range owns num_experts / {R} experts")
+            if self.top_k > self.num_experts // R:
+                raise ConfigError(f"{p}top_k={self.top_k} is out of range; allowed: 1..{self.num_experts // R} "
+                                  f"(the experts of one noise range)")
+            if self.capacity_factor is not None:
+                raise ConfigError(f"{p}capacity_factor={self.capacity_factor} is not available with router='noise_level'; set it to null")
 
 
 @dataclass
@@ -183,8 +237,21 @@ class DiffusionConfig(_Config):
     timestep_grid: str = field(default="diffusers", metadata=rule(choices=TIMESTEP_GRIDS))
     num_inference_steps: int = field(default=25, metadata=rule(ge=1))
     guidance_scale: float = field(default=1.0, metadata=rule(ge=0))
+    # One CFG scale per noise range of model.moe.router: noise_level, highest noise first (Wan2.2
+    # guides its two experts differently); overrides guidance_scale when set. () = guidance_scale.
+    guidance_scales: tuple[float, ...] = ()
     # Probability of dropping the conditioning in training (classifier-free guidance).
     cond_dropout: float = field(default=0.1, metadata=rule(ge=0, le=1))
+
+    @property
+    def guidance(self) -> float | tuple[float, ...]:
+        """The sampler's ``guidance_scale``: ``guidance_scales`` when set, else ``guidance_scale``."""
+        return self.guidance_scales or self.guidance_scale
+
+    def _check(self) -> None:
+        if any(not w >= 0 for w in self.guidance_scales):
+            raise ConfigError(f"{current_prefix() or 'diffusion.'}guidance_scales={list(self.guidance_scales)!r} is out of range; "
+                              "allowed: numbers >= 0, one per noise range")
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,6 +322,16 @@ class TrainConfig(_Config):
     # Stop (with a checkpoint) after this many steps without changing the LR schedule, which
     # still spans max_steps: for time-limited jobs and the resume test. None = run to max_steps.
     stop_after: Optional[int] = field(default=None, metadata=rule(ge=1))
+    # Start a new run from these weights: a folder written by save_pretrained (config.json +
+    # model.safetensors) or a run folder with final/; every key's shape must fit model. Ignored
+    # when output_dir already holds a checkpoint (the run resumes). None = fresh initialisation.
+    init_from: Optional[str] = None
+    # model.moe.router: noise_level: train only this noise range (0 = highest noise): timesteps are
+    # drawn from diffusion's distribution restricted to the range, and only the noise-level MoE
+    # layers' routers and experts train (all of the model with noise_range_shared: true); the other
+    # ranges' experts get zero gradients and stay as they were (needs weight_decay 0).
+    noise_range: Optional[int] = field(default=None, metadata=rule(ge=0))
+    noise_range_shared: bool = False
 
     def _check(self) -> None:
         if not all(0 <= b < 1 for b in self.betas):  # Adam's moment decays: b = 1 never forgets, b >= 1 diverges
@@ -319,6 +396,17 @@ class RecipeConfig(_Config):
     preset: Optional[str] = None
 
     def _check(self) -> None:
+        tr, moe = self.train, self.model.moe
+        if tr.noise_range is not None:
+            if not (moe.enabled and moe.router == "noise_level"):
+                raise ConfigError(f"train.noise_range={tr.noise_range} needs model.moe.router='noise_level' with experts; "
+                                  f"got router={moe.router!r}, num_experts={moe.num_experts}")
+            if tr.noise_range >= moe.num_noise_ranges:
+                raise ConfigError(f"train.noise_range={tr.noise_range} is out of range; allowed: 0..{moe.num_noise_ranges - 1} "
+                                  f"(model.moe.noise_boundaries={list(moe.noise_boundaries)!r}, 0 = highest noise)")
+            if tr.weight_decay > 0:
+                raise ConfigError(f"train.weight_decay={tr.weight_decay} is not allowed with train.noise_range: it would shrink the "
+                                  "other ranges' experts, which share the stacked expert tensors; set train.weight_decay=0")
         ctx = self.train.context
         if ctx.mode == "prefix" and self.data.token_budget is None and ctx.frames >= self.data.num_frames:
             raise ConfigError(

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -29,6 +29,7 @@ __all__ = [
     "shift_timesteps",
     "resolution_shift",
     "sample",
+    "guidance_schedule",
     "drop_conditioning",
     "count_tokens",
     "TIMESTEP_GRIDS",
@@ -104,10 +105,16 @@ class FlowMatching:
 
     Args:
         config: timestep sampling and shift (a :class:`~sparse_dit.config.DiffusionConfig`).
+        t_range: ``(lo, hi)``: draw training timesteps from the configured distribution
+            conditioned on ``lo <= t < hi`` (``hi = 1`` includes 1): training one noise range of
+            ``router="noise_level"`` alone (``train.noise_range``). None = all of [0, 1].
     """
 
-    def __init__(self, config: DiffusionConfig | None = None) -> None:
+    def __init__(self, config: DiffusionConfig | None = None, t_range: tuple[float, float] | None = None) -> None:
         self.config = config or DiffusionConfig()
+        if t_range is not None and not 0.0 <= t_range[0] < t_range[1] <= 1.0:
+            raise ValueError(f"t_range={t_range!r} is not allowed; give (lo, hi) with 0 <= lo < hi <= 1")
+        self.t_range = t_range
 
     # -- noising --------------------------------------------------------------------------------
     @staticmethod
@@ -126,18 +133,40 @@ class FlowMatching:
         (sampling on another shift's grid spends its steps where the model was not trained to)."""
         c = self.config
         return {"num_inference_steps": c.num_inference_steps, "sampler": c.sampler,
-                "guidance_scale": c.guidance_scale, "shift": self.shift_for(count_tokens(shape, patch_size)),
+                "guidance_scale": c.guidance, "shift": self.shift_for(count_tokens(shape, patch_size)),
                 "grid": c.timestep_grid}
 
     def sample_timesteps(self, batch: int, num_tokens: int, generator: torch.Generator | None = None, device: Any = None) -> torch.Tensor:
-        """Training timesteps (B,): uniform or logit-normal, then the (resolution) shift."""
+        """Training timesteps (B,): uniform or logit-normal, then the (resolution) shift; with
+        ``t_range``, the same distribution conditioned on the range (inverse CDF, no rejection)."""
         c = self.config
         gdev = generator.device if generator is not None else "cpu"
+        s = self.shift_for(num_tokens)
+        if self.t_range is not None:
+            return self._sample_in_range(batch, s, generator, gdev).to(device or gdev)
         if c.timestep_sampling == "uniform":
             t = torch.rand(batch, generator=generator, device=gdev)
         else:  # logit-normal (SD3): sigmoid of a normal puts more weight on the middle of [0, 1]
             t = torch.sigmoid(c.logit_mean + c.logit_std * torch.randn(batch, generator=generator, device=gdev))
-        return shift_timesteps(t, self.shift_for(num_tokens)).to(device or gdev)
+        return shift_timesteps(t, s).to(device or gdev)
+
+    def _sample_in_range(self, batch: int, shift: float, generator: torch.Generator | None, gdev: Any) -> torch.Tensor:
+        """t ~ the training distribution given lo <= t < hi: map the range back through the shift
+        (u = t / (s - (s - 1) t)) and the logit-normal CDF, draw uniformly between, map forward."""
+        c = self.config
+        lo, hi = (torch.tensor(v, dtype=torch.float64) for v in self.t_range)
+        u_lo, u_hi = (x / (shift - (shift - 1) * x) for x in (lo, hi))  # unshifted bounds
+        if c.timestep_sampling == "logit_normal":
+            u_lo, u_hi = (torch.special.ndtr((torch.logit(u) - c.logit_mean) / c.logit_std) for u in (u_lo, u_hi))
+        p = u_lo + (u_hi - u_lo) * torch.rand(batch, generator=generator, device=gdev).double()
+        if c.timestep_sampling == "logit_normal":
+            p = torch.sigmoid(c.logit_mean + c.logit_std * torch.special.ndtri(p))
+        t = shift_timesteps(p, shift)
+        # float rounding must not carry t over a boundary into another range
+        top = hi if float(hi) >= 1.0 else torch.nextafter(hi, torch.tensor(0.0, dtype=torch.float64))
+        t = torch.minimum(torch.maximum(t, lo), top).float()
+        t = torch.where(t >= float(hi), torch.nextafter(t, torch.zeros_like(t)), t) if float(hi) < 1.0 else t
+        return torch.maximum(t, lo.float())
 
     # -- loss -----------------------------------------------------------------------------------
     def training_losses(
@@ -314,13 +343,44 @@ class FlowMatchScheduler:
         return int(torch.argmin((self.sigmas - value).abs()))
 
 
+def guidance_schedule(guidance_scale: float | Sequence[float], boundaries: Sequence[float] | None = None,
+                      model: Any = None) -> Callable[[float], float]:
+    """The CFG scale as a function of t: one number, or one per noise range (highest noise first).
+
+    Args:
+        guidance_scale: a scale, or ``len(boundaries) + 1`` scales.
+        boundaries: timesteps between the ranges; None = ``model.config.moe.boundary_timesteps``.
+        model: where to read the boundaries from when not given.
+
+    Raises:
+        ValueError: a sequence whose length does not match the ranges, or a negative scale.
+    """
+    if isinstance(guidance_scale, (int, float)):
+        w = float(guidance_scale)
+        return lambda t: w
+    scales = [float(w) for w in guidance_scale]
+    if any(not w >= 0 for w in scales):
+        raise ValueError(f"guidance_scale={scales!r} is not allowed; every scale must be >= 0")
+    if boundaries is None:
+        moe = getattr(getattr(model, "config", None), "moe", None)
+        boundaries = moe.boundary_timesteps if moe is not None and moe.router == "noise_level" else ()
+    # compared in float32, as the router compares (sparse_dit.moe.routers.noise_level.noise_range_of)
+    b = sorted((float(torch.tensor(float(x), dtype=torch.float32)) for x in boundaries), reverse=True)
+    if len(scales) == 1:
+        return lambda t: scales[0]
+    if len(scales) != len(b) + 1:
+        raise ValueError(f"guidance_scale has {len(scales)} values but there are {len(b) + 1} noise ranges "
+                         f"(boundaries {b}); give one scale per range, highest noise first, or a single scale")
+    return lambda t: scales[sum(float(torch.tensor(t, dtype=torch.float32)) < x for x in b)]
+
+
 @torch.no_grad()
 def sample(
     model: Callable[..., Any],
     shape: tuple[int, ...],
     model_kwargs: dict[str, Any] | None = None,
     uncond_kwargs: dict[str, Any] | None = None,
-    guidance_scale: float = 1.0,
+    guidance_scale: float | Sequence[float] = 1.0,
     num_inference_steps: int = 25,
     sampler: str = "euler",
     shift: float = 1.0,
@@ -334,6 +394,7 @@ def sample(
     init_latents: torch.Tensor | None = None,
     strength: float = 1.0,
     grid: str = "diffusers",
+    guidance_boundaries: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Generate latents by integrating the learned flow from noise (t = 1) to data (t = 0).
 
@@ -344,6 +405,11 @@ def sample(
         uncond_kwargs: unconditional inputs for CFG; default: ``model_kwargs`` with the caption
             dropped (``text_drop`` all True) and class labels set to the null class.
         guidance_scale: CFG scale w; v = v_u + w (v_c - v_u). 1.0 = no guidance (one call per step).
+            A sequence gives one scale per noise range, highest noise first (Wan2.2's per-expert
+            guidance): the scale of a step is that of the range its t falls in (``t >= b`` is
+            the noisier side); steps whose scale is 1.0 make one model call.
+        guidance_boundaries: the timesteps between the ranges of a per-range ``guidance_scale``;
+            None = the model's ``config.moe.boundary_timesteps`` (its noise-level experts).
         num_inference_steps: integration intervals.
         sampler: ``"euler"`` or ``"heun"``.
         shift: timestep shift of the sampling grid.
@@ -383,7 +449,8 @@ def sample(
         ctx = context_mask.bool().to(device).view(shape[0], 1, shape[2], 1, 1)
         context = context.to(device=device, dtype=dtype)
         x = torch.where(ctx, context, x)
-    use_cfg = guidance_scale != 1.0
+    scale_at = guidance_schedule(guidance_scale, guidance_boundaries, model)
+    use_cfg = any(scale_at(float(t)) != 1.0 for t in sched.timesteps)
     if use_cfg and uncond_kwargs is None:
         uncond_kwargs = dict(model_kwargs)
         if uncond_kwargs.get("text_emb") is not None:
@@ -398,9 +465,10 @@ def sample(
     for t in steps:
         tb = t.expand(shape[0]).to(device)
         v, _ = _prediction(model(x, tb, context_mask=context_mask, **model_kwargs), C)
-        if use_cfg:
+        w = scale_at(float(t))
+        if w != 1.0:
             vu, _ = _prediction(model(x, tb, context_mask=context_mask, **uncond_kwargs), C)
-            v = vu + guidance_scale * (v - vu)
+            v = vu + w * (v - vu)
         x = sched.step(v.to(x.dtype), t, x)
         if ctx is not None:
             x = torch.where(ctx, context, x)

@@ -102,7 +102,9 @@ class VideoPipeline:
             sqrt(tokens / shift_base_tokens) of each layout, as training's ``diffusion.shift: null``).
         sampler: ``"euler"`` or ``"heun"``.
         grid: timestep grid, ``"diffusers"`` (FlowMatchEulerDiscreteScheduler's) or ``"uniform"``.
-        num_inference_steps, guidance_scale: defaults of every call.
+        num_inference_steps, guidance_scale: defaults of every call. ``guidance_scale`` may be one
+            scale per noise range of a noise-level MoE model, highest noise first
+            (:func:`sparse_dit.diffusion.guidance_schedule`).
         shift_base_tokens: see ``shift``.
 
     :meth:`from_config` takes all of them from a recipe's ``diffusion`` section.
@@ -113,7 +115,7 @@ class VideoPipeline:
     """
 
     def __init__(self, model: nn.Module, vae: nn.Module | None = None, text_encoder: Any = None, shift: float | None = 1.0,
-                 sampler: str = "euler", grid: str = "diffusers", num_inference_steps: int = 25, guidance_scale: float = 1.0,
+                 sampler: str = "euler", grid: str = "diffusers", num_inference_steps: int = 25, guidance_scale: float | Sequence[float] = 1.0,
                  shift_base_tokens: int = 256) -> None:
         self.model = model.eval()
         self.vae = vae if vae is not None else IdentityVAE(getattr(model.config, "in_channels", 3))
@@ -126,7 +128,7 @@ class VideoPipeline:
         """A pipeline that samples as the recipe says: its steps, sampler, guidance, grid and the
         shift training used (``diffusion.shift``, or the resolution shift when that is null)."""
         return cls(model, vae, text_encoder, shift=diffusion.shift, sampler=diffusion.sampler, grid=diffusion.timestep_grid,
-                   num_inference_steps=diffusion.num_inference_steps, guidance_scale=diffusion.guidance_scale,
+                   num_inference_steps=diffusion.num_inference_steps, guidance_scale=diffusion.guidance,
                    shift_base_tokens=diffusion.shift_base_tokens)
 
     def shift_for(self, shape: tuple[int, ...]) -> float:
@@ -181,7 +183,7 @@ class VideoPipeline:
     @torch.no_grad()
     def generate(self, mode: str, *, prompt: str | Sequence[str] | None = None,
                  negative_prompt: str | Sequence[str] | None = None, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 guidance_scale: float | Sequence[float] | None = None, generator: torch.Generator | None = None,
                  latents: torch.Tensor | None = None, output_type: str = "pt",
                  model_kwargs: dict[str, Any] | None = None, **inputs: Any) -> Any:
         """Generate with the mode ``mode`` of :data:`GENERATION_MODES`.
@@ -211,7 +213,7 @@ class VideoPipeline:
         out = self._sample(lay, prompt, negative_prompt, steps, guidance, generator, latents, model_kwargs)
         return self._output(lay.finish(out) if lay.finish is not None else out, output_type)
 
-    def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float,
+    def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float | Sequence[float],
                 generator, latents, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
         cond, uncond = self._cond(prompt, lay.shape[0], negative_prompt)
         cond = {**(model_kwargs or {}), **cond}

@@ -21,9 +21,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 B, N, D, E = 3, 10, 16, 8
 
 
+# Rule-specific constructor arguments (MoEConfig.router_options()): noise-level experts need boundaries.
+OPTIONS = {"noise_level": {"boundaries": (0.5,)}}
+
+
 def _router(name: str, k: int, **kwargs) -> RouterBase:
     torch.manual_seed(0)
-    r = ROUTERS[name](D, E, k, **kwargs)
+    r = ROUTERS[name](D, E, k, **OPTIONS.get(name, {}), **kwargs)
     with torch.no_grad():
         r.gate.weight.normal_(std=0.5)  # distinct scores: no ties in the top-k
     return r
@@ -54,7 +58,7 @@ def test_every_router_obeys_the_contract(name: str, k: int, score_func: str) -> 
     router = _router(name, k, score_func=score_func)
     assert router.kind == name
     x = torch.randn(B, N, D)
-    r = router(x)
+    r = router(x, timesteps=torch.tensor([0.9, 0.1, 0.5]))  # used by noise-level routing only
     T = B * N
     assert isinstance(r, Routing)
     assert r.expert_idx.dtype == torch.int64 and r.weight.dtype == torch.float32
@@ -136,7 +140,7 @@ def test_expert_choice_takes_each_experts_best_tokens_per_sample(k: int, cf) -> 
 def test_bias_balancing_is_a_property_of_the_rule() -> None:
     for name, cls in ROUTERS.items():
         if cls.supports_bias_balancing:
-            ROUTERS[name](D, E, 2, bias_balancing=True)
+            ROUTERS[name](D, E, 2, bias_balancing=True, **OPTIONS.get(name, {}))
         else:
             with pytest.raises(ValueError, match="bias balancing"):
-                ROUTERS[name](D, E, 2, bias_balancing=True)
+                ROUTERS[name](D, E, 2, bias_balancing=True, **OPTIONS.get(name, {}))

@@ -25,7 +25,9 @@ from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
 from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
 from sparse_dit.moe.ops import EXPERT_BACKENDS, release_workspace
 from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
-from sparse_dit.moe.routers import ROUTERS, ExpertChoiceRouter, RouterBase, Routing, TokenChoiceRouter
+from sparse_dit.moe.routers import (
+    ROUTERS, BatchRouter, ExpertChoiceRouter, NoiseLevelRouter, RouterBase, Routing, TokenChoiceRouter, update_batch_thresholds,
+)
 from sparse_dit.moe.stats import MoEAux, summarize_aux
 
 __all__ = [
@@ -33,6 +35,9 @@ __all__ = [
     "MoEAux",
     "summarize_aux",
     "update_balance_biases",
+    "update_batch_thresholds",
+    "BatchRouter",
+    "NoiseLevelRouter",
     "moe_layers",
     "ROUTERS",
     "RouterBase",

@@ -72,6 +72,8 @@ class MoEFeedForward(nn.Module):
         expert_precision: under ``torch.autocast``, ``"auto"`` runs the experts in the autocast
             dtype (as autocast runs an ``nn.Linear``), ``"fp32"`` keeps them in fp32 (the
             quickstart's setting). Without autocast the experts run in the input's dtype.
+        router_options: rule-specific router arguments (``noise_level``: ``boundaries``);
+            :meth:`from_config` takes them from ``MoEConfig.router_options()``.
     """
 
     def __init__(
@@ -94,6 +96,7 @@ class MoEFeedForward(nn.Module):
         backend: str = "auto",
         stat_timestep_bins: int = 4,
         expert_precision: str = "auto",
+        router_options: Optional[dict] = None,
     ) -> None:
         super().__init__()
         if dim < 1 or hidden_dim < 1:
@@ -118,7 +121,7 @@ class MoEFeedForward(nn.Module):
             raise ValueError(f"router={router!r} is not supported; choose one of {list(ROUTERS)}")
         self.router: RouterBase = ROUTERS[router](
             dim, num_experts, top_k, score_func=score_func, renormalize=renormalize,
-            cond_dim=cond_dim, capacity_factor=capacity_factor, bias_balancing=bias_update_rate > 0,
+            cond_dim=cond_dim, capacity_factor=capacity_factor, bias_balancing=bias_update_rate > 0, **(router_options or {}),
         )
         self.experts = GroupedExperts(num_experts, dim, hidden_dim, activation, backend)
         self.shared = FeedForward(dim, shared_experts * hidden_dim, activation) if shared_experts else None
@@ -144,7 +147,7 @@ class MoEFeedForward(nn.Module):
             shared_experts=moe.shared_experts, cond_dim=cfg.hidden_size if moe.timestep_routing else None,
             capacity_factor=moe.capacity_factor, aux_loss_coef=moe.aux_loss_coef, z_loss_coef=moe.z_loss_coef,
             bias_update_rate=moe.bias_update_rate, backend=moe.backend, stat_timestep_bins=moe.stat_timestep_bins,
-            expert_precision=moe.expert_precision,
+            expert_precision=moe.expert_precision, router_options=moe.router_options(),
         )
 
     def reset_parameters(self) -> None:
@@ -211,7 +214,8 @@ class MoEFeedForward(nn.Module):
             x: (B, N, D) tokens.
             cond: (B, D_cond) router conditioning (timestep + class/text embedding); used only
                 with timestep-aware routing.
-            timesteps: (B,) t in [0, 1]; only feeds ``aux.load_per_timestep_bin``.
+            timesteps: (B,) t in [0, 1]: ``aux.load_per_timestep_bin``, and the noise range of
+                ``router="noise_level"`` (required there).
 
         Returns:
             ``(y, aux)``: (B, N, D) output and the layer's :class:`MoEAux`.
@@ -233,7 +237,7 @@ class MoEFeedForward(nn.Module):
     ) -> tuple[torch.Tensor, MoEAux]:
         B, N, D = x.shape
         # 1. Route (fp32)
-        r = self.router(x, cond if self.router.cond_proj is not None else None)
+        r = self.router(x, cond if self.router.cond_proj is not None else None, timesteps)
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
         backend = self.experts.resolve_backend(x_TD, local)

@@ -8,7 +8,9 @@ bias buffers), takes the same constructor arguments and returns a :class:`Routin
 """
 
 from sparse_dit.moe.routers.base import SCORE_FUNCS, RouterBase, Routing
+from sparse_dit.moe.routers.batch import INFERENCE_RULES, BatchRouter, update_batch_thresholds
 from sparse_dit.moe.routers.expert_choice import ExpertChoiceRouter, expert_choice_capacity
+from sparse_dit.moe.routers.noise_level import NoiseLevelRouter, NoiseRouting, freeze_outside_noise_range, noise_range_interval, noise_range_of
 from sparse_dit.moe.routers.token_choice import TokenChoiceRouter, capacity_drop
 
 __all__ = [
@@ -17,6 +19,14 @@ __all__ = [
     "Routing",
     "TokenChoiceRouter",
     "ExpertChoiceRouter",
+    "BatchRouter",
+    "NoiseLevelRouter",
+    "NoiseRouting",
+    "INFERENCE_RULES",
+    "update_batch_thresholds",
+    "freeze_outside_noise_range",
+    "noise_range_of",
+    "noise_range_interval",
     "capacity_drop",
     "expert_choice_capacity",
     "SCORE_FUNCS",
@@ -25,5 +35,7 @@ __all__ = [
 ROUTERS: dict[str, type[RouterBase]] = {
     TokenChoiceRouter.kind: TokenChoiceRouter,
     ExpertChoiceRouter.kind: ExpertChoiceRouter,
+    BatchRouter.kind: BatchRouter,
+    NoiseLevelRouter.kind: NoiseLevelRouter,
 }
 """Routing rules by name (``model.moe.router``); the MoE layer builds ``ROUTERS[name](...)``."""

@@ -148,7 +148,7 @@ class RouterBase(nn.Module):
             f"renormalize={self.renormalize}, capacity_factor={self.capacity_factor}, bias_balancing={self.bias_balancing}"
         )
 
-    def forward(self, x_BND: torch.Tensor, cond: Optional[torch.Tensor] = None) -> Routing:
+    def forward(self, x_BND: torch.Tensor, cond: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None) -> Routing:
         """Route tokens.
 
         Args:
@@ -156,6 +156,8 @@ class RouterBase(nn.Module):
                 within each sample (expert choice does).
             cond: (B, cond_dim) conditioning vector; used only when ``cond_dim`` was set (then
                 it is required).
+            timesteps: (B,) t of each sample; only rules that route by noise level use it
+                (:meth:`mask_logits`).
         """
         B, N, D = x_BND.shape
         E = self.num_experts
@@ -167,6 +169,7 @@ class RouterBase(nn.Module):
             if cond.shape != (B, self.cond_proj.in_features):
                 raise ValueError(f"cond must have shape ({B}, {self.cond_proj.in_features}), got {tuple(cond.shape)}")
             logits = logits + F.linear(cond.float(), self.cond_proj.weight.float())[:, None, :]  # (B, 1, E)
+        logits = self.mask_logits(logits, timesteps)  # (B, N, E); a rule may shut experts off per sample
         logits = logits.reshape(B * N, E)  # (T, E)
         if self.score_func == "softmax":
             scores = torch.softmax(logits, dim=-1)  # (T, E)
@@ -175,6 +178,10 @@ class RouterBase(nn.Module):
             scores = torch.sigmoid(logits)
             probs = scores / scores.sum(-1, keepdim=True).clamp_min(1e-9)
         return self.route(scores, logits, probs, B, N)
+
+    def mask_logits(self, logits_BNE: torch.Tensor, timesteps: Optional[torch.Tensor]) -> torch.Tensor:
+        """Logits with the experts a sample may not use replaced (every expert usable here)."""
+        return logits_BNE
 
     def route(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor, probs_TE: torch.Tensor, B: int, N: int) -> Routing:
         """The rule: routes from the (T, E) fp32 scores of ``B`` samples of ``N`` tokens."""
