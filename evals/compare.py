@@ -15,6 +15,7 @@ it out (report.md, report.json, plots, sample GIFs, TensorBoard scalars).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
 from sparse_dit.evals.physics import baseline_videos, score
+from sparse_dit.moe.routing_stats import RoutingCollector
 from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.flops import count
 from sparse_dit.presets import load_recipe
@@ -324,8 +326,12 @@ def evaluate_run(
     m["splits"] = {}
     for split in splits:
         t0 = time.monotonic()
-        pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=steps, sampler=sampler,
-                                    shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        # Routing statistics (evals/routing.py): hooks on the MoE routers during the headline split's sampling.
+        with RoutingCollector(model) if split is first else contextlib.nullcontext() as routing:
+            pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=steps, sampler=sampler,
+                                        shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        if routing is not None and routing.stats is not None:
+            m["routing"] = routing.summary()
         videos[split.name] = pred
         m["splits"][split.name] = {}
         lines = _run_metrics(per_split, MetricInput(split, context_frames, generated=pred, **common), m["splits"][split.name],

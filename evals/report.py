@@ -9,6 +9,8 @@ Input is :func:`sparse_dit.evals.compare.compare`'s ``(report, videos)``. Files 
   baselines as horizontal lines;
 - ``samples_<split>.gif``: for a few validation videos, rows of ground truth | copy-last |
   constant velocity | each model, the context frames marked with a red border;
+- ``routing_<model>_*.png`` and report.md's "Routing" section: every MoE model's per-layer expert
+  load, imbalance and router entropy while it sampled the headline split (:mod:`.routing`);
 - ``tb/<name>/``: TensorBoard scalars per model and baseline (``eval/<metric>``), so the
   runs overlay in one chart.
 """
@@ -27,6 +29,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from sparse_dit.evals.routing import plot_routing, routing_markdown
 from sparse_dit.video_io import save_video, side_by_side
 
 __all__ = ["write_report", "write_json", "markdown", "plot_quality", "write_sample_gifs", "write_tensorboard", "REQUIRED_MODEL_KEYS"]
@@ -135,6 +138,9 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
                           [[n, ",".join(map(str, r["size"])), r["tokens"], r["gmacs_per_video"], r.get("latency_ms"),
                             r.get("throughput_videos_per_s"),
                             (r["peak_memory_bytes"] / 2**20) if r.get("peak_memory_bytes") else None] for n, r in costs]))
+    routing = routing_markdown(report)  # per-layer expert load, imbalance, entropy (evals/routing.py)
+    if routing:
+        out += ["", routing.rstrip("\n")]
     files = report.get("files")
     if files:
         out += ["", "## Files", ""] + [f"- `{f}`" for f in files]
@@ -280,6 +286,7 @@ def write_report(report: dict[str, Any], videos: Mapping[str, Mapping[str, np.nd
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = [p.name for p in plot_quality(report, out)]
+    files += [p.name for p in plot_routing(report, out)]
     if videos:
         files += [p.name for p in write_sample_gifs(videos, out, num_samples, report["settings"].get("context_frames", 3))]
     if tensorboard:
