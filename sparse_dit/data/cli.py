@@ -119,17 +119,59 @@ def _physics(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Rows(torch.utils.data.Dataset):
+    """The folder dataset's clips for ``data folder``: a clip that fails to decode comes back as
+    its error (never another clip in its place, as training's substitution would)."""
+
+    def __init__(self, ds: VideoFolderDataset) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, k: int) -> dict:
+        try:
+            return self.ds._load(k)
+        except Exception as exc:  # PyAV raises many types; the file is named and skipped
+            return {"error": f"{type(exc).__name__}: {exc}", "index": self.ds.items[k]}
+
+
+SKIPPED_FILE = "skipped.jsonl"  # beside the dataset: one {"file", "reason", "detail"} per file left out
+
+
+def _report_skipped(dropped: list[dict], out: str | None) -> None:
+    """Print every file left out with its reason; write them to ``out/skipped.jsonl`` (atomically)."""
+    counts = Counter(d["reason"] for d in dropped)
+    where = f" (listed in {os.path.join(out, SKIPPED_FILE)})" if out else ""
+    print(f"skipped {counts['undecodable']} undecodable, {counts['too short']} too-short and {counts['missing caption']} "
+          f"uncaptioned file(s){where}")
+    for d in dropped:
+        print(f"  skipped {d['file']}: {d['detail']} [{d['reason']}]")
+    if out:
+        path = os.path.join(out, SKIPPED_FILE)
+        tmp = os.path.join(out, f".{SKIPPED_FILE}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(d) + "\n" for d in dropped)
+        os.replace(tmp, path)
+
+
 def _folder(args: argparse.Namespace) -> int:
     ds = VideoFolderDataset(args.videos, captions=args.captions, num_frames=args.frames, size=args.resolution, target_fps=args.fps, random_crop=False)
+    dropped = ds.dropped
     if len(ds) == 0:
-        print(f"no usable video in {args.videos} ({ds.num_skipped} undecodable, {ds.num_too_short} too short)", file=sys.stderr)
+        print(f"no usable video in {args.videos}", file=sys.stderr)
+        for d in dropped:
+            print(f"  skipped {d['file']}: {d['detail']} [{d['reason']}]", file=sys.stderr)
         return 1
     workers = (os.cpu_count() or 1) if args.workers is None else args.workers
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers if workers > 1 else 0)
+    loader = torch.utils.data.DataLoader(_Rows(ds), batch_size=None, num_workers=workers if workers > 1 else 0)
     names = ds._names()
 
     def rows():
         for item in tqdm(loader, total=len(ds), desc="videos", unit="video", disable=args.no_progress):
+            if "error" in item:  # probed fine, failed to decode: named, never replaced by another clip
+                dropped.append({"file": names[int(item["index"])], "reason": "undecodable", "detail": item["error"]})
+                continue
             frames = from_model_video(item["video"])
             yield {"video": encode_video(frames), "video_shape": list(frames.shape), "caption": item["caption"],
                    "fps": float(item["fps"]), "source": names[int(item["index"])]}
@@ -137,10 +179,8 @@ def _folder(args: argparse.Namespace) -> int:
     description = json.dumps({"kind": "sparse-dit video folder", "video_encoding": "npz", "source": os.path.abspath(args.videos)})
     inputs = [args.videos, *_paths(args.captions, args.text_encoder)]
     out = write_dataset(rows(), args.out, folder_features(), description=description, overwrite=args.overwrite, inputs=inputs)
-    print(f"wrote {len(out)} videos to {args.out} ({_bytes_per_video(out):,.0f} bytes per video); "
-          f"skipped {ds.num_skipped} undecodable and {ds.num_too_short} too-short file(s)")
-    for name, error in ds.skipped:
-        print(f"  skipped {name}: {error}")
+    print(f"wrote {len(out)} videos to {args.out} ({_bytes_per_video(out):,.0f} bytes per video)")
+    _report_skipped(dropped, args.out)
     if args.text_encoder:
         _embed(args.out, args.text_encoder)
     return 0

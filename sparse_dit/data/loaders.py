@@ -13,8 +13,10 @@ Shapes. Each item's output shape is fixed when the dataset is built (``sample_sh
 
 Temporal sampling: ``frame_stride`` (or ``target_fps``, which picks the stride from the video's
 frame rate) subsamples frames; with ``random_crop=True`` the clip start (and the spatial crop) is
-random, different on each read. Undecodable videos are skipped with a warning and counted in
-``num_skipped`` / ``skipped``; videos too short for any clip are counted in ``num_too_short``.
+random, different on each read. Nothing is left out without a name: ``dropped`` lists every
+file not used, as ``{"file", "reason", "detail"}`` with reason ``undecodable`` (also in
+``skipped``), ``too short`` (also in ``too_short``) or ``missing caption`` (a video file in the
+folder that ``captions.jsonl`` does not list; :class:`VideoFolderDataset` only), each warned about.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ class ClipDataset(Dataset):
         self.num_frames, self.size, self.buckets = num_frames, tuple(size) if size else None, list(buckets) if buckets else None
         self.frame_stride, self.target_fps, self.random_crop, self.seed = frame_stride, target_fps, random_crop, seed
         self.text_cache = text_cache
-        self.skipped: list[tuple[str, str]] = []  # (item name, error)
-        self.num_too_short = 0
+        self.skipped: list[tuple[str, str]] = []  # undecodable: (item name, error)
+        self.too_short: list[tuple[str, str]] = []  # (item name, frames it has vs the clip's)
+        self.missing_caption: list[str] = []  # folder files captions.jsonl does not list (VideoFolderDataset)
         self.num_failed_reads = 0  # decode errors after probing, in this process
         self._draws = 0
 
@@ -133,7 +136,8 @@ class ClipDataset(Dataset):
             available = (meta.num_frames - 1) // stride + 1
             shape = self._shape_for(available, meta)
             if shape is None:
-                self.num_too_short += 1
+                need = f"a clip of {self.num_frames} frames" if not self.buckets else f"the shortest bucket ({min(b[0] for b in self.buckets)} frames)"
+                self.too_short.append((name, f"{available} frame(s) at stride {stride} ({meta.num_frames} decodable), {need} needs more"))
                 continue
             self.items.append(i)
             self.metas.append(meta)
@@ -142,8 +146,12 @@ class ClipDataset(Dataset):
         if self.skipped:
             examples = "; ".join(f"{n} ({e})" for n, e in self.skipped[:3])
             warnings.warn(f"{type(self).__name__}: skipped {len(self.skipped)} undecodable video(s): {examples}", stacklevel=3)
-        if self.num_too_short:
-            warnings.warn(f"{type(self).__name__}: {self.num_too_short} video(s) shorter than any clip were left out", stacklevel=3)
+        if self.too_short:
+            examples = "; ".join(f"{n} ({e})" for n, e in self.too_short[:3])
+            warnings.warn(f"{type(self).__name__}: {len(self.too_short)} video(s) shorter than any clip were left out: {examples}", stacklevel=3)
+        if self.missing_caption:
+            warnings.warn(f"{type(self).__name__}: {len(self.missing_caption)} video file(s) without a caption in captions.jsonl were "
+                          f"left out: {', '.join(self.missing_caption[:3])}", stacklevel=3)
 
     def _shape_for(self, available: int, meta: VideoMeta) -> Shape | None:
         if self.buckets:
@@ -158,6 +166,20 @@ class ClipDataset(Dataset):
     def num_skipped(self) -> int:
         """Undecodable videos left out (each also named in ``skipped``)."""
         return len(self.skipped)
+
+    @property
+    def num_too_short(self) -> int:
+        """Videos shorter than any clip, left out (each also named in ``too_short``)."""
+        return len(self.too_short)
+
+    @property
+    def dropped(self) -> list[dict[str, str]]:
+        """Every file left out: ``{"file", "reason", "detail"}``, reason ``undecodable``,
+        ``too short`` or ``missing caption``."""
+        out = [{"file": n, "reason": "undecodable", "detail": e} for n, e in self.skipped]
+        out += [{"file": n, "reason": "too short", "detail": e} for n, e in self.too_short]
+        out += [{"file": n, "reason": "missing caption", "detail": "not listed in captions.jsonl"} for n in self.missing_caption]
+        return out
 
     def sample_shapes(self) -> list[Shape]:
         """Output (T, H, W) of every item, for BucketBatchSampler."""
@@ -236,7 +258,8 @@ class VideoFolderDataset(ClipDataset):
         root: the folder.
         captions: a jsonl file of ``{"file": ..., "caption": ...}`` (relative to ``root`` when
             not absolute; default ``root/captions.jsonl``). Without it every video file under
-            ``root`` is used with an empty caption.
+            ``root`` is used with an empty caption; with it, a video file under ``root`` that it
+            does not list is left out and named in ``missing_caption`` (and ``dropped``).
         **kwargs: ClipDataset options (num_frames, size, buckets, frame_stride, ...).
     """
 
@@ -252,6 +275,9 @@ class VideoFolderDataset(ClipDataset):
             table = read_captions_jsonl(jsonl)
             self.files = [self.root / f for f in table]
             self.captions = list(table.values())
+            listed = {(self.root / f).resolve() for f in table}
+            self.missing_caption = sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*")
+                                          if p.suffix.lower() in VIDEO_EXTENSIONS and p.resolve() not in listed)
         elif captions:
             raise ValueError(f"captions={str(captions)!r} does not exist")
         else:
