@@ -33,6 +33,7 @@ from torch import nn
 
 from sparse_dit.config import DiffusionConfig
 from sparse_dit.diffusion import count_tokens, resolution_shift, sample
+from sparse_dit.pretrained import load_pretrained
 from sparse_dit.vae import IdentityVAE
 
 __all__ = ["VideoPipeline", "Layout", "GenerationMode", "GENERATION_MODES", "layout_clips"]
@@ -130,6 +131,37 @@ class VideoPipeline:
         return cls(model, vae, text_encoder, shift=diffusion.shift, sampler=diffusion.sampler, grid=diffusion.timestep_grid,
                    num_inference_steps=diffusion.num_inference_steps, guidance_scale=diffusion.guidance,
                    shift_base_tokens=diffusion.shift_base_tokens)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Any, weights: str = "auto", map_location: Any = "cpu", text_encoder: Any = None,
+                        vae: nn.Module | None = None, **overrides: Any) -> "VideoPipeline":
+        """The pipeline of a run folder or a model folder, as diffusers' ``from_pretrained``:
+        the weights, the recipe's text encoder and its sampler settings (steps, sampler, guidance,
+        shift, grid). Nothing in the folder is executed (JSON, YAML, safetensors, weights-only
+        checkpoints); see :mod:`sparse_dit.pretrained` for which weights a run folder gives.
+
+        Args:
+            path: a run folder (``output_dir``) or a folder with ``config.json`` + ``model.safetensors``.
+            weights: run folders only: ``"auto"`` (``final/`` if the run finished, else the latest
+                checkpoint's EMA weights), ``"final"`` or ``"latest"``.
+            map_location: device of the weights.
+            text_encoder: an encoder to use instead of the recipe's.
+            vae: the compression network (default: pixel space).
+            **overrides: constructor arguments that replace the recipe's (``num_inference_steps=10``).
+
+        Example::
+
+            pipe = VideoPipeline.from_pretrained("runs/tiny-moe")
+            video = pipe("a red square moving left", num_frames=6, height=12, width=12)
+        """
+        found = load_pretrained(path, weights=weights, map_location=map_location, text_encoder=text_encoder)
+        pipe = cls.from_config(found.model, found.diffusion, vae=vae, text_encoder=found.text_encoder)
+        for key, value in overrides.items():
+            if key not in ("shift", "sampler", "grid", "num_inference_steps", "guidance_scale", "shift_base_tokens"):
+                raise TypeError(f"from_pretrained() got an unexpected argument {key!r}")
+            setattr(pipe, key, value)
+        pipe.source = found.weights  # where the weights came from
+        return pipe
 
     def shift_for(self, shape: tuple[int, ...]) -> float:
         """The shift used for latents of ``shape`` (B, C, T, h, w)."""
