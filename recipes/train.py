@@ -48,6 +48,7 @@ from sparse_dit.diffusion import EMA, FlowMatching, drop_conditioning, sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
 from sparse_dit.moe import summarize_aux, update_balance_biases, update_batch_thresholds
+from sparse_dit.moe.routing_stats import StepRouting
 from sparse_dit.parallel import (
     CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
     load_checkpoint, nonfinite_state, resolve_precision, save_checkpoint, setup_expert_parallel,
@@ -58,7 +59,7 @@ from sparse_dit.recipes.init_from import load_init_weights, noise_range_setup
 from sparse_dit.recipes.batches import BatchSource, BucketSource, Conditioner, build_dataset, context_mask, step_generator
 from sparse_dit.parallel.checkpoint import check_layout
 from sparse_dit.recipes.run_dir import RESUME_FREE, append_metrics, atomic_write, check_resume, clean_tmp, clear_run, truncate_metrics
-from sparse_dit.recipes.tb import add_expert_histogram, add_gif, open_writer
+from sparse_dit.recipes.tb import add_gif, add_routing, open_writer
 from sparse_dit.schema import to_dict
 from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
@@ -271,7 +272,8 @@ class StepResult:
     """What :func:`train_step` measured: the logged scalars and the per-layer expert loads."""
 
     metrics: dict[str, float]
-    tokens_per_expert: Optional[torch.Tensor]  # (E,) summed over layers, micro-steps and ranks; None for dense
+    tokens_per_expert: Optional[torch.Tensor]  # (L, E) per MoE layer, summed over micro-steps and ranks; None for dense
+    routing: Optional[StepRouting] = None  # per-layer loads, entropy, timestep-bin loads (same sums); None for dense
 
 
 def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = None) -> StepResult:
@@ -294,7 +296,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
     null_class = model.y_embedder.null_class if model.y_embedder is not None else None
     sums = torch.zeros(len(_REDUCED), dtype=torch.float64)
-    hist = None
+    routing = None
     pre_norm = None
     for m in range(run.accum):
         g = step_generator(tc.seed, step, m, run.rank)
@@ -305,7 +307,8 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
         rec = _Recorder(engine)
         n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
         out = run.fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)
-        scalars, h = summarize_aux(rec.aux.moe if rec.aux is not None else [])
+        scalars, _ = summarize_aux(rec.aux.moe if rec.aux is not None else [])
+        layer_routing = StepRouting.from_aux(rec.aux.moe if rec.aux is not None else [])  # per layer, never summed over layers
         vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:-2]]
         vals += [float(x0.shape[0]), float(x0.shape[0] * n_tok)]  # samples and tokens (summed below)
         vals_t = torch.tensor(vals, dtype=torch.float64)
@@ -318,8 +321,8 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
                 f"Last good checkpoint: {where}. Lower train.lr, raise train.warmup_steps or use parallel.precision=fp32."
             )
         sums += vals_t
-        if h is not None:
-            hist = h if hist is None else hist + h
+        if layer_routing is not None:
+            routing = layer_routing if routing is None else routing + layer_routing
         engine.backward(out["loss"])
         if m == run.accum - 1:
             if "before_step" in hooks:
@@ -333,8 +336,10 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     update_batch_thresholds(model, reduce_fn=lambda t: dist.all_reduce(t))  # router: batch (no collective without one)
     with _gathered(model, run.zero3):
         run.ema.update(model)
-    if hist is not None:
-        dist.all_reduce(hist)
+    if routing is not None:
+        flat = routing.pack()
+        dist.all_reduce(flat)  # one collective: routes per expert over the global batch, per layer
+        routing = routing.unpack(flat)
     mean = (sums / run.accum).tolist()
     metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
     samples, tokens = sums[-2].item() * run.world, sums[-1].item() * run.world  # summed over micro-steps and ranks
@@ -346,7 +351,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     run.last_grad_norm = grad_norm
     metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt,
                     "tokens_per_s": tokens / dt})
-    return StepResult(metrics, hist)
+    return StepResult(metrics, routing.load if routing is not None else None, routing)
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,7 +380,8 @@ def log_step(run: TrainRun, result: StepResult) -> None:
     if result.tokens_per_expert is not None:
         for k in _REDUCED[2:-2]:
             w.add_scalar(k, metrics[k], step)
-        add_expert_histogram(w, "moe/tokens_per_expert", result.tokens_per_expert, step)
+    if result.routing is not None:
+        add_routing(w, result.routing, step)  # per layer: scalars, histograms, heat maps (recipes/tb.py)
 
 
 def maybe_save(run: TrainRun, step: int) -> Optional[str]:

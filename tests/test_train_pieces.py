@@ -146,7 +146,7 @@ def test_trainer_pieces_build_step_log_save_finish(tmp_path):
     # the optimizer stepped the fp32 master weights (adaLN-Zero: at step 1 only the zero-initialised
     # modulation, final layer and what feeds them get gradients, so not every tensor moves yet)
     assert s["master_dtype"] == "torch.float32" and 0 < s["changed"] <= s["params"]
-    assert s["layers_x_experts"] == [4]  # tokens per expert (summed over layers), 4 experts
+    assert s["layers_x_experts"] == [2, 4]  # tokens per expert per MoE layer (never summed over layers), 4 experts
     assert rec["save_after_step0"] is None and rec["save_after_step1"] == "step_00000002"
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]

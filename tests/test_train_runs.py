@@ -62,8 +62,11 @@ def test_tensorboard_has_scalars_histogram_and_sample_gif(reference):
     assert len(acc.Scalars("train/loss")) == STEPS  # every step
     loss_tb = [e.value for e in acc.Scalars("train/loss")]
     assert loss_tb == pytest.approx([r["loss"] for r in _rows(reference)], rel=1e-6)
-    hist = acc.Histograms("moe/tokens_per_expert")[-1].histogram_value
-    assert len(hist.bucket) == 4 and sum(hist.bucket) == hist.num > 0  # one bucket per expert
+    for i in range(2):  # per MoE layer (a sum over layers hides a collapse): one bucket per expert, heat maps as images
+        hist = acc.Histograms(f"moe/layer{i}/tokens_per_expert")[-1].histogram_value
+        assert len(hist.bucket) == 4 and sum(hist.bucket) == hist.num > 0
+        assert f"moe/layer{i}/max_violation" in tags["scalars"] and f"moe/layer{i}/router_entropy" in tags["scalars"]
+    assert {"moe/load_layer_x_expert", "moe/load_expert_x_timestep_bin"} <= set(tags["images"])
     img = acc.Images("samples/prediction")[-1]
     assert img.encoded_image_string[:4] == b"GIF8" and img.step == STEPS
     assert (reference / "samples" / f"step_{STEPS:08d}.gif").is_file()
