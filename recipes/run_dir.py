@@ -89,7 +89,7 @@ def atomic_write(path: Path, text: str) -> None:
 # Fields a resumed run may change without a flag: they extend or observe the run, they do not
 # change what the next step computes (docs/training.md, "Resuming").
 RESUME_FREE = ("train.max_steps", "train.stop_after", "train.save_every", "train.log_every", "train.keep_last", "train.sample_every",
-               "output_dir", "data.num_workers", "parallel.timeout_s")
+               "train.export_steps", "output_dir", "data.num_workers", "parallel.timeout_s")
 
 
 def flat_fields(d: Any, prefix: str = "") -> dict[str, Any]:

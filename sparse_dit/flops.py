@@ -19,7 +19,8 @@ An MoE FFN layer costs:
 * timestep-aware routing: ``D * E`` per *sample* (the conditioning projection, computed once
   per sample and broadcast, :mod:`sparse_dit.moe.router`);
 * experts: ``(K + S) * M * D * H`` per token (expert choice: ``K * capacity_factor``
-  routed experts per token on average).
+  routed experts per token on average; batch-level routing: K per token on average over the
+  micro-batch, as token choice; noise-level experts: K experts of the sample's one range).
 
 :func:`match_compute` derives the MoE config whose forward MACs equal a dense one's. The
 ``sparse-dit flops`` command that prints these counts for a preset is :mod:`sparse_dit.flops_cli`.
@@ -35,7 +36,7 @@ from sparse_dit.moe.layer import expert_hidden_dim
 from sparse_dit.moe.placement import is_moe_layer
 from sparse_dit.schema import ConfigError
 
-__all__ = ["count", "num_tokens", "moe_layer_counts", "dense_ffn_counts", "match_compute", "COMPONENTS"]
+__all__ = ["count", "num_tokens", "moe_layer_counts", "dense_ffn_counts", "match_compute", "match_params", "COMPONENTS"]
 
 COMPONENTS = ("embeddings", "adaln", "attention_proj", "attention_scores", "cross_attention", "ffn", "final")
 
@@ -254,3 +255,35 @@ def match_compute(
         expert_hidden_dim=H, **moe_overrides,
     )
     return dataclasses.replace(dense_config, moe=moe)
+
+
+def match_params(
+    dense_config: ModelConfig,
+    num_experts: int,
+    top_k: int,
+    shared_experts: int = 0,
+    granularity: int = 1,
+    **moe_overrides: Any,
+) -> ModelConfig:
+    """A copy of ``dense_config`` with MoE FFNs holding the dense FFN's parameters (``sparse-dit
+    study``'s ``budget.match: params``): per MoE layer, router + all experts = the dense FFN,
+
+        M * D * F  =  D * E  +  (E + S) * M * D * H   (+ the router's optional extras),
+
+    so the total parameters match and each token runs ``(K + S) / (E + S)`` of them: the sparse
+    model is cheaper per token than its dense twin, not compute-matched. Same arguments and
+    errors as :func:`match_compute`; ``H`` is rounded to the nearest integer (to a multiple of 8
+    when that stays within 0.5 %).
+    """
+    probe = match_compute(dense_config, num_experts, top_k, shared_experts, granularity, **moe_overrides)  # validates everything
+    E, S = probe.moe.num_experts, probe.moe.shared_experts
+    D, F, M = dense_config.hidden_size, dense_config.ffn_hidden, _mats(dense_config.activation)
+    per_unit = (E + S) * M * D
+    exact = (M * D * F - D * E) / per_unit
+    if exact < 0.5:
+        raise ConfigError(f"cannot parameter-match: {E} + {S} experts leave no width within the dense FFN's {M * D * F} parameters")
+    H = max(1, int(round(exact)))
+    aligned = max(8, int(round(exact / 8)) * 8)
+    if abs(aligned - exact) * per_unit <= 0.005 * M * D * F:
+        H = aligned
+    return dataclasses.replace(probe, moe=dataclasses.replace(probe.moe, expert_hidden_dim=H))

@@ -1,0 +1,211 @@
+"""``sparse-dit study``: the plan (matched FLOPs, steps, curve points), the statistics of the report
+(intervals, resolved/not resolved, Pareto front), bad specs as one line, and a study killed in
+the middle of a cell's training that, rerun, completes without redoing finished cells and equals
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from _launch import REPO, cli
+
+TINY = REPO / "recipes" / "study" / "tiny.yaml"
+
+
+def _spec(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load(TINY.read_text())
+    raw["base"] = str(REPO / "recipes" / "quickstart" / "dense.yaml")
+    for k, v in changes.items():
+        node = raw
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    f = tmp_path / "spec.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    return f
+
+
+# --------------------------------------------------------------------------------------------
+# The plan
+# --------------------------------------------------------------------------------------------
+
+
+def test_plan_gives_every_cell_the_flop_budget_and_matches_active_compute(tmp_path):
+    from sparse_dit.flops import count
+    from sparse_dit.recipes.study import load_spec, plan_study
+
+    spec = load_spec(_spec(tmp_path, **{"budget.train_flops": 3.0e9, "budget.curve_points": 3}))
+    cells = plan_study(spec, tmp_path, tmp_path / "out")
+    assert [c.key for c in cells] == ["uniform/xs/dense/seed0", "uniform/xs/tc-E4A1/seed0",
+                                      "uniform/xs/dense/seed1", "uniform/xs/tc-E4A1/seed1"]
+    for c in cells:
+        r = c.recipe
+        macs = count(r.model, (3, r.data.num_frames, r.data.height, r.data.width))["macs"]
+        per_step = 6 * macs * r.train.global_batch_size  # forward + backward = 3 forwards, 2 FLOPs per MAC
+        steps = r.train.max_steps
+        assert steps * per_step <= 3.0e9 < (steps + 1) * per_step  # the largest step count within the budget
+        assert c.export_steps[-1] == steps and len(c.export_steps) == 3 and r.train.export_steps == c.export_steps
+        assert r.output_dir == str(c.dir) and r.data.path == str(tmp_path / "out" / "data" / "uniform" / "train")
+        assert r.train.seed == c.seed
+    dense, sparse = cells[0].recipe, cells[1].recipe
+    assert not dense.model.moe.enabled and (sparse.model.moe.num_experts, sparse.model.moe.top_k) == (4, 1)
+    shape = (3, dense.data.num_frames, dense.data.height, dense.data.width)
+    assert count(sparse.model, shape)["macs"] == pytest.approx(count(dense.model, shape)["macs"], rel=0.01)
+    assert dense.train.max_steps == sparse.train.max_steps  # matched active compute: the same steps
+
+
+def test_match_params_gives_the_dense_models_total_parameters(tmp_path):
+    from sparse_dit.flops import count, match_params
+    from sparse_dit.recipes.study import load_spec, plan_study
+
+    spec = load_spec(_spec(tmp_path, **{"budget.match": "params", "budget.steps": 6}))
+    dense, sparse = (c.recipe for c in plan_study(spec, tmp_path, tmp_path / "out")[:2])
+    shape = (3, dense.data.num_frames, dense.data.height, dense.data.width)
+    assert count(sparse.model, shape)["total_params"] == pytest.approx(count(dense.model, shape)["total_params"], rel=0.02)
+    assert dense.train.max_steps == sparse.train.max_steps == 6
+    # by hand: one MoE layer = router D*E + E experts of 2*D*H (+ biases); H = (2*D*F - D*E) / (E*2*D) ~ F/E
+    D, F, E = dense.model.hidden_size, dense.model.ffn_hidden, 4
+    assert sparse.model.moe.expert_hidden_dim == pytest.approx((2 * D * F - D * E) / (E * 2 * D), abs=1)
+    assert match_params(dense.model, num_experts=4, top_k=1).moe.expert_hidden_dim == sparse.model.moe.expert_hidden_dim
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"budget.train_flops": 1.0e7}, "fewer than budget.curve_points"),
+    ({"seeds": [0, 0]}, "distinct seeds"),
+    ({"budget.match": "wall"}, "budget.match"),
+    ({"base": "nope.yaml"}, "does not exist"),
+    ({"data.scenarios": ["nope"]}, "data.scenarios"),
+])
+def test_bad_specs_are_one_line(tmp_path, capsys, change, needle):
+    from sparse_dit.recipes.study import main
+
+    spec = _spec(tmp_path, **change)
+    assert main([str(spec), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_cli_study_dry_run_lists_the_cells(tmp_path):
+    p = cli(["study", str(_spec(tmp_path)), "--out", str(tmp_path / "o"), "--dry-run"])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count(" steps ") == 4 and "uniform/xs/tc-E4A1/seed1" in p.stdout
+    assert not (tmp_path / "o").exists()  # a dry run writes nothing
+    p = cli(["study", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+    assert p.returncode == 2 and "does not exist" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_steps_must_lie_within_the_run():
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+
+    with pytest.raises(ConfigError, match=r"train.export_steps=\[5, 300\]: 300 is out of range"):
+        load_recipe(REPO / "recipes" / "tiny" / "dense.yaml", ["train.max_steps=200", "train.export_steps=[5,300]"])
+
+
+# --------------------------------------------------------------------------------------------
+# The statistics of the report
+# --------------------------------------------------------------------------------------------
+
+
+def test_mean_interval_is_the_student_t_interval():
+    from sparse_dit.evals.study_report import mean_interval
+
+    m = mean_interval([1.0, 2.0, 3.0, 4.0])
+    # by hand: mean 2.5, sample sd sqrt(5/3), t_{0.975, 3} = 3.182446305 (tables)
+    half = 3.182446305 * math.sqrt(5 / 3) / 2
+    assert m["mean"] == pytest.approx(2.5) and m["lo"] == pytest.approx(2.5 - half, rel=1e-8) and m["hi"] == pytest.approx(2.5 + half, rel=1e-8)
+    one = mean_interval([0.7])
+    assert one["mean"] == 0.7 and one["lo"] is None and one["n"] == 1  # one seed: no interval
+    assert mean_interval([1.0, float("nan"), 3.0])["n"] == 2  # undefined values (nothing detected) are left out
+
+
+def _agg(sparse_vals, dense_vals, key="id/velocity_error"):
+    from sparse_dit.evals.study_report import STUDY_METRICS, mean_interval
+
+    def group(vals, dense):
+        metrics = {f"{s}/{k}": {**mean_interval([]), "lower_is_better": low} for s, k, low in STUDY_METRICS}
+        metrics[key] = {**mean_interval(vals), "lower_is_better": True}
+        return {"dense": dense, "metrics": metrics}
+
+    return {"uniform": {"xs": {"dense": group(dense_vals, True), "moe": group(sparse_vals, False)}}}
+
+
+def test_a_difference_is_resolved_only_where_the_intervals_do_not_overlap():
+    from sparse_dit.evals.study_report import verdicts
+
+    far = [v for v in verdicts(_agg([0.50, 0.52, 0.51], [0.90, 0.92, 0.91])) if v["metric"] == "id/velocity_error"][0]
+    assert far["resolved"] and far["winner"] == "moe" and far["text"].startswith("moe beats dense on id velocity_error")
+    worse = [v for v in verdicts(_agg([0.90, 0.92, 0.91], [0.50, 0.52, 0.51])) if v["metric"] == "id/velocity_error"][0]
+    assert worse["resolved"] and worse["winner"] == "dense"  # lower is better: the dense model wins here
+    near = [v for v in verdicts(_agg([0.50, 0.70, 0.60], [0.55, 0.75, 0.65])) if v["metric"] == "id/velocity_error"][0]
+    assert not near["resolved"] and near["winner"] is None and "not resolved" in near["text"]
+    single = [v for v in verdicts(_agg([0.1], [0.9])) if v["metric"] == "id/velocity_error"][0]
+    assert not single["resolved"] and "one seed" in single["text"]  # a huge gap on one seed is still unresolved
+
+
+def test_pareto_front():
+    from sparse_dit.evals.study_report import pareto_front
+
+    pts = [("a", 1.0, 5.0), ("b", 2.0, 3.0), ("c", 3.0, 3.5), ("d", 4.0, 1.0), ("e", 2.0, 3.0001)]
+    assert pareto_front(pts) == ["a", "b", "d"]  # c is beaten by b on both; e by b on quality at equal cost
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: an uninterrupted study, and one killed inside a cell's training then rerun
+# --------------------------------------------------------------------------------------------
+
+
+def _finals(out: Path) -> dict:
+    return {r["scenario"] + "/" + r["variant"] + f"/{r['seed']}": r["eval"]["curve"]
+            for r in json.loads((out / "report.json").read_text())["cells"]}
+
+
+def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    from sparse_dit.recipes.study import run_study
+
+    spec = _spec(tmp_path, seeds=[0])
+    full = run_study(spec, tmp_path / "full", log=lambda m: None)
+    out = tmp_path / "killed"
+    assert set(full["aggregate"]["uniform"]["xs"]) == {"dense", "tc-E4A1"}
+    assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "quality_vs_train_flops.png").is_file()
+    assert "matched training FLOPs" in (tmp_path / "full" / "report.md").read_text()
+
+    # Kill -9 once the second cell has a checkpoint but before it finishes.
+    second = out / "cells" / "uniform" / "xs" / "tc-E4A1" / "seed0"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env["DS_ACCELERATOR"] = "cpu"  # the in-process run above holds its rendezvous port; same threads as this process
+    log = open(tmp_path / "killed.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "sparse_dit.cli", "study", str(spec), "--out", str(out)], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 240
+        while not (second / "checkpoints" / "latest").is_file():
+            assert proc.poll() is None, "the study ended before it could be killed: " + (tmp_path / "killed.log").read_text()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert not (second / "eval.json").is_file()
+    first_eval = (out / "cells" / "uniform" / "xs" / "dense" / "seed0" / "eval.json")
+    stamp = first_eval.stat().st_mtime_ns
+
+    logs: list[str] = []
+    resumed = run_study(spec, out, log=logs.append)
+    assert first_eval.stat().st_mtime_ns == stamp  # the finished cell was not redone
+    assert any("(done)" in line and "dense/seed0" in line for line in logs)
+    assert _finals(out) == _finals(tmp_path / "full")  # the same curves, to the last digit
+    assert resumed["verdicts"] == full["verdicts"]
