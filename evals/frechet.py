@@ -32,6 +32,8 @@ __all__ = [
     "frechet_distance_from_stats",
     "trajectory_features",
     "trajectory_frechet_distance",
+    "trajectory_frechet_from_features",
+    "STD_FLOOR",
 ]
 
 
@@ -213,5 +215,25 @@ def trajectory_frechet_distance(
     gen = trajectory_features(videos, states, context_frames, **detect_kwargs)
     ref = trajectory_features(reference_videos, states if reference_states is None else reference_states,
                               context_frames, **detect_kwargs)
-    scale = np.maximum(ref.std(axis=0), 1e-3)
+    return trajectory_frechet_from_features(gen, ref)
+
+
+# Per-feature std floor of the z-scoring: a feature (nearly) constant in the reference set is
+# divided by this, so any spread of it in the other set dominates the distance.
+STD_FLOOR = 1e-3
+
+
+def trajectory_frechet_from_features(features: Any, reference_features: Any) -> float:
+    """The trajectory Frechet distance of two feature sets (:func:`trajectory_features` rows).
+
+    Both sets are z-scored with the reference set's per-feature std (floored at
+    :data:`STD_FLOOR`), then :func:`frechet_distance`; intervals over videos resample rows
+    through this one function.
+
+    Args:
+        features: generated rows (N, 11).
+        reference_features: reference rows (M, 11).
+    """
+    gen, ref = np.asarray(features, dtype=np.float64), np.asarray(reference_features, dtype=np.float64)
+    scale = np.maximum(ref.std(axis=0), STD_FLOOR)
     return frechet_distance(gen / scale, ref / scale)

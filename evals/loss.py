@@ -83,7 +83,8 @@ def heldout_loss(
         autocast_dtype: run the model under ``torch.autocast`` with this dtype (e.g. bfloat16).
 
     Returns:
-        ``{"loss": mean over the grid, "per_t": [loss at each t], "t": [grid],
+        ``{"loss": mean over the grid, "per_t": [loss at each t], "t": [grid], "per_video": [each
+        video's mean over the grid] (their mean is ``loss``; what intervals over videos resample),
         "num_videos": N, "context_frames": C, "seed": seed}``.
     """
     if not isinstance(videos, torch.Tensor) or videos.ndim != 5:
@@ -102,6 +103,7 @@ def heldout_loss(
     model.eval()
     device = next(model.parameters()).device
     per_t: list[float] = []
+    per_video = torch.zeros(N, len(grid), dtype=torch.float64)  # (N, num_t): for intervals over videos
     try:
         for j, t_value in enumerate(grid.tolist()):
             total = 0.0
@@ -119,7 +121,9 @@ def heldout_loss(
                       for k, v in model_kwargs.items()}
                 with torch.autocast(device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
                     out = objective.training_losses(model, x0, kw, context_mask=ctx, t=t, noise=noise)
-                total += float(out["mse_per_sample"].double().sum())
+                mse = out["mse_per_sample"].double().cpu()
+                per_video[start:stop, j] = mse
+                total += float(mse.sum())
             per_t.append(total / N)
     finally:
         model.train(was_training)
@@ -127,6 +131,7 @@ def heldout_loss(
         "loss": sum(per_t) / len(per_t),
         "per_t": per_t,
         "t": grid.tolist(),
+        "per_video": per_video.mean(dim=1).tolist(),
         "num_videos": int(N),
         "context_frames": int(context_frames),
         "seed": int(seed),

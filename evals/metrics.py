@@ -140,7 +140,8 @@ class Metric:
 def _heldout_loss(x: MetricInput) -> dict[str, Any]:
     val = heldout_loss(x.model, x.split.model_videos(), context_frames=x.context_frames, num_t=x.num_t, seed=x.seed,
                        batch_size=x.batch_size, autocast_dtype=x.autocast_dtype)
-    return {"val_loss": val["loss"], "val_loss_per_t": val["per_t"], "val_loss_t": val["t"]}
+    return {"val_loss": val["loss"], "val_loss_per_t": val["per_t"], "val_loss_t": val["t"],
+            "val_loss_per_video": val["per_video"]}
 
 
 def _physics(x: MetricInput) -> dict[str, Any]:
