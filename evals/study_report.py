@@ -28,6 +28,7 @@ from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.compare import EvalSplit, Run, evaluate_run, load_split
 from sparse_dit.evals.cost import generation_macs, measure_generation
 from sparse_dit.evals.report import write_json
+from sparse_dit.evals.routing import plot_routing, routing_markdown
 
 __all__ = [
     "STUDY_METRICS", "mean_interval", "evaluate_cell", "measure_cost", "aggregate", "pareto_front", "verdicts",
@@ -78,7 +79,8 @@ def evaluate_cell(cell_dir: Path, recipe: Any, export_steps: Sequence[int], flop
     """
     summary_file = cell_dir / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    curve = []
+    curve: list[dict[str, Any]] = []
+    routing = None
     for step in export_steps:
         folder = cell_dir / "exports" / f"step_{step:08d}"
         if not (folder / "model.safetensors").is_file():
@@ -87,8 +89,10 @@ def evaluate_cell(cell_dir: Path, recipe: Any, export_steps: Sequence[int], flop
         m, _ = evaluate_run(run, splits, context_frames=context_frames, num_inference_steps=num_inference_steps, seed=seed,
                             batch_size=batch_size, num_t=num_t, latency_repeats=0, metrics=_EVAL_METRICS, log=lambda s: None)
         curve.append({"step": int(step), "train_flops": float(step * flops_per_step), **_split_metrics(m)})
+        routing = m.get("routing")
         log(f"    step {step}: " + ", ".join(f"{s}/{k} {v:.4g}" for s, d in _split_metrics(m).items() for k, v in d.items()))
-    return {"curve": curve, "final": curve[-1], "train_seconds": summary.get("train_seconds"), "steps": summary.get("steps")}
+    return {"curve": curve, "final": curve[-1], "train_seconds": summary.get("train_seconds"), "steps": summary.get("steps"),
+            "routing": routing}  # the last export's routing while sampling (MoE only; evals/routing.py)
 
 
 def measure_cost(model_dir: Path, shape: tuple[int, int, int], *, num_inference_steps: int, context_frames: int,
@@ -196,14 +200,15 @@ def markdown(report: Mapping[str, Any]) -> str:
         for size, variants in sizes.items():
             lines += [f"## {scenario}, size {size}", ""]
             head = ["variant", "seeds", "steps", "train FLOPs", *[f"{s} {k}" for s, k, _ in STUDY_METRICS],
-                    "active params (M)", "GMACs/video", "latency (ms)"]
+                    "active params (M)", "GMACs/video", "latency (ms)", "peak memory (MiB)"]
             lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for v, g in variants.items():
                 cost = report["costs"].get(f"{scenario}/{size}/{v}", {})
                 row = [v, str(len(g["seeds"])), str(g["steps"]), f"{g['train_flops']:.3e}",
                        *[_fmt_ci(g["metrics"][f"{s}/{k}"]) for s, k, _ in STUDY_METRICS],
                        f"{cost.get('active_params', float('nan')) / 1e6:.3f}", f"{cost.get('gmacs_per_video', float('nan')):.4g}",
-                       f"{cost['latency_ms']:.0f}" if cost.get("latency_ms") is not None else "-"]
+                       f"{cost['latency_ms']:.0f}" if cost.get("latency_ms") is not None else "-",
+                       f"{cost['peak_memory_bytes'] / 2**20:.0f}" if cost.get("peak_memory_bytes") else "-"]
                 lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     resolved = [v for v in report["verdicts"] if v["resolved"]]
@@ -220,8 +225,24 @@ def markdown(report: Mapping[str, Any]) -> str:
     for scenario, front in report["pareto"].items():
         lines.append(f"- {scenario}: by GMACs per video: {', '.join(front['gmacs']) or '-'}; "
                      f"by latency: {', '.join(front['latency']) or '-'}")
+    routing = _routing_report(report)
+    if routing["models"]:
+        lines += ["", "Expert load of each sparse variant's trained model (its first seed), per layer, by timestep bin, "
+                  "frame and region, while it generated the in-distribution split:", ""]
+        lines.append(routing_markdown(routing))
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report.get("plots", [])), ""]
     return "\n".join(lines)
+
+
+def _routing_report(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The routing summaries of the first seed of every sparse variant, as evals/routing.py reads them."""
+    models: dict[str, Any] = {}
+    for c in report.get("cells", []):
+        r = c["eval"].get("routing")
+        name = f"{c['scenario']}/{c['size']}/{c['variant']}"
+        if r and name not in models:
+            models[name] = {"routing": r}
+    return {"models": models, "headline_split": "id"}
 
 
 def plot_study(report: Mapping[str, Any], out: Path) -> list[Path]:
@@ -281,7 +302,7 @@ def plot_study(report: Mapping[str, Any], out: Path) -> list[Path]:
 
 def write_study_report(report: dict[str, Any], out: Path) -> dict[str, Any]:
     """Write ``out/report.json``, the plots and ``out/report.md``; returns the report."""
-    report["plots"] = [p.name for p in plot_study(report, out)]
+    report["plots"] = [p.name for p in plot_study(report, out)] + [p.name for p in plot_routing(_routing_report(report), out)]
     write_json(report, out / "report.json")
     tmp = out / ".report.md.tmp"
     tmp.write_text(markdown(report))
