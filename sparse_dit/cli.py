@@ -6,12 +6,15 @@ subcommand runs, so ``sparse-dit flops`` never pays for importing deepspeed.
 
     sparse-dit data physics ...        write a physics-world video dataset
     sparse-dit train RECIPE.yaml ...   train (one process, or N ranks via the deepspeed launcher)
+    sparse-dit train-vae RECIPE.yaml   train a video VAE on the same trainer (recipes/vae/)
     sparse-dit generate RUN_DIR ...    sample videos from a trained model
     sparse-dit eval ...                quality / cost evaluations and dense-vs-sparse reports
     sparse-dit convert dit CKPT ...    an official DiT checkpoint -> a from_pretrained folder
+    sparse-dit upcycle DENSE_DIR ...   a dense model -> an MoE model with the same output (sparse upcycling)
     sparse-dit flops PRESET ...        analytic params and MACs
     sparse-dit bench ...               performance benchmarks
     sparse-dit quickstart --out DIR    the end-to-end demo that `make demo` runs
+    sparse-dit study SPEC --out DIR    a dense-vs-sparse grid of train runs, with intervals over seeds
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ __all__ = ["main", "SUBCOMMANDS"]
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("sparse_dit.data.cli", "build video datasets (physics world, folders of videos)"),
     "train": ("sparse_dit.recipes.train", "train a recipe under DeepSpeed (1 process or N ranks)"),
+    "train-vae": ("sparse_dit.recipes.train_vae", "train a video VAE recipe (recipes/vae/) on the same trainer"),
     "generate": ("sparse_dit.recipes.generate", "sample videos from a trained model"),
     "eval": ("sparse_dit.evals.cli", "evaluate runs: quality, inference cost, dense-vs-sparse reports"),
     "convert": ("sparse_dit.convert", "official checkpoints (facebookresearch/DiT) -> a from_pretrained folder"),
+    "upcycle": ("sparse_dit.upcycle", "a dense model -> an MoE model with the same output (sparse upcycling)"),
     "flops": ("sparse_dit.flops_cli", "analytic params and forward MACs of a preset or config"),
     "bench": ("sparse_dit.bench", "run the performance benchmarks"),
     "quickstart": ("sparse_dit.recipes.quickstart", "end-to-end demo: data, train both models, evaluate, report"),
+    "study": ("sparse_dit.recipes.study", "a resumable dense-vs-sparse grid at matched compute, over seeds and sizes"),
 }
 
 

@@ -43,6 +43,10 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 
 
+# Routers whose balance loss is Switch's (RouterBase.switch_balance_loss; a test keeps the two in step).
+GLOBAL_BALANCE_ROUTERS = ("token_choice",)
+
+
 @dataclass
 class MoEConfig(_Config):
     """Mixture-of-Experts options for the feed-forward slot. ``num_experts=0`` means dense."""
@@ -74,6 +78,10 @@ class MoEConfig(_Config):
     aux_loss_coef: float = field(default=1e-2, metadata=rule(ge=0))
     # ST-MoE router z-loss coefficient (Zoph et al. 2022 use 1e-3).
     z_loss_coef: float = field(default=1e-3, metadata=rule(ge=0))
+    # Where the Switch balance loss counts routes (docs/moe.md "Balancing"): "micro_batch" = this
+    # rank's micro-batch (the Switch/GShard default); "global" = all micro-batches of the step on
+    # all ranks (Qiu et al. 2025), one all-reduce per training forward. Token choice only.
+    balance_scope: str = field(default="micro_batch", metadata=rule(choices=("micro_batch", "global")))
     # DeepSeek-V3 auxiliary-loss-free balancing: per-expert bias update speed (0 = off).
     bias_update_rate: float = field(default=0.0, metadata=rule(ge=0))
     # Placement: MoE in every `every`-th block, starting after `first_dense` dense blocks.
@@ -110,6 +118,9 @@ class MoEConfig(_Config):
 
     def _check(self) -> None:
         p = current_prefix() or "model.moe."
+        if self.enabled and self.balance_scope == "global" and self.router not in GLOBAL_BALANCE_ROUTERS:
+            raise ConfigError(f"{p}balance_scope='global' has no effect with router={self.router!r} (it has no Switch "
+                              f"balance loss); allowed with router in {list(GLOBAL_BALANCE_ROUTERS)}, else use 'micro_batch'")
         if self.enabled and self.router in ("token_choice", "batch") and self.top_k > self.num_experts:
             raise ConfigError(
                 f"{p}top_k={self.top_k} is out of range; allowed: 1..num_experts ({self.num_experts})"
@@ -332,8 +343,15 @@ class TrainConfig(_Config):
     # ranges' experts get zero gradients and stay as they were (needs weight_decay 0).
     noise_range: Optional[int] = field(default=None, metadata=rule(ge=0))
     noise_range_shared: bool = False
+    # Also export the EMA weights to output_dir/exports/step_<N> after these optimizer steps
+    # (a from_pretrained folder each): quality-vs-training-compute curves (`sparse-dit study`).
+    export_steps: tuple[int, ...] = ()
 
     def _check(self) -> None:
+        bad = [s for s in self.export_steps if not 1 <= s <= self.max_steps]
+        if bad:
+            raise ConfigError(f"{current_prefix() or 'train.'}export_steps={list(self.export_steps)!r}: {bad[0]} is out of range; "
+                              f"allowed: steps in [1, max_steps={self.max_steps}]")
         if not all(0 <= b < 1 for b in self.betas):  # Adam's moment decays: b = 1 never forgets, b >= 1 diverges
             raise ConfigError(f"{current_prefix() or 'train.'}betas={list(self.betas)!r} is out of range; allowed: two numbers in [0, 1)")
 
