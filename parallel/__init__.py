@@ -8,11 +8,14 @@ applies parallelism from outside, torchtitan style:
   warmup-cosine schedule, activation checkpointing, :func:`build_engine`;
 * :mod:`~sparse_dit.parallel.expert_parallel`: DeepSpeed's expert/expert-data-parallel groups,
   the autograd-aware all-to-all dispatcher, expert-parameter tagging, config checks;
-* :mod:`~sparse_dit.parallel.checkpoint`: save/resume/keep-last-K and the ``final/`` export.
+* :mod:`~sparse_dit.parallel.checkpoint`: save/resume/keep-last-K and the ``final/`` export;
+* :mod:`~sparse_dit.parallel.balance`: routing statistics summed over ranks (balance bias
+  counts, the global-batch balance loss).
 
 See docs/training.md.
 """
 
+from sparse_dit.parallel.balance import connect_global_balance, world_sum
 from sparse_dit.parallel.checkpoint import (
     CheckpointError, export_final, full_state_dict, latest_tag, load_checkpoint, nonfinite_state, save_checkpoint,
 )
@@ -47,6 +50,8 @@ __all__ = [
     "lr_at",
     "resolve_precision",
     "apply_activation_checkpointing",
+    "connect_global_balance",
+    "world_sum",
     "check_parallel_config",
     "create_expert_groups",
     "ep_group_name",

@@ -56,6 +56,7 @@ from torch.utils.cpp_extension import _get_build_directory
 
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.moe import MoEFeedForward
+from sparse_dit.parallel.balance import connect_global_balance
 
 __all__ = [
     "free_port",
@@ -343,4 +344,5 @@ def build_engine(model: nn.Module, recipe: RecipeConfig, world_size: int) -> tup
     schedule = functools.partial(lr_at, max_steps=tc.max_steps, warmup=tc.warmup_steps, min_ratio=tc.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    connect_global_balance(engine.module)  # balance_scope=global: routing counts summed over all ranks
     return engine, ds_config

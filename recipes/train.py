@@ -47,7 +47,7 @@ from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.diffusion import EMA, FlowMatching, drop_conditioning, sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
-from sparse_dit.moe import summarize_aux, update_balance_biases, update_batch_thresholds
+from sparse_dit.moe import reset_global_balance, summarize_aux, update_balance_biases, update_batch_thresholds
 from sparse_dit.moe.routing_stats import StepRouting
 from sparse_dit.parallel import (
     CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
@@ -333,6 +333,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
     grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
     update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
+    reset_global_balance(model)  # balance_scope=global: the next step's micro-batches start a new window
     update_batch_thresholds(model, reduce_fn=lambda t: dist.all_reduce(t))  # router: batch (no collective without one)
     with _gathered(model, run.zero3):
         run.ema.update(model)

@@ -484,7 +484,10 @@ class EMA:
     """Exponential moving average of a model's parameters (and a copy of its buffers).
 
     ``decay`` is warmed up as min(decay, (1 + n) / (10 + n)) over the first updates so early
-    averages are not dominated by the random initialisation.
+    averages are not dominated by the random initialisation. Buffers (the router's balancing
+    bias ``expert_bias``, normalisation statistics, ...) are state, not weights: they are
+    copied at every update, never averaged (an averaged bias would route the EMA model
+    differently from the model whose weights it averages; issue 11).
 
     Args:
         model: the model to track (its current weights seed the average).
@@ -505,11 +508,14 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """One step: floating-point parameters move towards ``model``'s by ``1 - decay``;
+        buffers and integer tensors are copied."""
         d = self.current_decay()
         self.num_updates += 1
+        buffers = {name for name, _ in model.named_buffers()}
         for k, v in model.state_dict().items():
             s = self.shadow[k]
-            if v.dtype.is_floating_point:
+            if v.dtype.is_floating_point and k not in buffers:
                 s.mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 s.copy_(v)

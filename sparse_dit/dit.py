@@ -32,6 +32,7 @@ from sparse_dit.config import ModelConfig
 from sparse_dit.modules.attention import CrossAttention, RotaryEmbedding3D, SelfAttention
 from sparse_dit.modules.embeddings import LabelEmbedder, PatchEmbed3D, TextEmbedder, TimestepEmbedder, sincos_pos_embed
 from sparse_dit.modules.mlp import FeedForward
+from sparse_dit.moe.global_balance import GlobalBalance
 from sparse_dit.moe.layer import MoEFeedForward
 from sparse_dit.moe.placement import is_moe_layer
 from sparse_dit.schema import from_dict, to_dict
@@ -157,6 +158,9 @@ class SparseDiT(nn.Module):
         self.blocks = nn.ModuleList([DiTBlock(config, i) for i in range(config.depth)])
         pt, ph, pw = config.patch_size
         self.final_layer = FinalLayer(D, pt * ph * pw, config.out_channels)
+        # model.moe.balance_scope="global": the balance loss over all micro-batches and ranks
+        # (sparse_dit/moe/global_balance.py; sparse_dit.parallel gives it the all-reduce)
+        self.moe_balance = GlobalBalance() if config.moe.enabled and config.moe.balance_scope == "global" else None
         self.initialize_weights()
 
     # ----------------------------------------------------------------------------------------
@@ -279,6 +283,9 @@ class SparseDiT(nn.Module):
         out = self.unpatchify(self.final_layer(tokens, c_frames), grid)  # (B, C_out, T, H, W)
         if not return_aux:
             return out
+        if self.moe_balance is not None and self.training and torch.is_grad_enabled():
+            coefs = [b.mlp.aux_loss_coef for b in self.blocks if b.is_moe]
+            aux_list = self.moe_balance(aux_list, coefs)  # one collective per training forward
         loss = sum((a.loss for a in aux_list), start=out.new_zeros(()))
         return out, DiTAux(loss=loss, moe=aux_list)
 

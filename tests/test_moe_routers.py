@@ -110,8 +110,9 @@ def test_token_choice_capacity_keeps_the_best_routes_per_expert() -> None:
     kept = r.expert_idx < E
     assert int((~kept).sum()) == float(r.num_dropped) > 0
     for e in range(E):
-        routes = [(float(s[t, e]), t) for t in range(B * N) if e in full[t].tolist()]
-        best = {t for _, t in sorted(routes, reverse=True)[:cap]}
+        # V-MoE priority: first choices before second choices, then the higher score
+        routes = [(full[t].tolist().index(e), -float(s[t, e]), t) for t in range(B * N) if e in full[t].tolist()]
+        best = {t for _, _, t in sorted(routes)[:cap]}
         assert {t for t in range(B * N) if e in r.expert_idx[t].tolist()} == best
 
 

@@ -22,6 +22,7 @@ See docs/moe.md.
 from sparse_dit.moe.balancing import moe_layers, update_balance_biases
 from sparse_dit.moe.dispatch import DispatchMeta, LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts, load_dense_into_experts
+from sparse_dit.moe.global_balance import GlobalBalance, reset_global_balance
 from sparse_dit.moe.layer import MoEFeedForward, expert_hidden_dim
 from sparse_dit.moe.ops import EXPERT_BACKENDS, release_workspace
 from sparse_dit.moe.placement import is_moe_layer, moe_layer_indices
@@ -35,6 +36,8 @@ __all__ = [
     "MoEAux",
     "summarize_aux",
     "update_balance_biases",
+    "GlobalBalance",
+    "reset_global_balance",
     "update_batch_thresholds",
     "BatchRouter",
     "NoiseLevelRouter",

@@ -273,4 +273,6 @@ class MoEFeedForward(nn.Module):
             loss=loss, balance_loss=bal, z_loss=z, tokens_per_expert=r.counts.detach(),
             max_violation=max_violation(r.counts), router_entropy=router_entropy(r.probs),
             dropped_fraction=r.num_dropped.detach() / max(r.num_droppable, 1), load_per_timestep_bin=load_bins,
+            # P_e with gradient, for the global-batch balance loss (sparse_dit/moe/global_balance.py)
+            balance_probs=r.probs.float().mean(0) if self.router.switch_balance_loss and torch.is_grad_enabled() else None,
         )

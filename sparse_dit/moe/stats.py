@@ -31,6 +31,10 @@ class MoEAux(NamedTuple):
             (expert choice), detached.
         load_per_timestep_bin: (bins, E) kept routes per expert for tokens whose sample's t falls in
             each of ``bins`` equal bins of [0, 1]; ``None`` when no timesteps were passed.
+        balance_probs: (E,) mean router probability ``P_e`` of this forward's tokens, with
+            gradient, for rules whose balance loss is the Switch loss (``None`` otherwise):
+            what :class:`sparse_dit.moe.global_balance.GlobalBalance` needs to recompute the
+            loss over the global batch.
     """
 
     loss: torch.Tensor
@@ -41,6 +45,7 @@ class MoEAux(NamedTuple):
     router_entropy: torch.Tensor
     dropped_fraction: torch.Tensor
     load_per_timestep_bin: Optional[torch.Tensor] = None
+    balance_probs: Optional[torch.Tensor] = None
 
 
 def balance_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, top_k: int) -> torch.Tensor:

@@ -95,6 +95,10 @@ class RouterBase(nn.Module):
     """Whether the DeepSeek-V3 selection bias applies to this rule."""
     no_bias_balancing_reason: ClassVar[str] = "the rule does not select by biased scores"
     """Why not, for the error message."""
+    switch_balance_loss: ClassVar[bool] = False
+    """Whether :meth:`balance_loss` is Switch's ``E * sum_e f_e P_e`` over ``Routing.counts`` and
+    ``Routing.probs`` (then ``model.moe.balance_scope="global"`` can compute it over the global
+    batch, :mod:`sparse_dit.moe.global_balance`)."""
 
     def __init__(
         self,

@@ -2,8 +2,9 @@
 
 # T = tokens, E = experts, K = top-k
 
-Optional capacity dropping keeps at most ``ceil(cf * T * K / E)`` routes per expert, the ones
-with the highest scores; optional DeepSeek-V3 bias steers the selection only.
+Optional capacity dropping keeps at most ``ceil(cf * T * K / E)`` routes per expert: first
+choices before second choices, then by score (V-MoE priority); optional DeepSeek-V3 bias
+steers the selection only.
 """
 
 from __future__ import annotations
@@ -22,29 +23,36 @@ __all__ = ["TokenChoiceRouter", "capacity_drop"]
 def capacity_drop(
     expert_idx_TK: torch.Tensor, priority_TK: torch.Tensor, num_experts: int, capacity: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep at most ``capacity`` routes per expert, the ones with the highest priority.
+    """Keep at most ``capacity`` routes per expert: every first choice before any second choice,
+    then the highest priority within a choice rank.
 
-    Batch-prioritised routing (Riquelme et al. 2021, V-MoE): when an expert is over capacity it
-    drops its lowest-scoring routes rather than the last tokens in sequence order, which for a
-    video has no meaning. Ties go to the earlier route (stable sorts).
+    V-MoE's rule (Riquelme et al. 2021, "Scaling Vision with Sparse Mixture of Experts",
+    routing with expert capacity): the experts are filled choice rank by choice rank, so a
+    token's k-th choice only takes a slot that no token's earlier choice wanted, and within
+    one rank routes with higher router scores go first (rather than the last tokens in
+    sequence order, which for a video has no meaning). A second choice can never evict
+    another token's first choice. Ties go to the earlier token (stable sorts).
 
     Args:
-        expert_idx_TK: (T, K) int64 chosen experts.
-        priority_TK: (T, K) router scores of those choices (higher = kept first).
+        expert_idx_TK: (T, K) int64 chosen experts; column k is each token's (k+1)-th choice.
+        priority_TK: (T, K) router scores of those choices (higher = kept first within a column).
         num_experts: E; dropped routes get the sentinel ``E``.
         capacity: routes each expert keeps.
 
     Returns:
         (new expert_idx_TK with dropped routes set to E, (T, K) bool keep mask).
     """
-    e = expert_idx_TK.reshape(-1)
-    by_priority = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)  # (R,)
-    regroup = torch.argsort(e.index_select(0, by_priority), stable=True)
-    order = by_priority.index_select(0, regroup)  # routes grouped by expert, best first
+    T, K = expert_idx_TK.shape
+    e = expert_idx_TK.reshape(-1)  # token-major: route r = t * K + k
+    choice = torch.arange(K, device=e.device).repeat(T)  # (R,) choice rank of each route
+    # Lexicographic order (expert, choice rank, -priority) by stable sorts, least significant first.
+    order = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)  # (R,)
+    order = order.index_select(0, torch.argsort(choice.index_select(0, order), stable=True))
+    order = order.index_select(0, torch.argsort(e.index_select(0, order), stable=True))
     counts = torch.bincount(e, minlength=num_experts)
     starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
     e_sorted = e.index_select(0, order)
-    rank = torch.arange(e.numel(), device=e.device) - starts.index_select(0, e_sorted)  # rank within expert
+    rank = torch.arange(e.numel(), device=e.device) - starts.index_select(0, e_sorted)  # place within expert
     keep = torch.empty_like(e, dtype=torch.bool)
     keep[order] = rank < capacity
     keep = keep.view_as(expert_idx_TK)
@@ -56,13 +64,15 @@ class TokenChoiceRouter(RouterBase):
 
     ``renormalize`` is ignored for ``top_k == 1``: the weight would be identically 1 and the
     router would learn from the auxiliary losses only (Switch Transformer keeps the raw
-    probability for top-1). ``capacity_factor=None`` is dropless; a float drops the
-    lowest-scoring routes beyond ``ceil(cf * T * K / E)`` per expert. Trains with the Switch
+    probability for top-1). ``capacity_factor=None`` is dropless; a float keeps at most
+    ``ceil(cf * T * K / E)`` routes per expert, first choices before second choices, then by
+    score (:func:`capacity_drop`). Trains with the Switch
     balance loss; supports DeepSeek-V3 bias balancing. Other arguments: :class:`RouterBase`.
     """
 
     kind = "token_choice"
     supports_bias_balancing = True
+    switch_balance_loss = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, **kwargs) -> None:
         if top_k > num_experts:
