@@ -44,7 +44,7 @@ __all__ = [
 
 
 # Routers whose balance loss is Switch's (RouterBase.switch_balance_loss; a test keeps the two in step).
-GLOBAL_BALANCE_ROUTERS = ("token_choice",)
+GLOBAL_BALANCE_ROUTERS = ("token_choice", "batch")
 
 
 @dataclass

@@ -51,6 +51,7 @@ class BatchRouter(RouterBase):
     """
 
     kind = "batch"
+    switch_balance_loss = True  # Switch's E * sum_e f_e P_e over the routes: balance_scope "global" applies
     no_bias_balancing_reason = "the pool ranks scores, not biased scores; use the balance loss"
     threshold_momentum: float = 0.99
 
