@@ -13,7 +13,9 @@ On 2 CPU cores in under 30 minutes it
 3. evaluates both on the same videos and noise (held-out loss, physics fidelity against the
    calibration baselines, PSNR/SSIM, inference cost) with :func:`sparse_dit.evals.compare`;
 4. writes the comparison (``DIR/report.md``, ``DIR/report.json``, plots, sample GIFs,
-   TensorBoard scalars).
+   TensorBoard scalars), with the sparse model's routing per MoE layer while it sampled (expert
+   load, max violation, router entropy, heat maps ``routing_sparse_*.png``; evals/routing.py).
+   Each model's training TensorBoard is ``DIR/runs/<name>/tensorboard`` (the trainer's own).
 
 Each model is an ordinary run: ``DIR/recipes/<name>.yaml`` is the exact recipe it trained
 (the packaged file with this run's data path, output folder and budget), and
@@ -202,7 +204,15 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
         verdict = "beats" if m["velocity_error"] < base else "does NOT beat"
         log(f"      {name:<7} {m['velocity_error']:.2f}  ({verdict} copy-last-frame)  position error {m['position_error']:.2f} px, "
             f"detection {m['detection_rate']:.2f}, held-out loss {m['val_loss']:.4f}, latency {m['latency_ms']:.0f} ms")
-    log(f"report: {(out / 'report.md').resolve()}  (json, plots, samples_id.gif, tb/ beside it)")
+    routing = report["models"].get("sparse", {}).get("routing")
+    if routing:
+        per_layer = ", ".join(f"{lay['max_violation']:.2f}" for lay in routing["layers"])
+        changed = routing["change_fraction"]
+        log(f"      sparse routing while sampling: max violation per layer {per_layer} (0 = balanced, "
+            f"{routing['num_experts'] - 1} = collapsed); tokens changing experts between steps "
+            f"{'-' if changed is None else f'{changed:.2f}'}")
+    log(f"report: {(out / 'report.md').resolve()}  (json, plots, samples_id.gif, tb/ beside it); "
+        f"training TensorBoard: tensorboard --logdir {out / 'runs'}")
     return report
 
 

@@ -37,3 +37,20 @@ def test_quickstart_smoke_writes_the_report(tmp_path):
         assert (tmp_path / name).is_file(), name
     for run in ("dense", "sparse"):
         assert (tmp_path / "runs" / run / "final" / "model.safetensors").is_file()
+    # routing in the main job (issue 15): per layer in report.json/md with heat maps, and the
+    # trainer's TensorBoard of the sparse run holds the per-layer scalars and images
+    assert d.get("routing") is None
+    r = s["routing"]
+    assert r["num_layers"] == len(r["layers"]) >= 1 and r["num_experts"] == 4
+    for lay in r["layers"]:
+        assert len(lay["load"]) == 4 and sum(lay["load"]) > 0 and lay["max_violation"] >= 0 and lay["router_entropy"] > 0
+    md = (tmp_path / "report.md").read_text()
+    assert "## Routing" in md and "max violation" in md and "router entropy" in md
+    for kind in ("layer_x_expert", "expert_x_timestep", "spacetime"):
+        assert (tmp_path / f"routing_sparse_{kind}.png").is_file(), kind
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "runs" / "sparse" / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert {"train/loss", "moe/layer0/max_violation", "moe/layer0/router_entropy"} <= set(acc.Tags()["scalars"])
+    assert "moe/load_layer_x_expert" in acc.Tags()["images"]
