@@ -32,7 +32,7 @@ from sparse_dit.diffusion import sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
-from sparse_dit.evals.physics import baseline_videos, score
+from sparse_dit.evals.physics import BALL_FREE, baseline_videos, score
 from sparse_dit.moe.routing_stats import RoutingCollector
 from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.flops import count
@@ -396,7 +396,8 @@ def compare(
     for s in splits:
         base = baseline_videos(s.videos, s.states, context_frames)
         baselines_by_split[s.name] = {k: score(v, s.states, context_frames) for k, v in base.items()}
-        videos[s.name].update({k: v for k, v in base.items() if k != "ground_truth"})
+        # sample GIFs: the baselines that draw balls (noise and blank columns would show nothing)
+        videos[s.name].update({k: v for k, v in base.items() if k != "ground_truth" and k not in BALL_FREE})
     models: dict[str, Any] = {}
     for name, d in named.items():
         log(f"evaluating {name} ({d})")

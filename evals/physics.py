@@ -21,7 +21,12 @@ Definitions used by :func:`score` (frames t = 0 .. T-1; generated frames are t =
 
 Calibration baselines (always report them beside the models): the ground truth itself
 (measures the instrument: ~0 error, detection 1), a copy of the last context frame, and
-constant-velocity extrapolation of the balls found in the context frames.
+constant-velocity extrapolation of the balls found in the context frames; and three ball-free
+ones (:data:`BALL_FREE`), whose generated frames hold no ball at all: uniform noise, Gaussian
+noise (what a sampler that learned nothing emits) and blank frames of the background colour.
+They must score detection ~0 (the instrument finds no ball where there is none) and no
+position or velocity error, since errors are defined on found balls only (NaN, "-" in reports):
+a ball-free video can never look better than copy-last-frame.
 """
 
 from __future__ import annotations
@@ -36,18 +41,23 @@ from sparse_dit.evals.tracking import (
     detect_balls,
     estimate_background,
     render_balls,
+    static_mask,
     track_videos,
 )
 
 __all__ = [
+    "BALL_FREE",
     "BASELINES",
     "baseline_videos",
+    "blank_videos",
     "constant_velocity_videos",
     "copy_last_frame_videos",
+    "gaussian_noise_videos",
     "ground_truth_videos",
     "score",
     "score_baselines",
     "score_splits",
+    "uniform_noise_videos",
 ]
 
 
@@ -221,7 +231,8 @@ def constant_velocity_videos(
         st = as_ball_states(states[i], i)
         bg = estimate_background(v[i, 0])
         ctx = v[i, :c]
-        pos, found, _ = detect_balls(ctx, st.color, st.radius, bg, color_tolerance, min_alpha, min_area_fraction)
+        pos, found, _ = detect_balls(ctx, st.color, st.radius, bg, color_tolerance, min_alpha, min_area_fraction,
+                                     static=static_mask(ctx[0], st.color, bg, color_tolerance))
         last = ctx[-1].astype(np.float64)
         # Clear every pixel any ball tints (a lower alpha than detection: erase the faint rim too).
         d = st.color - bg
@@ -248,15 +259,78 @@ def constant_velocity_videos(
     return out
 
 
+# Ball-free baselines draw their noise from this seed: every run of a report sees the same frames.
+BALL_FREE_SEED = 0
+
+
+def uniform_noise_videos(videos: Any, states: Sequence[Any] | None = None, context_frames: int = 3) -> np.ndarray:
+    """Keep the C context frames; every generated pixel uniform in 0..255 (seeded, ball-free).
+
+    Uniform noise holds every colour, so a colour-only detector "finds" balls in it (detection
+    0.51 over the physics scenarios before the shape, size and contrast checks).
+
+    Args:
+        videos: ground-truth uint8 (N, T, H, W, 3); only the first C frames are read.
+        states: unused; present so all baselines share one signature.
+        context_frames: C given frames.
+    """
+    v = check_videos(videos, context_frames)
+    out = v.copy()
+    rng = np.random.default_rng(BALL_FREE_SEED)
+    out[:, context_frames:] = rng.integers(0, 256, size=out[:, context_frames:].shape, dtype=np.uint8)
+    return out
+
+
+def gaussian_noise_videos(videos: Any, states: Sequence[Any] | None = None, context_frames: int = 3) -> np.ndarray:
+    """Keep the C context frames; generated frames are N(0, 1) in the model's [-1, 1] range (seeded).
+
+    This is what a sampler whose model learned nothing returns (the initial noise), converted to
+    uint8 as generated videos are (``(x + 1) * 127.5``, rounded and clipped: about a third of each
+    channel saturates at 0 or 255).
+
+    Args:
+        videos: ground-truth uint8 (N, T, H, W, 3); only the first C frames are read.
+        states: unused; present so all baselines share one signature.
+        context_frames: C given frames.
+    """
+    v = check_videos(videos, context_frames)
+    out = v.copy()
+    rng = np.random.default_rng(BALL_FREE_SEED + 1)
+    x = rng.standard_normal(out[:, context_frames:].shape)
+    out[:, context_frames:] = np.clip(np.rint((x + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    return out
+
+
+def blank_videos(videos: Any, states: Sequence[Any] | None = None, context_frames: int = 3) -> np.ndarray:
+    """Keep the C context frames; every generated frame is the background colour of the first one.
+
+    Args:
+        videos: ground-truth uint8 (N, T, H, W, 3); only the first C frames are read.
+        states: unused; present so all baselines share one signature.
+        context_frames: C given frames.
+    """
+    v = check_videos(videos, context_frames)
+    out = v.copy()
+    for i in range(v.shape[0]):
+        out[i, context_frames:] = estimate_background(v[i, 0]).astype(np.uint8)
+    return out
+
+
 BASELINES: dict[str, Callable[..., np.ndarray]] = {
     "ground_truth": ground_truth_videos,
     "copy_last_frame": copy_last_frame_videos,
     "constant_velocity": constant_velocity_videos,
+    "uniform_noise": uniform_noise_videos,
+    "gaussian_noise": gaussian_noise_videos,
+    "blank": blank_videos,
 }
+
+# The baselines whose generated frames hold no ball: detection must be ~0 (docs/evals.md).
+BALL_FREE: tuple[str, ...] = ("uniform_noise", "gaussian_noise", "blank")
 
 
 def baseline_videos(videos: Any, states: Sequence[Any], context_frames: int = 3) -> dict[str, np.ndarray]:
-    """The three calibration baselines' videos, keyed by name (``BASELINES``' keys).
+    """The calibration baselines' videos, keyed by name (``BASELINES``' keys, ball-free ones included).
 
     Args:
         videos: ground-truth uint8 (N, T, H, W, 3).

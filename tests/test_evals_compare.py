@@ -64,14 +64,15 @@ def test_compare_writes_every_artefact(report_dir):
         assert all(k in m for k in REQUIRED_MODEL_KEYS), [k for k in REQUIRED_MODEL_KEYS if k not in m]
         assert set(m["splits"]) == {"id"}
         assert len(m["val_loss_per_t"]) == 10
-    assert set(report["baselines"]) == {"ground_truth", "copy_last_frame", "constant_velocity"}
+    assert set(report["baselines"]) == {"ground_truth", "copy_last_frame", "constant_velocity", "uniform_noise", "gaussian_noise", "blank"}
+    assert all(report["baselines"][b]["detection_rate"] < 0.05 for b in ("uniform_noise", "gaussian_noise", "blank"))
     gt = report["baselines"]["ground_truth"]
     assert gt["detection_rate"] == 1.0 and gt["velocity_error"] < 0.2
     # copy-last-frame's velocity error is the ground-truth speed (the frozen ball has v_hat = 0)
     cl = report["baselines"]["copy_last_frame"]
     assert cl["velocity_error"] == pytest.approx(cl["gt_speed"], rel=1e-6)
     md = (out / "report.md").read_text()
-    assert "| dense |" in md and "| sparse |" in md and "copy_last_frame" in md
+    assert "| dense |" in md and "| sparse |" in md and "copy_last_frame" in md and "uniform_noise" in md
 
 
 def test_compare_costs_equal_flops_and_runs_see_the_same_noise(report_dir):

@@ -172,7 +172,7 @@ def test_constant_velocity_baseline_is_exact_for_free_flight_only():
 def test_baselines_and_splits_report_separately():
     videos, states = make_scenes(n=2)
     base = physics.score_baselines(videos, states, context_frames=3)
-    assert set(base) == {"ground_truth", "copy_last_frame", "constant_velocity"}
+    assert set(base) == {"ground_truth", "copy_last_frame", "constant_velocity", "uniform_noise", "gaussian_noise", "blank"}
     assert base["ground_truth"]["velocity_error"] < base["copy_last_frame"]["velocity_error"]
     videos_o, states_o = make_scenes(n=1, seed=5)
     split = physics.score_splits({"id": videos, "ood": videos_o}, {"id": states, "ood": states_o}, context_frames=3)

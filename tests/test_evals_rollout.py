@@ -102,9 +102,9 @@ def test_noise_and_blank_rollouts_score_badly(bounce):
     for b in res_noise["buckets"]:
         assert res_blank["model"]["per_bucket"][b]["detection_rate"] == 0.0
         rn = res_noise["model"]["per_bucket"][b]
-        # uniform noise holds every colour, so the colour finder "finds" a ball in most frames
-        # (a limit of the instrument, hence the errors beside the detection rate) but far off
-        assert rn["position_error"] > 5.0 and rn["velocity_error"] > 5.0, rn
+        # uniform noise holds every colour, but no ball-shaped, ball-sized blob stands out in it
+        # (evals/tracking.py, the found checks): nothing found, so no error is defined either
+        assert rn["detection_rate"] < 0.05 and not rn["position_error"] < 5.0, rn
 
 
 def test_occlusion_ball_hidden_then_found_again():
