@@ -64,7 +64,7 @@ from sparse_dit.schema import to_dict
 from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
 __all__ = [
-    "TrainingDiverged", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
+    "TrainingDiverged", "DiffusionTask", "DIFFUSION", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
     "launch", "add_arguments", "run", "main",
 ]
 
@@ -117,6 +117,72 @@ def _plain_grad_norm(model: torch.nn.Module) -> float | None:
 
 
 # --------------------------------------------------------------------------------------------
+# 0. What is trained: the task (the DiT's flow matching by default; the VAE's in train_vae.py)
+# --------------------------------------------------------------------------------------------
+
+
+class DiffusionTask:
+    """What the trainer trains, as a small interface; this default is the DiT under flow matching.
+
+    Everything else (process group, DeepSpeed engine, EMA, data sharding, the step, NaN checks,
+    checkpoints, metrics.jsonl, TensorBoard, summary.json, resume) is the task-independent
+    trainer. Another task (``sparse_dit.recipes.train_vae.VAETask``) overrides these methods and
+    is passed as ``train(recipe, task=...)``.
+    """
+
+    name = "diffusion"
+    module = "sparse_dit.recipes.train"  # what the deepspeed launcher runs on each rank
+    logged: tuple[str, ...] = ()  # extra metrics (from :meth:`terms`) written to TensorBoard as train/<name>
+
+    def load_recipe(self, path: str | Path, overrides: Sequence[str] = ()) -> Any:
+        """The validated recipe of a YAML file with ``--set`` overrides (ConfigError otherwise)."""
+        return load_recipe(path, list(overrides))
+
+    def check(self, recipe: Any, world: int) -> None:
+        """Reject settings that cannot work on ``world`` ranks (ConfigError), before anything is built."""
+        check_parallel_config(recipe, world)
+
+    def build_model(self, recipe: Any) -> torch.nn.Module:
+        """The freshly initialised model (seeded before the call: the same on every rank)."""
+        return SparseDiT(recipe.model)
+
+    def conditioner(self, recipe: Any, device: Any, dtype: torch.dtype) -> Any:
+        """``cond(batch) -> model kwargs``."""
+        try:
+            return Conditioner(recipe, device, dtype)
+        except (ValueError, OSError, ImportError) as exc:  # a missing or unusable text encoder
+            raise ConfigError(f"data.text_encoder={recipe.data.text_encoder!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def model_kwargs(self, run: "TrainRun", batch: dict, generator: torch.Generator, null_class: Optional[int]) -> dict:
+        """The model kwargs of a micro-batch: its conditioning, with classifier-free-guidance dropout."""
+        return drop_conditioning(run.cond(batch), run.recipe.diffusion.cond_dropout, generator=generator, null_class=null_class)
+
+    def objective(self, recipe: Any, t_range: Any) -> Any:
+        """The object whose ``training_losses(model, x0, kwargs, context_mask=, generator=, num_tokens=)``
+        returns ``{"loss", "mse"}`` for one micro-batch."""
+        return FlowMatching(recipe.diffusion, t_range=t_range)
+
+    def count(self, recipe: Any, shape: tuple[int, int, int, int], cond: Any) -> dict:
+        """``{"total_params", "active_params", "macs"}`` of one sample of ``shape`` (C, T, H, W)."""
+        return count(recipe.model, shape, text_len=getattr(cond.encoder, "max_length", 0) if cond.encoder else 0)
+
+    def tokens(self, recipe: Any, shape: Sequence[int]) -> int:
+        """Tokens per sample of a (T, H, W) clip (for tokens/s)."""
+        return math.prod(s // p for s, p in zip(shape, recipe.model.patch_size))
+
+    def terms(self, run: "TrainRun") -> dict[str, float]:
+        """Extra metrics of the step just taken (collective: every rank calls it)."""
+        return {}
+
+    def export(self, run: "TrainRun", out_dir: Path) -> None:
+        """Write the trained (EMA) weights as a ``from_pretrained`` folder (collective)."""
+        export_final(run.model, run.ema.shadow, run.recipe.parallel.ep_size, out_dir)
+
+
+DIFFUSION = DiffusionTask()
+
+
+# --------------------------------------------------------------------------------------------
 # 1. Building: process group, model, engine, data, resume
 # --------------------------------------------------------------------------------------------
 
@@ -148,6 +214,7 @@ class TrainRun:
     losses: list[float] = field(default_factory=list)
     step_times: list[float] = field(default_factory=list)
     step_samples: list[tuple[float, float]] = field(default_factory=list)
+    task: DiffusionTask = DIFFUSION  # what is trained (section 0)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -166,7 +233,7 @@ class TrainRun:
         return self.recipe.parallel.zero_stage == 3
 
 
-def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite: bool = False) -> TrainRun:
+def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite: bool = False, task: DiffusionTask = DIFFUSION) -> TrainRun:
     """Create (or join) the process group, build model, engine, EMA and data, and resume from
     ``output_dir/checkpoints/latest`` when it exists.
 
@@ -176,6 +243,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
             :data:`RESUME_FREE`; the accepted changes are printed and appended to ``recipe_changes.log``.
         overwrite: delete the run files of ``output_dir`` (``recipes.run_dir.RUN_FILES``: checkpoints,
             final/, logs) first and start over, instead of resuming.
+        task: what is trained (default: the DiT's flow matching; section 0).
 
     Raises:
         ConfigError: settings that cannot work on this many ranks, or a checkpoint of another recipe.
@@ -187,7 +255,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
         _rank0_print(rank, f"--overwrite: removed {', '.join(removed)} from {recipe.output_dir}" if removed else "--overwrite: nothing to remove")
         dist.barrier()
     check_layout(Path(recipe.output_dir) / "checkpoints", world, recipe.parallel.ep_size)  # before the recipe check: say what to pass
-    check_parallel_config(recipe, world)
+    task.check(recipe, world)
     micro, accum, G = batch_layout(recipe, world)
     tc, par = recipe.train, recipe.parallel
     precision = resolve_precision(par.precision)
@@ -208,7 +276,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
 
     # Model: the same initialisation on every rank, then experts sharded over the EP group
     torch.manual_seed(tc.seed)
-    model = SparseDiT(recipe.model)
+    model = task.build_model(recipe)
     if tc.init_from is not None and not ((out_dir / "checkpoints").exists() and latest_tag(out_dir / "checkpoints") is not None):
         _rank0_print(rank, f"initialised from {load_init_weights(model, tc.init_from)}")  # a new run; a resume loads its checkpoint
     ep = setup_expert_parallel(model, par.ep_size)
@@ -219,10 +287,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     model = engine.module
     with _gathered(model, par.zero_stage == 3):
         ema = EMA(model, decay=tc.ema_decay)
-    try:
-        cond = Conditioner(recipe, engine.device, dtype)
-    except (ValueError, OSError, ImportError) as exc:  # a missing or unusable text encoder
-        raise ConfigError(f"data.text_encoder={recipe.data.text_encoder!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    cond = task.conditioner(recipe, engine.device, dtype)
 
     # Data: every rank is a data-parallel rank (EP shards experts, not the batch)
     try:
@@ -234,7 +299,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     else:
         source = BatchSource(dataset, micro, accum, rank, world, tc.seed)
     C, T, H, W = dataset[0]["video"].shape
-    macs = count(recipe.model, (C, T, H, W), text_len=getattr(cond.encoder, "max_length", 0) if cond.encoder else 0)
+    macs = task.count(recipe, (C, T, H, W), cond)
 
     # Resume
     ckpt_root = out_dir / "checkpoints"
@@ -258,8 +323,8 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     )
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
     return TrainRun(recipe=recipe, rank=rank, world=world, micro=micro, accum=accum, precision=precision, dtype=dtype, engine=engine,
-                    ema=ema, fm=FlowMatching(recipe.diffusion, t_range=t_range), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
-                    end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer)
+                    ema=ema, fm=task.objective(recipe, t_range), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
+                    end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer, task=task)
 
 
 # --------------------------------------------------------------------------------------------
@@ -294,7 +359,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     recipe, engine, model, tc = run.recipe, run.engine, run.model, run.recipe.train
     t0 = time.perf_counter()
     lr = engine.get_lr()[0]  # the rate this step uses (the scheduler advances in engine.step)
-    null_class = model.y_embedder.null_class if model.y_embedder is not None else None
+    null_class = model.y_embedder.null_class if getattr(model, "y_embedder", None) is not None else None
     sums = torch.zeros(len(_REDUCED), dtype=torch.float64)
     routing = None
     pre_norm = None
@@ -302,10 +367,10 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
         g = step_generator(tc.seed, step, m, run.rank)
         batch = next(batches)
         x0 = batch["video"].to(device=engine.device, dtype=run.dtype)
-        kwargs = drop_conditioning(run.cond(batch), recipe.diffusion.cond_dropout, generator=g, null_class=null_class)
+        kwargs = run.task.model_kwargs(run, batch, g, null_class)
         ctx = context_mask(x0.shape[0], x0.shape[2], tc.context, g).to(engine.device)
         rec = _Recorder(engine)
-        n_tok = math.prod(s // p for s, p in zip(x0.shape[2:], recipe.model.patch_size))  # tokens per sample
+        n_tok = run.task.tokens(recipe, x0.shape[2:])  # tokens per sample
         out = run.fm.training_losses(rec, x0, kwargs, context_mask=ctx, generator=g, num_tokens=n_tok)
         scalars, _ = summarize_aux(rec.aux.moe if rec.aux is not None else [])
         layer_routing = StepRouting.from_aux(rec.aux.moe if rec.aux is not None else [])  # per layer, never summed over layers
@@ -350,6 +415,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     run.losses.append(metrics["loss"])
     run.done_steps = step + 1
     run.last_grad_norm = grad_norm
+    metrics.update(run.task.terms(run))
     metrics.update({"step": step + 1, "lr": lr, "grad_norm": grad_norm, "samples": int(samples), "samples_per_s": samples / dt,
                     "tokens_per_s": tokens / dt})
     return StepResult(metrics, routing.load if routing is not None else None, routing)
@@ -372,6 +438,8 @@ def log_step(run: TrainRun, result: StepResult) -> None:
     if step % run.recipe.train.log_every and step != run.end_step:
         return
     w.add_scalar("train/mse", metrics["mse"], step)
+    for k in run.task.logged:
+        w.add_scalar(f"train/{k}", metrics[k], step)
     w.add_scalar("train/lr", metrics["lr"], step)
     w.add_scalar("train/grad_norm", metrics["grad_norm"], step)
     w.add_scalar("perf/samples_per_s", metrics["samples_per_s"], step)
@@ -417,7 +485,7 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
         hooks["at_end"](run.engine, run.ema, {"ep": run.ep, "rank": run.rank, "world_size": run.world})
     final_dir = None
     if run.done_steps == run.recipe.train.max_steps:
-        export_final(run.model, run.ema.shadow, run.recipe.parallel.ep_size, run.out_dir / "final")
+        run.task.export(run, run.out_dir / "final")
         final_dir = str(run.out_dir / "final")
         _rank0_print(run.rank, f"exported EMA weights to {final_dir}")
     if run.writer is not None:
@@ -439,7 +507,8 @@ def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
     return summary
 
 
-def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Sequence[str] = (), overwrite: bool = False) -> dict:
+def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Sequence[str] = (), overwrite: bool = False,
+          task: DiffusionTask = DIFFUSION) -> dict:
     """Train ``recipe``; resumes from ``output_dir/checkpoints/latest`` when it exists.
 
     Works in one process (a one-rank gloo/nccl group is created) and under any launcher. The
@@ -453,6 +522,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
             ``after_step(engine, step, metrics)``; ``at_end(engine, ema, info)`` before export.
         allow_changed: recipe fields a resume may change (see :func:`build_run`).
         overwrite: start over in ``output_dir`` instead of resuming (see :func:`build_run`).
+        task: what is trained (default: the DiT's flow matching; ``train_vae.VAE_TASK`` for a VAE).
 
     Returns:
         The summary of :func:`finish` (also written to ``output_dir/summary.json``).
@@ -462,7 +532,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
         ConfigError: for settings that cannot work (named field and value).
     """
     hooks = hooks or {}
-    run = build_run(recipe, allow_changed, overwrite)
+    run = build_run(recipe, allow_changed, overwrite, task)
     tc = recipe.train
     run.engine.train()
     bar = tqdm(range(run.start_step, run.end_step), initial=run.start_step, total=tc.max_steps, desc="train", unit="step",
@@ -549,7 +619,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2, master_port: Optional[int] = None,
-           allow_changed: str = "") -> int:
+           allow_changed: str = "", module: str = "sparse_dit.recipes.train") -> int:
     """Run ``recipe`` on ``num_procs`` ranks of this machine through the deepspeed launcher
     (``--num_gpus N``: CPU ranks on a CPU machine); returns the launcher's exit code.
 
@@ -559,10 +629,11 @@ def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2
         num_procs: ranks.
         master_port: rendezvous port (default: a free one).
         allow_changed: ``--allow-changed`` for a resume.
+        module: the module each rank runs (``sparse_dit.recipes.train_vae`` for a VAE recipe).
     """
     port = master_port or free_port()
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs), "--master_port", str(port),
-           "--no_local_rank", "--module", "sparse_dit.recipes.train", str(recipe)]
+           "--no_local_rank", "--module", module, str(recipe)]
     if allow_changed:
         cmd += ["--allow-changed", allow_changed]
     if overrides:
@@ -571,10 +642,11 @@ def launch(recipe: str | Path, overrides: Sequence[str] = (), num_procs: int = 2
     return subprocess.call(cmd, env=dict(os.environ))
 
 
-def run(args: argparse.Namespace) -> int:
-    """``sparse-dit train``: validate the recipe, then train here or launch N ranks."""
+def run(args: argparse.Namespace, task: DiffusionTask = DIFFUSION) -> int:
+    """``sparse-dit train`` (and, with the VAE task, ``sparse-dit train-vae``): validate the
+    recipe, then train here or launch N ranks."""
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        recipe = task.load_recipe(args.recipe, args.overrides)
     except ConfigError as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
         return 2
@@ -584,7 +656,7 @@ def run(args: argparse.Namespace) -> int:
     launched = "RANK" in os.environ  # a rank under a launcher (ours, deepspeed's, torchrun)
     if not launched:  # fail before any process group or rank exists
         try:
-            check_parallel_config(recipe, args.num_procs)
+            task.check(recipe, args.num_procs)
             if args.overwrite:  # only once the settings are known to work
                 removed = clear_run(Path(recipe.output_dir))
                 if removed:
@@ -598,10 +670,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"sparse-dit train: --overwrite: cannot remove run files of output_dir={recipe.output_dir!r} ({exc})", file=sys.stderr)
             return 2
         if args.num_procs > 1:  # the ranks resume the folder this process checked (or cleared)
-            return launch(args.recipe, args.overrides, args.num_procs, args.master_port, args.allow_changed)
+            return launch(args.recipe, args.overrides, args.num_procs, args.master_port, args.allow_changed, task.module)
     try:
         summary = train(recipe, allow_changed=[a.strip() for a in args.allow_changed.split(",") if a.strip()],
-                        overwrite=args.overwrite and launched)
+                        overwrite=args.overwrite and launched, task=task)
     except (ConfigError, CheckpointError, TrainingDiverged) as exc:
         print(f"sparse-dit train: {exc}", file=sys.stderr)
         return 3 if isinstance(exc, TrainingDiverged) else 2

@@ -36,6 +36,7 @@ from typing import Callable
 from sparse_dit.config import ModelConfig, RecipeConfig
 from sparse_dit.flops import count, match_compute
 from sparse_dit.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from sparse_dit.vae import VAEConfig
 
 __all__ = [
     "PRESETS",
@@ -46,6 +47,8 @@ __all__ = [
     "parse_moe_preset",
     "fullwidth_compute_ratio",
     "load_recipe",
+    "VAE_PRESETS",
+    "vae_preset_config",
 ]
 
 # --------------------------------------------------------------------------------------------
@@ -186,6 +189,31 @@ def preset_config(name: str) -> ModelConfig:
 def list_presets() -> list[str]:
     """Every preset name, dense first, then the curated MoE presets."""
     return list(PRESETS) + [n for n in MOE_PRESET_NAMES if n not in PRESETS]
+
+
+# --------------------------------------------------------------------------------------------
+# VAE presets (sparse_dit.vae.CausalVideoVAE; named <t>x<s>x<s>-c<latent channels>)
+# --------------------------------------------------------------------------------------------
+
+VAE_PRESETS: dict[str, Callable[[], VAEConfig]] = {
+    # The standard of open video models (CogVideoX, HunyuanVideo, Wan): 4x temporal, 8x8
+    # spatial, 16 channels; 155M parameters (GPU scale).
+    "vae-4x8x8-c16": lambda: VAEConfig(latent_channels=16, base_channels=128, channel_mult=(1, 2, 4, 4), temporal_down=2, num_res_blocks=2),
+    # Light enough to train on 2 CPU cores in ~20 minutes (docs/vae.md): 2x temporal, 4x4
+    # spatial, 8 channels (12x fewer floats than the video); 0.75M parameters.
+    "vae-2x4x4-c8": lambda: VAEConfig(latent_channels=8, base_channels=16, channel_mult=(1, 2, 4), temporal_down=1, num_res_blocks=1),
+    # The light preset's width at the standard's 4x temporal compression (24x fewer floats).
+    "vae-4x4x4-c8": lambda: VAEConfig(latent_channels=8, base_channels=16, channel_mult=(1, 2, 4), temporal_down=2, num_res_blocks=1),
+    # Tests: 2x2x2, 4 channels, a few thousand parameters.
+    "vae-debug": lambda: VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), temporal_down=1, num_res_blocks=1),
+}
+
+
+def vae_preset_config(name: str) -> VAEConfig:
+    """The :class:`~sparse_dit.vae.VAEConfig` of a named VAE preset."""
+    if name not in VAE_PRESETS:
+        raise ConfigError(f"preset={name!r} is not a VAE preset; allowed: {', '.join(VAE_PRESETS)}")
+    return VAE_PRESETS[name]()
 
 
 # --------------------------------------------------------------------------------------------
