@@ -304,3 +304,18 @@ def test_bad_routing_settings_are_one_line(overrides: list[str], match: str) -> 
     with pytest.raises(ConfigError, match=match) as info:
         load_recipe("recipes/tiny/moe.yaml", overrides)
     assert "\n" not in str(info.value)
+
+
+def test_generate_takes_one_guidance_scale_per_noise_range(tmp_path) -> None:
+    from sparse_dit.recipes.generate import GenerateError, _guidance_arg, generate_videos
+
+    _noise_dit(E=2, boundaries=(0.6,)).save_pretrained(tmp_path)
+    flags = dict(steps=2, frames=2, height=8, width=8, num_samples=1, class_label=1)
+    got = generate_videos(tmp_path, guidance=_guidance_arg("5,3"), **flags)
+    assert got.videos.shape == (1, 3, 2, 8, 8) and "guidance 5,3," in got.summary
+    assert "guidance 4," in generate_videos(tmp_path, guidance=4.0, **flags).summary
+    with pytest.raises(GenerateError, match=r"--guidance gives 3 scales; this model has 2 noise range\(s\): give 1 or 2") as info:
+        generate_videos(tmp_path, guidance=_guidance_arg("5,3,1"), **flags)
+    assert "\n" not in str(info.value)
+    assert DiffusionConfig(guidance_scales=(5.0, 3.0)).guidance == (5.0, 3.0)
+    assert FlowMatching(DiffusionConfig(guidance_scale=2.0)).sampling_kwargs((1, 3, 2, 8, 8), (1, 2, 2))["guidance_scale"] == 2.0
