@@ -95,3 +95,20 @@ def test_compare_costs_equal_flops_and_runs_see_the_same_noise(report_dir):
     twin = report["models"]["dense_2"]
     for k in ("val_loss", "velocity_error", "position_error", "detection_rate", "psnr"):
         assert twin[k] == d[k], k
+
+
+def test_compare_reports_the_sparse_models_routing_per_layer(report_dir):
+    _, out = report_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report["models"]["dense"].get("routing") is None
+    r = report["models"]["sparse"]["routing"]
+    # collected while sampling the headline split: 3 videos in one batch, 2 Euler steps, no CFG
+    assert r["calls"] == 2 and r["num_layers"] == 2 and r["num_experts"] == 4
+    tokens = 3 * T * (H // 4) * (W // 4)
+    for lay in r["layers"]:
+        assert sum(lay["load"]) == 2 * tokens  # top-1, dropless: one route per token per call
+        assert lay["change_fraction"] is not None and lay["router_entropy"] > 0
+    md = (out / "report.md").read_text()
+    assert "## Routing" in md and "### sparse" in md
+    for kind in ("layer_x_expert", "expert_x_timestep", "spacetime"):
+        assert (out / f"routing_sparse_{kind}.png").is_file()

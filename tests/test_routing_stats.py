@@ -19,7 +19,6 @@ from PIL import Image
 
 from sparse_dit.diffusion import sample
 from sparse_dit.dit import SparseDiT
-from sparse_dit.evals.report import markdown, write_report
 from sparse_dit.evals.routing import plot_routing, routing_markdown
 from sparse_dit.moe.routers import Routing
 from sparse_dit.moe.routing_stats import RoutingCollector, RoutingStats, StepRouting
