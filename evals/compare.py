@@ -33,6 +33,7 @@ from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
 from sparse_dit.evals.physics import BALL_FREE, baseline_videos, score
+from sparse_dit.evals.stats_report import add_intervals, per_video_values, variant_key, video_intervals
 from sparse_dit.moe.routing_stats import RoutingCollector
 from sparse_dit.evals.video_metrics import to_uint8_videos
 from sparse_dit.flops import count
@@ -253,6 +254,7 @@ def evaluate_run(
     autocast_dtype: torch.dtype | None = None,
     metrics: Sequence[str] | None = None,
     metric_options: Mapping[str, Any] | None = None,
+    steps_sweep: Sequence[int] = (),
     log: Callable[[str], None] = print,
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Evaluate one run on every split with the metrics of :data:`sparse_dit.evals.metrics.METRICS`.
@@ -273,6 +275,10 @@ def evaluate_run(
         metrics: names in ``METRICS`` to run, in table order (default: ``DEFAULT_METRICS``, every
             metric that is not opt-in; add ``"fvd"`` for FVD).
         metric_options: per-metric settings, e.g. ``{"fvd_detector": "i3d_torchscript.pt"}``.
+        steps_sweep: extra sampler step counts: the headline split is generated again at each
+            and scored with the per-split metrics (with 95 % intervals over videos) into
+            ``steps_sweep`` (quality against sampling steps; off by default: each count costs
+            one more generation of the split).
         log: progress printer.
 
     Returns:
@@ -309,6 +315,9 @@ def evaluate_run(
     else:
         m.update(train_steps=run.summary.get("steps"), train_batch=run.summary.get("batch_size"), train_flops=run.summary.get("train_flops"))
     m["train_seconds"] = run.summary.get("train_seconds")
+    # Runs of one recipe that differ only in train.seed are seeds of one variant (intervals over seeds).
+    m["variant"] = variant_key(run.recipe)
+    m["train_seed"] = run.recipe.train.seed if run.recipe is not None else None
 
     table = select_metrics(metrics)
     skipped: dict[str, str] = {}
@@ -342,6 +351,10 @@ def evaluate_run(
         m.update({k: head[k] for k in metric.lower_is_better if k in head})
     if skipped:
         m["skipped_metrics"] = skipped
+    if steps_sweep:
+        m["steps_sweep"] = _steps_sweep(model, first, per_split, sorted({int(n) for n in steps_sweep} | {steps}), steps,
+                                        m["splits"][first.name], videos[first.name], context_frames=context_frames,
+                                        sampler=sampler, shift=shift, common=common, log=log, run_name=run.name)
 
     if latency_repeats:
         lat = measure_generation(model, (T, H, W), batch_size=1, num_inference_steps=steps, sampler=sampler,
@@ -354,6 +367,30 @@ def evaluate_run(
         m["cost"] = cost_report(model, cost_sizes, num_inference_steps=steps, sampler=sampler, measure=bool(latency_repeats),
                                 repeats=max(5, latency_repeats), context_frames=0, autocast_dtype=autocast_dtype)
     return m, videos
+
+
+def _steps_sweep(model: SparseDiT, split: EvalSplit, metrics: Sequence[Metric], counts: Sequence[int], steps: int,
+                 scored: Mapping[str, Any], generated: np.ndarray, *, context_frames: int, sampler: str, shift: float,
+                 common: Mapping[str, Any], log: Callable[[str], None], run_name: str) -> list[dict[str, Any]]:
+    """Quality against sampler steps on ``split``: one entry per step count, the run's own ``steps`` reused."""
+    if any(n < 1 for n in counts):
+        raise ValueError(f"steps_sweep={list(counts)}: every step count must be >= 1")
+    out = []
+    for n in counts:
+        t0 = time.monotonic()
+        if n == steps:
+            res, pred = dict(scored), generated
+        else:
+            pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=n, sampler=sampler,
+                                        shift=shift, seed=common["seed"], batch_size=common["batch_size"],
+                                        autocast_dtype=common["autocast_dtype"])
+            res = {}
+            _run_metrics(metrics, MetricInput(split, context_frames, generated=pred, **common), res, {}, log, run_name)
+        keys = [k for k in ("velocity_error", "position_error", "detection_rate", "psnr", "ssim") if k in res]
+        pv = per_video_values(pred, split.videos, split.states, context_frames, keys)
+        out.append({"steps": n, **{k: res[k] for k in keys}, "ci95": video_intervals(pv, keys, seed=common["seed"])})
+        log(f"  {run_name}/{split.name}: {n} sampler steps scored ({time.monotonic() - t0:.0f}s)")
+    return out
 
 
 def compare(
@@ -377,7 +414,9 @@ def compare(
         (report, videos): ``report`` has ``models`` (name -> metrics), ``baselines`` (baseline
         name -> headline-split score), ``baselines_by_split`` (split -> baseline -> score),
         ``splits`` (name -> size), ``settings``; ``videos`` maps split -> name -> uint8 videos
-        (ground truth, each baseline, each model) for the sample GIFs.
+        (ground truth, each baseline, each model) for the sample GIFs. The report also holds 95 %
+        intervals over videos (and seeds) and the resolved differences
+        (:func:`sparse_dit.evals.stats_report.add_intervals`).
     """
     if not splits:
         raise ValueError("compare needs at least one validation split")
@@ -414,4 +453,7 @@ def compare(
         "headline_split": first,
         "settings": {"context_frames": context_frames, **{k: v for k, v in eval_kwargs.items() if isinstance(v, (int, float, str, type(None)))}},
     }
+    t0 = time.monotonic()
+    add_intervals(report, splits, videos, context_frames, seed=int(eval_kwargs.get("seed", 0)), log=log)
+    log(f"95% intervals over videos and differences ({time.monotonic() - t0:.1f}s)")
     return report, videos

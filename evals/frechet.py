@@ -31,6 +31,7 @@ __all__ = [
     "frechet_distance",
     "frechet_distance_from_stats",
     "trajectory_features",
+    "trajectory_features_from_tracks",
     "trajectory_frechet_distance",
     "trajectory_frechet_from_features",
     "STD_FLOOR",
@@ -167,7 +168,15 @@ def trajectory_features(
     Returns:
         float64 array (sum of balls over videos, 11).
     """
-    tracks = track_videos(videos, states, context_frames, **detect_kwargs)
+    return trajectory_features_from_tracks(track_videos(videos, states, context_frames, **detect_kwargs))
+
+
+def trajectory_features_from_tracks(tracks: Sequence[Any]) -> np.ndarray:
+    """:func:`trajectory_features` of already tracked videos (one row per (video, ball), in order).
+
+    Args:
+        tracks: from :func:`sparse_dit.evals.tracking.track_videos`.
+    """
     rows = []
     for tr in tracks:
         c, t_total = tr.context_frames, tr.positions.shape[0]
