@@ -340,7 +340,7 @@ class RoutingCollector:
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = args[0] if args else kwargs["x"]
         t = args[1] if len(args) > 1 else kwargs["t"]
-        t = t.detach().float().reshape(-1).cpu()
+        t = torch.as_tensor(t).detach().float().reshape(-1).cpu()
         if t.numel() == 1:
             t = t.expand(x.shape[0])
         shape = tuple(x.shape)
