@@ -48,6 +48,7 @@ setup(
         "av>=11",
         "tensorboard>=2.14",
         "matplotlib>=3.7",
+        "scipy>=1.10",  # evals: t quantiles and BCa bootstrap intervals (scipy.stats)
     ],
     extras_require={
         # deepspeed: install with `pip install --no-build-isolation deepspeed` after torch.

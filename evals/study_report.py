@@ -19,7 +19,6 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import matplotlib
 import numpy as np
-from scipy import stats
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
@@ -29,6 +28,7 @@ from sparse_dit.evals.compare import EvalSplit, Run, evaluate_run, load_split
 from sparse_dit.evals.cost import generation_macs, measure_generation
 from sparse_dit.evals.report import write_json
 from sparse_dit.evals.routing import plot_routing, routing_markdown
+from sparse_dit.evals.stats import LEVEL, t_interval
 
 __all__ = [
     "STUDY_METRICS", "mean_interval", "evaluate_cell", "measure_cost", "aggregate", "pareto_front", "verdicts",
@@ -44,21 +44,19 @@ STUDY_METRICS: tuple[tuple[str, str, bool], ...] = (
 _EVAL_METRICS = ("heldout_loss", "physics")
 
 
-def mean_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean and a two-sided Student-t interval over independent values (seeds).
+def mean_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, Any]:
+    """Mean and the two-sided Student-t interval (:func:`sparse_dit.evals.stats.t_interval`) over
+    independent values (seeds); undefined values (None, NaN: e.g. no ball detected) are left out.
 
     With one value the interval is unknown (``lo``/``hi`` None): one seed resolves nothing.
     """
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
-    n = int(x.size)
-    if n == 0:
+    x = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    if not x:
         return {"mean": None, "lo": None, "hi": None, "n": 0, "std": None}
-    mean = float(x.mean())
-    if n == 1:
+    mean, lo, hi = t_interval(x, level)
+    if len(x) == 1:
         return {"mean": mean, "lo": None, "hi": None, "n": 1, "std": None}
-    sd = float(x.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-    return {"mean": mean, "lo": mean - half, "hi": mean + half, "n": n, "std": sd}
+    return {"mean": mean, "lo": lo, "hi": hi, "n": len(x), "std": float(np.std(x, ddof=1))}
 
 
 def _split_metrics(m: Mapping[str, Any]) -> dict[str, dict[str, float]]:
