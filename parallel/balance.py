@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparse_dit.moe.global_balance import GlobalBalance
+from sparse_dit.parallel.comm import all_reduce_
 
 __all__ = ["world_sum", "connect_global_balance"]
 
@@ -26,7 +27,7 @@ __all__ = ["world_sum", "connect_global_balance"]
 def world_sum(t: torch.Tensor) -> None:
     """In-place SUM all-reduce of ``t`` over the default (world) group; nothing without one."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        all_reduce_(t)
 
 
 def connect_global_balance(model: nn.Module) -> bool:

@@ -51,6 +51,7 @@ from torch import nn
 
 from sparse_dit.dit import SparseDiT
 from sparse_dit.moe import MoEFeedForward
+from sparse_dit.parallel.comm import all_reduce_
 from sparse_dit.parallel.expert_parallel import gather_expert_tensor
 
 __all__ = [
@@ -164,7 +165,7 @@ def nonfinite_state(engine: Any, grad_norm: Optional[float] = None) -> Optional[
         float(any(not bool(torch.isfinite(t).all()) for t in optim if t.numel())),
         float(grad_norm is not None and not math.isfinite(grad_norm)),
     ])
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    all_reduce_(bad, op=dist.ReduceOp.MAX)  # a CPU tensor: comm.all_reduce_ also works under NCCL
     names = [name for name, b in zip(("weights", "optimizer state", f"gradient norm ({grad_norm})"), bad.tolist()) if b]
     return " and ".join(names) + " not finite" if names else None
 
