@@ -467,7 +467,9 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
             raise GenerateError(f"--expand: {exc}") from None
         prompt = expand_prompt(prompt, expander)
     uses_held = mode in ("extend", "interpolate", "loop", "sdedit", "rollout") and not args.video
-    items = (held_out(), held["items"])[1] if uses_held else [{} for _ in range(args.num_samples)]
+    # a text model asked for text-to-video without --prompt: the held-out clips' captions (as the trainer's samples)
+    captions_from_held = mode == "text" and not prompt and recipe.model.text_dim > 0
+    items = (held_out(), held["items"])[1] if uses_held or captions_from_held else [{} for _ in range(args.num_samples)]
     batch: dict[str, Any] = {"caption": [prompt or it.get("caption", "") for it in items]}
     if args.class_label is not None:
         batch["label"] = torch.full((args.num_samples,), args.class_label)

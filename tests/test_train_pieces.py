@@ -175,6 +175,11 @@ def test_quickstart_moe_recipe_trains_under_expert_parallelism(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
     saved = yaml.safe_load((out / "recipe.yaml").read_text())
     assert saved["parallel"]["ep_size"] == 2 and saved["model"]["moe"]["num_experts"] == 4
+    # issue 15: the checkpoint records its layout, and a one-process rerun is one line saying what to pass
+    assert json.loads((out / "checkpoints" / "step_00000003" / "layout.json").read_text())["ep_size"] == 2
+    proc = cli(["train", str(QS_MOE), "--set", "train.max_steps=4", f"data.path={data}", f"output_dir={out}"], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-3000:]
+    assert "was written by 2 ranks, this run has 1" in proc.stderr and "--num-procs 2 --set parallel.ep_size=2" in proc.stderr
 
 
 @pytest.mark.timeout(200)
