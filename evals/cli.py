@@ -6,10 +6,14 @@
     sparse-dit eval loss RUN_DIR --data id=PATH
     sparse-dit eval rollout RUN_DIR --frames 32 [--scenario occlusion] [--ood] [--out rollout.json]
 
-Validation data is either saved physics datasets (``--data NAME=PATH``, repeatable; the first
-is the headline split) or simulated on the fly (``--scenario uniform --fps 4 --num-videos 48``
-makes an ``id`` split, plus ``ood`` with ``--ood``), at the size given by ``--frames/--height/
---width`` or else the first run's recipe.
+Validation data is either saved datasets (``--data NAME=PATH``, repeatable; the first is the
+headline split) or simulated on the fly (``--scenario uniform --fps 4 --num-videos 48`` makes an
+``id`` split, plus ``ood`` with ``--ood``), at the size given by ``--frames/--height/--width`` or
+else the first run's recipe. A saved dataset is a physics one (``sparse-dit data physics``:
+videos and the simulator's states) or any video dataset (``sparse-dit data folder`` / ``data
+hf``: clips cut to that size; the physics metrics are skipped, with the reason). Data whose
+source, resolution or frame rate differ from a run's training data is warned about in one line
+(``--strict``: refused, exit 2).
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import torch
 
 from sparse_dit.dit import SparseDiT
 from sparse_dit.config import ConfigError
-from sparse_dit.evals.compare import compare, evaluate_run, load_run, load_split, physics_split
+from sparse_dit.evals.compare import check_eval_data, compare, evaluate_run, load_run, load_split, physics_split
+from sparse_dit.evals.metrics import DEFAULT_METRICS
 from sparse_dit.evals.cost import cost_report
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score_baselines
@@ -46,7 +51,9 @@ def _size(text: str) -> tuple[int, int, int]:
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation data")
-    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH", help="a saved physics dataset as split NAME (repeatable)")
+    g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
+                   help="a saved dataset as split NAME (repeatable): physics (`data physics`) or any video (`data folder`, `data hf`)")
+    g.add_argument("--strict", action="store_true", help="refuse eval data whose source, resolution or fps differ from a run's training data")
     g.add_argument("--limit", type=int, default=None, help="use the first N videos of each --data split")
     g.add_argument("--scenario", default="uniform", help="simulate splits of this scenario when no --data is given")
     g.add_argument("--fps", type=float, default=4.0, help="frame rate of simulated splits (the quickstart's: 4)")
@@ -76,6 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-repeats", type=int, default=5, help="timed generations per model (>= 5; 0 = skip)")
     p.add_argument("--size", type=_size, action="append", default=[], help="extra T,H,W for the cost table (repeatable)")
     p.add_argument("--samples", type=int, default=4, help="videos per sample GIF")
+    p.add_argument("--fvd-detector", default=None, metavar="PATH", help="StyleGAN-V's I3D TorchScript file: adds FVD (any video data)")
+    p.add_argument("--fvd-frames", type=int, default=16, help="frames per video FVD uses (FVD16: 16)")
     _data_args(p)
     _eval_args(p)
     p = sub.add_parser("physics", help="physics scores of the calibration baselines (and of a run)")
@@ -115,20 +124,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _splits(args: argparse.Namespace) -> list:
-    if args.data:
-        out = []
-        for item in args.data:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
-                raise SystemExit(f"sparse-dit eval: --data {item!r} must look like NAME=PATH")
-            out.append(load_split(name, path, args.limit))
-        return out
     T, H, W = args.frames, args.height, args.width
     runs = getattr(args, "runs", None) or []
     if runs and None in (T, H, W):
         r = load_run(runs[0]).recipe
         if r is not None:
             T, H, W = T or r.data.num_frames, H or r.data.height, W or r.data.width
+    if args.data:
+        out = []
+        for item in args.data:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ConfigError(f"--data {item!r} must look like NAME=PATH")
+            split = load_split(name, path, args.limit, frames=T, height=H if W else None, width=W if H else None)
+            for what, why in split.skipped:
+                print(f"sparse-dit eval: split {name!r}: left out {what}: {why}", file=sys.stderr)
+            out.append(split)
+        return out
     T, H, W = T or 8, H or 32, W or 32
     splits = [physics_split("id", args.scenario, "id", args.num_videos, T, H, W, args.data_seed, args.fps)]
     if args.ood:
@@ -204,19 +216,35 @@ def _run_rollout(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn(line: str) -> None:
+    print(f"sparse-dit eval: {line}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    """``sparse-dit eval``; a bad rollout input is one line on stderr and exit status 2."""
+    """``sparse-dit eval``; bad input (a run, a dataset, a setting, data unlike training's with
+    ``--strict``) is one line on stderr and exit status 2."""
+    try:
+        return _run(args)
+    except (ValueError, ConfigError, FileNotFoundError, OSError) as exc:
+        text = str(exc).strip().splitlines()
+        print(f"sparse-dit eval {args.eval_command}: {text[0] if text else type(exc).__name__}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     cmd = args.eval_command
     if cmd == "rollout":
-        try:
-            return _run_rollout(args)
-        except (ValueError, ConfigError, FileNotFoundError, OSError) as exc:
-            print(f"sparse-dit eval rollout: {exc}", file=sys.stderr)
-            return 2
+        return _run_rollout(args)
     if cmd == "compare":
         splits = _splits(args)
+        kw: dict[str, Any] = {}
+        if args.fvd_detector:
+            if not Path(args.fvd_detector).is_file():
+                raise FileNotFoundError(f"--fvd-detector {args.fvd_detector!r} is not a file (an I3D TorchScript; nothing is downloaded)")
+            kw = {"metrics": [*DEFAULT_METRICS, "fvd"],
+                  "metric_options": {"fvd_detector": args.fvd_detector, "fvd_num_frames": args.fvd_frames}}
         report, videos = compare(args.runs, splits, context_frames=args.context_frames, latency_repeats=args.latency_repeats,
-                                 cost_sizes=args.size, **_eval_kwargs(args))
+                                 cost_sizes=args.size, strict=args.strict, **kw, **_eval_kwargs(args))
         write_report(report, videos, args.out, num_samples=args.samples)
         out = Path(args.out).resolve()
         if args.json:
@@ -227,9 +255,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "physics":
         splits = _splits(args)
+        for s in splits:
+            if not s.has_states:
+                raise ConfigError(f"split {s.name!r} ({s.source} data, {s.path}) has no simulator states; eval physics needs a "
+                                  "`sparse-dit data physics` dataset (eval loss and eval compare take any video dataset)")
+        runs = [load_run(d) for d in args.runs]
+        check_eval_data(runs, splits, strict=args.strict, log=_warn)
         result: dict[str, Any] = {"baselines": {s.name: score_baselines(s.videos, s.states, args.context_frames) for s in splits}}
-        for d in args.runs:
-            m, _ = evaluate_run(load_run(d), splits, context_frames=args.context_frames, latency_repeats=0,
+        for d, run_ in zip(args.runs, runs):
+            m, _ = evaluate_run(run_, splits, context_frames=args.context_frames, latency_repeats=0,
                                 log=lambda s: None, **_eval_kwargs(args))
             result[str(d)] = {s: {k: v[k] for k in ("velocity_error", "position_error", "detection_rate")} for s, v in m["splits"].items()}
         _print(result, args.json)
@@ -243,9 +277,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if cmd == "loss":
         splits = _splits(args)
+        runs = [load_run(d) for d in args.runs]
+        check_eval_data(runs, splits, strict=args.strict, log=_warn)
         result = {}
-        for d in args.runs:
-            model = load_run(d).model
+        for d, run_ in zip(args.runs, runs):
+            model = run_.model
             result[str(d)] = {s.name: heldout_loss(model, s.model_videos(), context_frames=args.context_frames, num_t=args.num_t,
                                                    seed=args.seed, batch_size=args.batch_size) for s in splits}
         _print(result, args.json)

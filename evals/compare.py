@@ -21,21 +21,21 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from sparse_dit.config import ConfigError, RecipeConfig
-from sparse_dit.data import PhysicsVideoDataset, generate_physics_videos
 from sparse_dit.diffusion import sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
-from sparse_dit.evals.physics import BALL_FREE, baseline_videos, score
+from sparse_dit.evals.physics import BALL_FREE, BASELINES, baseline_videos, score
+from sparse_dit.evals.splits import EvalSplit, data_mismatch, load_split, physics_split
 from sparse_dit.evals.stats_report import add_intervals, per_video_values, variant_key, video_intervals
 from sparse_dit.moe.routing_stats import RoutingCollector
-from sparse_dit.evals.video_metrics import to_uint8_videos
+from sparse_dit.evals.video_metrics import frame_metrics, to_uint8_videos
 from sparse_dit.flops import count
 from sparse_dit.presets import load_recipe
 from sparse_dit.schema import from_dict
@@ -43,6 +43,8 @@ from sparse_dit.schema import from_dict
 __all__ = [
     "EvalSplit",
     "Run",
+    "STATELESS_BASELINES",
+    "check_eval_data",
     "load_run",
     "load_split",
     "physics_split",
@@ -60,66 +62,9 @@ _RECIPE_FILES = ("recipe.yaml", "config.yaml", "recipe.yml", "recipe.json")
 _SUMMARY_FILES = ("summary.json", "train_summary.json")
 
 
-@dataclass
-class EvalSplit:
-    """Validation videos of one split with their ground truth.
-
-    Args:
-        name: split name (``"id"``, ``"ood"``).
-        videos: uint8 (N, T, H, W, 3).
-        states: the dataset's ``states`` rows, one per video.
-    """
-
-    name: str
-    videos: np.ndarray
-    states: list
-
-    def __post_init__(self) -> None:
-        v = np.asarray(self.videos)
-        if v.dtype != np.uint8 or v.ndim != 5 or v.shape[-1] != 3:
-            raise ValueError(f"split {self.name!r}: videos must be uint8 (N, T, H, W, 3); got {v.dtype} {v.shape}")
-        if len(self.states) != v.shape[0]:
-            raise ValueError(f"split {self.name!r}: {v.shape[0]} videos but {len(self.states)} states rows")
-        self.videos = v
-
-    def model_videos(self) -> torch.Tensor:
-        """The videos in the model convention: float (N, 3, T, H, W) in [-1, 1]."""
-        return torch.from_numpy(self.videos).permute(0, 4, 1, 2, 3).float().div(127.5).sub(1.0)
-
-
-def physics_split(name: str, scenario: str, split: str, num_videos: int, frames: int, height: int, width: int,
-                  seed: int, fps: float = 10.0, workers: int | None = 1) -> EvalSplit:
-    """Simulate a validation split in memory (``sparse_dit.data.generate_physics_videos``).
-
-    Args:
-        name: the split's name in the report.
-        scenario: physics scenario(s) (see ``sparse_dit.data.SCENARIOS``).
-        split: ``"id"`` or ``"ood"``.
-        num_videos: videos N.
-        frames: frames T.
-        height: frame height.
-        width: frame width.
-        seed: dataset seed (use one the training set did not use).
-        fps: frames per second.
-        workers: generator processes.
-    """
-    rows = generate_physics_videos(scenario, split, num_videos, frames, height, width, seed=seed, fps=fps, workers=workers)
-    return EvalSplit(name, np.stack([r["video"] for r in rows]), [r["states"] for r in rows])
-
-
-def load_split(name: str, path: str | Path, limit: int | None = None) -> EvalSplit:
-    """Read a saved physics dataset (``sparse-dit data physics`` / ``write_physics_dataset``).
-
-    Args:
-        name: the split's name in the report.
-        path: the dataset directory.
-        limit: use only the first ``limit`` videos.
-    """
-    ds = PhysicsVideoDataset(str(path))
-    n = len(ds) if limit is None else min(len(ds), int(limit))
-    if n < 1:
-        raise ValueError(f"dataset {path} holds no videos")
-    return EvalSplit(name, np.stack([ds.raw_video(i) for i in range(n)]), [ds.states(i) for i in range(n)])
+# Baselines that need no simulator states (copy-last-frame and the ball-free ones): the ones a
+# split of plain video gets, scored by PSNR/SSIM.
+STATELESS_BASELINES: tuple[str, ...] = ("copy_last_frame", *BALL_FREE)
 
 
 @dataclass
@@ -393,20 +338,59 @@ def _steps_sweep(model: SparseDiT, split: EvalSplit, metrics: Sequence[Metric], 
     return out
 
 
+def check_eval_data(runs: Iterable[Run], splits: Sequence[EvalSplit], *, strict: bool = False,
+                    log: Callable[[str], None] = print) -> list[str]:
+    """Warn (or with ``strict`` raise) where a split differs from the data a run trained on.
+
+    One line per (run, split) naming what differs (:func:`sparse_dit.evals.splits.data_mismatch`:
+    source kind, resolution, frame rate); runs without a recipe are not checked.
+
+    Args:
+        runs: loaded runs.
+        splits: the eval splits.
+        strict: raise :class:`~sparse_dit.config.ConfigError` on the first difference.
+        log: where warnings go.
+
+    Returns:
+        The warning lines (empty when the data matches).
+    """
+    lines = []
+    for run in runs:
+        for split in splits:
+            diffs = data_mismatch(run.recipe, split)
+            if not diffs:
+                continue
+            line = f"eval data {split.name!r} is not what {run.name} trained on: {'; '.join(diffs)}"
+            if strict:
+                raise ConfigError(f"{line} (--strict)")
+            lines.append(line)
+            log(f"warning: {line} (--strict makes this an error)")
+    return lines
+
+
 def compare(
     run_dirs: Sequence[str | Path] | Mapping[str, str | Path],
     splits: Sequence[EvalSplit],
     *,
     context_frames: int = 3,
+    strict: bool = False,
     log: Callable[[str], None] = print,
     **eval_kwargs: Any,
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Evaluate several runs and the calibration baselines on the same splits.
 
+    Splits without simulator states (a ``sparse-dit data folder`` / ``data hf`` dataset) get the
+    metrics that need none (held-out loss, PSNR/SSIM, FVD when asked for); the physics metrics
+    are skipped with their reason, and the baselines that need no states (copy-last-frame and
+    the ball-free ones) are scored by PSNR/SSIM. Data that differs from a run's training data
+    (:func:`check_eval_data`) is warned about, or refused with ``strict``.
+
     Args:
         run_dirs: run directories, or a mapping name -> directory.
         splits: validation splits (first = headline).
         context_frames: given frames.
+        strict: raise :class:`~sparse_dit.config.ConfigError` when the eval data's source,
+            resolution or frame rate differ from a run's training data (default: a warning).
         log: progress printer.
         **eval_kwargs: passed to :func:`evaluate_run` (steps, seed, latency_repeats, ...).
 
@@ -432,15 +416,20 @@ def compare(
         raise ValueError("compare needs at least one run directory")
     videos: dict[str, dict[str, np.ndarray]] = {s.name: {"ground_truth": s.videos} for s in splits}
     baselines_by_split: dict[str, dict[str, Any]] = {}
+    runs = {name: load_run(d, name) for name, d in named.items()}
+    data_warnings = check_eval_data(runs.values(), splits, strict=strict, log=log)
     for s in splits:
-        base = baseline_videos(s.videos, s.states, context_frames)
-        baselines_by_split[s.name] = {k: score(v, s.states, context_frames) for k, v in base.items()}
+        if s.has_states:
+            base = baseline_videos(s.videos, s.states, context_frames)
+            baselines_by_split[s.name] = {k: score(v, s.states, context_frames) for k, v in base.items()}
+        else:  # no simulator states: the baselines that need none, scored by PSNR/SSIM
+            base = {k: BASELINES[k](s.videos, None, context_frames) for k in STATELESS_BASELINES}
+            baselines_by_split[s.name] = {k: frame_metrics(v, s.videos, context_frames) for k, v in base.items()}
         # sample GIFs: the baselines that draw balls (noise and blank columns would show nothing)
         videos[s.name].update({k: v for k, v in base.items() if k != "ground_truth" and k not in BALL_FREE})
     models: dict[str, Any] = {}
-    for name, d in named.items():
-        log(f"evaluating {name} ({d})")
-        run = load_run(d, name)
+    for name, run in runs.items():
+        log(f"evaluating {name} ({run.path})")
         models[name], vids = evaluate_run(run, splits, context_frames=context_frames, log=log, **eval_kwargs)
         for split_name, v in vids.items():
             videos[split_name][name] = v
@@ -449,7 +438,9 @@ def compare(
         "models": models,
         "baselines": baselines_by_split[first],
         "baselines_by_split": baselines_by_split,
-        "splits": {s.name: {"num_videos": int(s.videos.shape[0]), "shape": list(s.videos.shape[1:4])} for s in splits},
+        "splits": {s.name: {"num_videos": int(s.videos.shape[0]), "shape": list(s.videos.shape[1:4]), "source": s.source,
+                            "fps": s.fps, "has_states": s.has_states, "skipped": [list(x) for x in s.skipped]} for s in splits},
+        "data_warnings": data_warnings,
         "headline_split": first,
         "settings": {"context_frames": context_frames, **{k: v for k, v in eval_kwargs.items() if isinstance(v, (int, float, str, type(None)))}},
     }

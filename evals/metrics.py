@@ -54,7 +54,7 @@ class Split(Protocol):
 
     name: str
     videos: np.ndarray  # real uint8 (N, T, H, W, 3)
-    states: Sequence[Any]  # the dataset's ``states`` rows, one per video
+    states: Optional[Sequence[Any]]  # the dataset's ``states`` rows, one per video; None for plain video
 
     def model_videos(self) -> torch.Tensor:
         """The real videos in the model convention: float (N, 3, T, H, W) in [-1, 1]."""
@@ -130,7 +130,14 @@ class Metric:
                              "a metric is scored per split exactly when it needs generated videos")
 
     def skip_reason(self, x: MetricInput) -> Optional[str]:
-        """Why this metric cannot run on ``x`` (None: it can)."""
+        """Why this metric cannot run on ``x`` (None: it can).
+
+        A metric that needs ``states`` is skipped on a split without them (a ``sparse-dit data
+        folder`` / ``data hf`` dataset: real video has no simulator ground truth).
+        """
+        if "states" in self.needs and getattr(x.split, "states", None) is None:
+            return (f"split {x.split.name!r} has no simulator states ({getattr(x.split, 'source', 'video')} data); "
+                    "physics metrics need a `sparse-dit data physics` dataset or a simulated split")
         return self.unavailable(x) if self.unavailable is not None else None
 
 

@@ -100,32 +100,41 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
         out += [intro, ""]
     out += [f"Headline split: `{head}` ({report['splits'][head]['num_videos']} videos of T,H,W = "
             f"{report['splits'][head]['shape']}); context frames: {report['settings'].get('context_frames', 3)}.", ""]
+    for w in report.get("data_warnings") or []:  # eval data unlike a run's training data (evals/splits.py)
+        out += [f"**Warning:** {w}.", ""]
     out += ["## Models", ""]
     out.append(_table(
         ["model", "params", "active params", "GMACs/sample", "train PFLOPs", "val loss", "velocity err (px/frame)",
          "position err (px)", "detection", "PSNR", "SSIM", "traj. FD", "GMACs/video", "latency (ms)"],
         [[n, m["total_params"], m["active_params"], m["gmacs_per_sample"],
-          (m["train_flops"] / 1e15) if m.get("train_flops") is not None else None, m["val_loss"], m["velocity_error"],
-          m["position_error"], m["detection_rate"], m.get("psnr"), m.get("ssim"), m.get("trajectory_fd"),
+          (m["train_flops"] / 1e15) if m.get("train_flops") is not None else None, m["val_loss"], m.get("velocity_error"),
+          m.get("position_error"), m.get("detection_rate"), m.get("psnr"), m.get("ssim"), m.get("trajectory_fd"),
           m.get("gmacs_per_video"), m.get("latency_ms")] for n, m in models.items()]))
+    skipped = sorted({f"{k}: {v}" for m in models.values() for k, v in (m.get("skipped_metrics") or {}).items()})
+    if skipped:  # e.g. physics metrics on a video dataset without simulator states (evals/splits.py)
+        out += ["", "Skipped metrics (\"-\" above): " + "; ".join(skipped) + "."]
     out += ["", "## Calibration baselines", "",
             "Ground truth measures the instrument (~0 error, detection 1); copy-last-frame's velocity error is "
-            "the ground-truth speed; constant velocity extrapolates the context (exact for uniform motion).", ""]
+            "the ground-truth speed; constant velocity extrapolates the context (exact for uniform motion). "
+            "uniform_noise, gaussian_noise and blank hold no ball: detection ~0 and no error (\"-\"), so they never look "
+            "better than copy-last-frame. Splits without simulator states score the baselines by PSNR/SSIM only.", ""]
     rows = []
     for split, base in report["baselines_by_split"].items():
         for name, s in base.items():
-            rows.append([split, name, s["velocity_error"], s["position_error"], s["detection_rate"], s.get("gt_speed")])
-    out.append(_table(["split", "baseline", "velocity err", "position err", "detection", "GT speed"], rows))
+            rows.append([split, name, s.get("velocity_error"), s.get("position_error"), s.get("detection_rate"), s.get("gt_speed"),
+                         s.get("psnr"), s.get("ssim")])
+    out.append(_table(["split", "baseline", "velocity err", "position err", "detection", "GT speed", "PSNR", "SSIM"], rows))
     out += ["", "## Per split", ""]
     rows = []
     for n, m in models.items():
         for split, s in m["splits"].items():
-            base = report["baselines_by_split"][split]["copy_last_frame"]["velocity_error"]
-            rows.append([n, split, s["velocity_error"], base, s["position_error"], s["detection_rate"], s["psnr"], s["ssim"],
+            base = report["baselines_by_split"][split].get("copy_last_frame", {}).get("velocity_error")
+            rows.append([n, split, s.get("velocity_error"), base, s.get("position_error"), s.get("detection_rate"), s.get("psnr"), s.get("ssim"),
                          s.get("trajectory_fd")])
     out.append(_table(["model", "split", "velocity err", "copy-last velocity err", "position err", "detection", "PSNR", "SSIM", "traj. FD"], rows))
     out += ["", "Velocity error per generated frame (px/frame):", ""]
-    rows = [[n, s_name, " ".join(_fmt(v, 2) for v in s["velocity_error_per_frame"])] for n, m in models.items() for s_name, s in m["splits"].items()]
+    rows = [[n, s_name, " ".join(_fmt(v, 2) for v in s["velocity_error_per_frame"])] for n, m in models.items() for s_name, s in m["splits"].items()
+            if "velocity_error_per_frame" in s]
     out.append(_table(["model", "split", "frames C .. T-1"], rows))
     out += ["", "Held-out flow-matching loss at fixed t (fixed noise):", ""]
     any_m = next(iter(models.values()))

@@ -121,10 +121,15 @@ def test_world_ground_truth_is_found_with_small_error(world):
     assert det >= 0.995 and pos < 0.06 and vel < 0.08, (det, pos, vel)
 
 
+@pytest.fixture(scope="module")
+def copy_last(world):
+    return _pooled(world, physics.copy_last_frame_videos)
+
+
 @pytest.mark.parametrize("name", physics.BALL_FREE)
-def test_ball_free_baselines_find_nothing(world, name):
+def test_ball_free_baselines_find_nothing(world, copy_last, name):
     det, pos, vel = _pooled(world, physics.BASELINES[name])
     assert det < 0.05, (name, det)
-    _, _, vel_copy = _pooled(world, physics.copy_last_frame_videos)
+    _, _, vel_copy = copy_last
     # errors exist only on found balls: none here, so never better than copy-last-frame
     assert not vel < vel_copy and not pos < 0.5, (name, pos, vel, vel_copy)
