@@ -9,7 +9,10 @@
 - ``metrics``: the metric table ``METRICS`` that ``compare`` walks (what each needs, its
   headline keys, lower or higher is better); FVD is opt-in there.
 - ``video_metrics``: PSNR and SSIM over generated frames.
-- ``tracking``: the colour-based ball finder and disc renderer the physics metrics use.
+- ``tracking``: the ball finder (colour, then size, shape, colour and contrast checks, so that
+  noise holds no ball) and disc renderer the physics metrics use.
+- ``splits``: validation splits: physics (simulated or saved, with states) or any video
+  dataset (``data folder`` / ``data hf``), and the wrong-data check against a run's recipe.
 - ``loss``: held-out flow-matching loss on a fixed grid of t with fixed noise.
 - ``cost``: inference cost (params, MACs per generated video, latency, peak memory, throughput).
 - ``compare`` / ``report``: dense-vs-sparse comparison of finished runs (``sparse-dit eval compare``).
