@@ -90,10 +90,10 @@ def test_checkpoints_from_before_layout_json_are_checked_from_the_trainer_file_a
     assert rc == 2 and "was written by 2 ranks, this run has 1" in line and "--num-procs 2 --set parallel.ep_size=2" in line
 
 
-def test_the_matching_layout_passes_the_check():
+def test_the_matching_layout_passes_the_check(tmp_path):
     from sparse_dit.parallel.checkpoint import CheckpointError, check_layout
 
-    root = Path(pytest.importorskip("tempfile").mkdtemp()) / "run"
+    root = tmp_path / "run"
     _fake_checkpoint(root, world=2, ep=2)
     check_layout(root / "checkpoints", 2, 2)  # no error
     with pytest.raises(CheckpointError, match="ep_size=2, this run has parallel.ep_size=1"):
