@@ -4,11 +4,17 @@ Input is :func:`sparse_dit.evals.compare.compare`'s ``(report, videos)``. Files 
 
 - ``report.json``: every number (NaN/inf written as null, so any JSON reader loads it);
 - ``report.md``: the tables (models, calibration baselines, per split, cost by size);
-- ``quality_vs_train_flops.png``, ``quality_vs_inference.png``: velocity error and held-out loss
-  against training FLOPs, and against inference MACs per video and measured latency, with the
-  baselines as horizontal lines;
-- ``samples_<split>.gif``: for a few validation videos, rows of ground truth | copy-last |
-  constant velocity | each model, the context frames marked with a red border;
+- ``quality_vs_train_flops.png``, ``quality_vs_inference.png`` (and ``quality_vs_steps.png``
+  with a steps sweep): velocity error and held-out loss with 95 % error bars against training
+  PFLOPs, inference GMACs per video and measured latency (cost axes from 0; "matched within
+  x %" where the models' costs are), the baselines as horizontal lines (:mod:`.plots`);
+- ``samples_<split>.gif``: for a few validation videos, labelled columns ground truth |
+  baselines | each model, the context frames marked with a red border and named in a footer;
+  ``samples_<split>.png``: the same as a labelled contact sheet (frames left to right);
+- every scalar with its 95 % interval over videos, a "Which differences are resolved" section
+  (paired differences whose interval excludes 0), Frechet-distance checks (too few samples,
+  the ground-truth floor) and, where a recipe ran with several seeds, intervals over seeds
+  (:mod:`.stats_report`);
 - ``routing_<model>_*.png`` and report.md's "Routing" section: every MoE model's per-layer expert
   load, imbalance and router entropy while it sampled the headline split (:mod:`.routing`);
 - ``tb/<name>/``: TensorBoard scalars per model and baseline (``eval/<metric>``), so the
@@ -22,17 +28,14 @@ import math
 from pathlib import Path
 from typing import Any, Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window (also on machines with a display)
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
+from sparse_dit.evals.plots import plot_quality, write_sample_gifs, write_sample_sheets
 from sparse_dit.evals.routing import plot_routing, routing_markdown
-from sparse_dit.video_io import save_video, side_by_side
 
-__all__ = ["write_report", "write_json", "markdown", "plot_quality", "write_sample_gifs", "write_tensorboard", "REQUIRED_MODEL_KEYS"]
+__all__ = ["write_report", "write_json", "markdown", "plot_quality", "write_sample_gifs", "write_sample_sheets",
+           "write_tensorboard", "REQUIRED_MODEL_KEYS"]
 
 # Keys every model entry of report.json carries (issue 6's contract for the quickstart).
 REQUIRED_MODEL_KEYS = ("total_params", "active_params", "gmacs_per_sample", "train_flops", "val_loss",
@@ -86,6 +89,100 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _ci(entry: Mapping[str, Any], key: str, digits: int = 3) -> str:
+    """``value [low, high]`` from ``entry[key]`` and ``entry["ci95"][key]`` ("-" for a missing value)."""
+    v = entry.get(key)
+    if isinstance(v, float) and math.isinf(v):
+        return "inf" if v > 0 else "-inf"  # e.g. PSNR of frames identical to the ground truth
+    if not _finite(v):
+        return "-"
+    ci = (entry.get("ci95") or {}).get(key)
+    if ci and _finite(ci[0]) and _finite(ci[1]):
+        return f"{_fmt(float(v), digits)} [{_fmt(float(ci[0]), digits)}, {_fmt(float(ci[1]), digits)}]"
+    return _fmt(float(v), digits)
+
+
+def _fd_cell(entry: Mapping[str, Any]) -> str:
+    """The trajectory FD cell: "unreliable: ..." when too few samples, "+" when a constant feature dominates."""
+    check = entry.get("trajectory_fd_check") or {}
+    if check and not check.get("reliable", True):
+        return f"unreliable: {check['samples']} samples <= feature dim {check['feature_dim']}"
+    cell = _ci(entry, "trajectory_fd", 1)
+    return cell + " +" if cell != "-" and "constant in the ground truth" in check.get("note", "") else cell
+
+
+def _matched_lines(models: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """A line per cost the models share within 1 % (so a reader sees them as matched)."""
+    out = []
+    for key, label in (("gmacs_per_sample", "GMACs per sample"), ("train_flops", "training FLOPs")):
+        xs = [float(m[key]) for m in models.values() if _finite(m.get(key))]
+        if len(xs) > 1 and max(xs) > 0 and (max(xs) - min(xs)) / max(xs) < 0.01:
+            out.append(f"{label} matched within {100 * (max(xs) - min(xs)) / max(xs):.2g} % across the models.")
+    return ["", " ".join(out)] if out else []
+
+
+def _differences_section(report: Mapping[str, Any]) -> list[str]:
+    """One sentence per (split, metric): which model differences the paired intervals resolve."""
+    diffs = report.get("differences") or []
+    if not diffs:
+        return []
+    out = ["", "## Which differences are resolved", "",
+           "Each difference is b - a on the same videos, with its 95 % interval from resampling those videos "
+           "(paired); resolved = the interval excludes 0, otherwise the data cannot tell the two apart at this "
+           "number of videos.", ""]
+    groups: dict[tuple[str, str], list[Mapping[str, Any]]] = {}
+    for d in diffs:
+        groups.setdefault((d["split"], d["metric"]), []).append(d)
+    for (_, _), ds in groups.items():
+        resolved = [d for d in ds if d.get("resolved")]
+        lead = "resolved" if resolved else "not resolved"
+        out.append(f"- **{lead}**: " + " ".join(d["sentence"] for d in ds))
+    return out
+
+
+def _variants_section(report: Mapping[str, Any]) -> list[str]:
+    """Variants run with several seeds: mean, interval over seeds, interval over videos; their differences."""
+    v = report.get("variants") or {}
+    groups = v.get("groups") or {}
+    if not groups:
+        return []
+    out = ["", "## Over training seeds", "",
+           "Runs of one recipe that differ only in their seed: the mean over seeds with a t-interval over seeds "
+           "(training randomness) and a bootstrap interval over videos (which videos were drawn).", ""]
+    rows = []
+    for name, g in groups.items():
+        for split, res in g["splits"].items():
+            for key, r in res.items():
+                rows.append([name, split, key, f"{len(g['runs'])} ({', '.join(map(str, g['seeds']))})", r["mean"],
+                             _pair(r["ci95_seeds"]), _pair(r["ci95_videos"]), " ".join(_fmt(x) for x in r["per_seed"])])
+    out.append(_table(["variant", "split", "metric", "seeds", "mean", "95% over seeds", "95% over videos", "per seed"], rows))
+    if v.get("differences"):
+        out += [""] + [f"- {d['sentence']}" for d in v["differences"]]
+    return out
+
+
+def _pair(ci: Any) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci and _finite(ci[0]) and _finite(ci[1]) else "-"
+
+
+def _steps_section(report: Mapping[str, Any]) -> list[str]:
+    """Quality against sampler steps (``compare(..., steps_sweep=...)``), with intervals."""
+    rows = []
+    for n, m in report["models"].items():
+        for p in m.get("steps_sweep") or []:
+            rows.append([n, p["steps"], _ci(p, "velocity_error"), _ci(p, "position_error"), _ci(p, "detection_rate"),
+                         _ci(p, "psnr", 2), _ci(p, "ssim")])
+    if not rows:
+        return []
+    return ["", f"## Quality vs sampling steps ({report.get('headline_split', 'id')} split)", "",
+            _table(["model", "steps", "velocity err", "position err", "detection", "PSNR", "SSIM"], rows),
+            "", "Plotted in `quality_vs_steps.png`."]
+
+
+def _finite(x: Any) -> bool:
+    return x is not None and isinstance(x, (int, float, np.floating, np.integer)) and math.isfinite(float(x))
+
+
 def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluation report") -> str:
     """The report's tables as Markdown.
 
@@ -102,36 +199,63 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
             f"{report['splits'][head]['shape']}); context frames: {report['settings'].get('context_frames', 3)}.", ""]
     for w in report.get("data_warnings") or []:  # eval data unlike a run's training data (evals/splits.py)
         out += [f"**Warning:** {w}.", ""]
+    iv = report.get("intervals") or {}
     out += ["## Models", ""]
+    if iv:
+        out += [f"Every quality number is followed by its 95 % interval over the split's videos, [low, high] "
+                f"({iv.get('videos', '')}; fewer than {iv.get('min_videos', 10)} videos: none). Which differences the "
+                "intervals resolve is said below the tables.", ""]
     out.append(_table(
         ["model", "params", "active params", "GMACs/sample", "train PFLOPs", "val loss", "velocity err (px/frame)",
          "position err (px)", "detection", "PSNR", "SSIM", "traj. FD", "GMACs/video", "latency (ms)"],
         [[n, m["total_params"], m["active_params"], m["gmacs_per_sample"],
-          (m["train_flops"] / 1e15) if m.get("train_flops") is not None else None, m["val_loss"], m.get("velocity_error"),
-          m.get("position_error"), m.get("detection_rate"), m.get("psnr"), m.get("ssim"), m.get("trajectory_fd"),
-          m.get("gmacs_per_video"), m.get("latency_ms")] for n, m in models.items()]))
+          (m["train_flops"] / 1e15) if m.get("train_flops") is not None else None, _ci(m, "val_loss", 4),
+          _ci(m, "velocity_error"), _ci(m, "position_error"), _ci(m, "detection_rate"), _ci(m, "psnr", 2),
+          _ci(m, "ssim"), _fd_cell(m), m.get("gmacs_per_video"), m.get("latency_ms")] for n, m in models.items()]))
+    out += _matched_lines(models)
     skipped = sorted({f"{k}: {v}" for m in models.values() for k, v in (m.get("skipped_metrics") or {}).items()})
     if skipped:  # e.g. physics metrics on a video dataset without simulator states (evals/splits.py)
         out += ["", "Skipped metrics (\"-\" above): " + "; ".join(skipped) + "."]
     out += ["", "## Calibration baselines", "",
             "Ground truth measures the instrument (~0 error, detection 1); copy-last-frame's velocity error is "
             "the ground-truth speed; constant velocity extrapolates the context (exact for uniform motion). "
-            "uniform_noise, gaussian_noise and blank hold no ball: detection ~0 and no error (\"-\"), so they never look "
-            "better than copy-last-frame. Splits without simulator states score the baselines by PSNR/SSIM only.", ""]
+            "PSNR, SSIM and the trajectory FD of the baselines give the models' numbers a scale. uniform_noise, "
+            "gaussian_noise and blank hold no ball: detection ~0 and no error (\"-\"), so they never look better than "
+            "copy-last-frame. Splits without simulator states score the baselines by PSNR/SSIM only.", ""]
     rows = []
     for split, base in report["baselines_by_split"].items():
         for name, s in base.items():
-            rows.append([split, name, s.get("velocity_error"), s.get("position_error"), s.get("detection_rate"), s.get("gt_speed"),
-                         s.get("psnr"), s.get("ssim")])
-    out.append(_table(["split", "baseline", "velocity err", "position err", "detection", "GT speed", "PSNR", "SSIM"], rows))
+            rows.append([split, name, _ci(s, "velocity_error"), _ci(s, "position_error"), _ci(s, "detection_rate"),
+                         s.get("gt_speed"), _ci(s, "psnr", 2), _ci(s, "ssim"), _fd_cell(s)])
+    out.append(_table(["split", "baseline", "velocity err", "position err", "detection", "GT speed", "PSNR", "SSIM",
+                       "traj. FD"], rows))
+    floors = report.get("frechet_floor") or {}
+    if floors:
+        out += ["", "Trajectory Frechet distance floor: two halves of the real videos against each other "
+                "(even- vs odd-numbered; z-scored as the models are), what real videos already score at that size: "
+                + "; ".join(f"`{k}` {_fmt(v.get('trajectory_fd'))} ({v['videos'][0]} vs {v['videos'][1]} videos)"
+                            for k, v in floors.items()) + ". A model's FD near or under its split's floor is "
+                "indistinguishable from real videos by this estimator."]
     out += ["", "## Per split", ""]
     rows = []
     for n, m in models.items():
         for split, s in m["splits"].items():
-            base = report["baselines_by_split"][split].get("copy_last_frame", {}).get("velocity_error")
-            rows.append([n, split, s.get("velocity_error"), base, s.get("position_error"), s.get("detection_rate"), s.get("psnr"), s.get("ssim"),
-                         s.get("trajectory_fd")])
-    out.append(_table(["model", "split", "velocity err", "copy-last velocity err", "position err", "detection", "PSNR", "SSIM", "traj. FD"], rows))
+            base = report["baselines_by_split"][split]["copy_last_frame"].get("velocity_error")
+            rows.append([n, split, _ci(s, "velocity_error"), base, _ci(s, "position_error"), _ci(s, "detection_rate"),
+                         _ci(s, "psnr", 2), _ci(s, "ssim"), _fd_cell(s)])
+    out.append(_table(["model", "split", "velocity err", "copy-last velocity err", "position err", "detection", "PSNR",
+                       "SSIM", "traj. FD"], rows))
+    notes = sorted({f"{n}/{split}: {s['trajectory_fd_check']['note']}" for n, m in models.items()
+                    for split, s in m["splits"].items() if (s.get("trajectory_fd_check") or {}).get("note")})
+    fvd = sorted({f"{n}/{split}: FVD {s['fvd_check']['note']}" for n, m in models.items() for split, s in m["splits"].items()
+                  if (s.get("fvd_check") or {}).get("note")})
+    if notes or fvd:
+        out += ["", "Frechet-distance checks (+ marks a distance dominated by a feature that is constant in the "
+                "ground truth: it is z-scored by a 1e-3 floor, so any spread of it in the generated videos outweighs "
+                "the rest):", ""] + [f"- {x}" for x in notes + fvd]
+    out += _differences_section(report)
+    out += _variants_section(report)
+    out += _steps_section(report)
     out += ["", "Velocity error per generated frame (px/frame):", ""]
     rows = [[n, s_name, " ".join(_fmt(v, 2) for v in s["velocity_error_per_frame"])] for n, m in models.items() for s_name, s in m["splits"].items()
             if "velocity_error_per_frame" in s]
@@ -154,94 +278,6 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
     if files:
         out += ["", "## Files", ""] + [f"- `{f}`" for f in files]
     return "\n".join(out) + "\n"
-
-
-def _save(fig: Any, path: Path) -> Path:
-    """Write a matplotlib figure (tight layout, 100 dpi), close it, return its path."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_quality(report: Mapping[str, Any], out: str | Path) -> list[Path]:
-    """Quality vs training FLOPs and vs inference MACs / latency (PNG files).
-
-    Args:
-        report: the report.
-        out: output folder.
-    """
-    out = Path(out)
-    models, base = report["models"], report["baselines"]
-    names = list(models)
-    paths = []
-
-    def baselines(ax: Any) -> None:
-        for (bname, style) in (("copy_last_frame", "--"), ("constant_velocity", ":")):
-            v = base.get(bname, {}).get("velocity_error")
-            if v is not None and math.isfinite(v):
-                ax.axhline(v, linestyle=style, color="grey", label=bname.replace("_", " "))
-
-    def scatter(ax: Any, xkey: str, ykey: str, xlabel: str, ylabel: str, scale: float = 1.0) -> None:
-        for n in names:
-            x, y = models[n].get(xkey), models[n].get(ykey)
-            if x is None or y is None or not math.isfinite(float(y)):
-                continue
-            ax.scatter([x / scale], [y], s=60, label=n)
-            ax.annotate(n, (x / scale, y), textcoords="offset points", xytext=(5, 5))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    scatter(axes[0], "train_flops", "velocity_error", "training PFLOPs", "velocity error (px/frame)", 1e15)
-    baselines(axes[0])
-    axes[0].legend(fontsize=8)
-    scatter(axes[1], "train_flops", "val_loss", "training PFLOPs", "held-out loss")
-    axes[1].legend(fontsize=8)
-    fig.suptitle("Quality vs training compute")
-    paths.append(_save(fig, out / "quality_vs_train_flops.png"))
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    scatter(axes[0], "gmacs_per_video", "velocity_error", "inference GMACs per video", "velocity error (px/frame)")
-    baselines(axes[0])
-    axes[0].legend(fontsize=8)
-    scatter(axes[1], "latency_ms", "velocity_error", "latency per video (ms)", "velocity error (px/frame)")
-    baselines(axes[1])
-    fig.suptitle("Quality vs inference cost")
-    paths.append(_save(fig, out / "quality_vs_inference.png"))
-    return paths
-
-
-def _frame_border(video: np.ndarray, context_frames: int) -> np.ndarray:
-    v = video.copy()
-    v[:context_frames, [0, -1], :] = (220, 30, 30)
-    v[:context_frames, :, [0, -1]] = (220, 30, 30)
-    return v
-
-
-def write_sample_gifs(videos: Mapping[str, Mapping[str, np.ndarray]], out: str | Path, num_samples: int = 4,
-                      context_frames: int = 3, fps: float = 4.0, scale: int = 4) -> list[Path]:
-    """One GIF per split: a row per video, columns ground truth | baselines | models.
-
-    Args:
-        videos: split -> name -> uint8 (N, T, H, W, 3) (``compare``'s second output).
-        out: output folder.
-        num_samples: videos (rows) per GIF.
-        context_frames: given frames (drawn with a red border).
-        fps: GIF frame rate.
-        scale: nearest-neighbour upscaling.
-    """
-    paths = []
-    for split, by_name in videos.items():
-        names = list(by_name)
-        n = min(num_samples, min(v.shape[0] for v in by_name.values()))
-        rows = [side_by_side([_frame_border(by_name[k][i], context_frames) for k in names], gap=2) for i in range(n)]
-        grid = side_by_side([r.transpose(0, 2, 1, 3) for r in rows], gap=2).transpose(0, 2, 1, 3)  # stack rows
-        p = save_video(Path(out) / f"samples_{split}.gif", grid, fps=fps, scale=scale)
-        (Path(out) / f"samples_{split}.txt").write_text("columns, left to right: " + ", ".join(names) + "\n")
-        paths.append(p)
-    return paths
 
 
 def write_tensorboard(report: Mapping[str, Any], out: str | Path) -> Path:
@@ -298,6 +334,7 @@ def write_report(report: dict[str, Any], videos: Mapping[str, Mapping[str, np.nd
     files += [p.name for p in plot_routing(report, out)]
     if videos:
         files += [p.name for p in write_sample_gifs(videos, out, num_samples, report["settings"].get("context_frames", 3))]
+        files += [p.name for p in write_sample_sheets(videos, out, min(2, num_samples), report["settings"].get("context_frames", 3))]
     if tensorboard:
         files.append(write_tensorboard(report, out).name + "/")
     files += ["report.md", "report.json"]

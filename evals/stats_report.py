@@ -37,7 +37,7 @@ from sparse_dit.evals.tracking import as_ball_states, track_videos
 from sparse_dit.evals.video_metrics import psnr, ssim
 
 __all__ = ["VideoStat", "VIDEO_STATS", "FD_RESAMPLES", "I3D_FEATURE_DIM", "per_video_values", "video_intervals",
-           "trajectory_fd_interval", "batched_trajectory_fd", "variant_key", "add_intervals"]
+           "trajectory_fd_interval", "batched_trajectory_fd", "paired_difference", "variant_key", "add_intervals"]
 
 # Frechet resamples: each is a covariance fit and two eigendecompositions in a Python loop.
 FD_RESAMPLES = 1000
@@ -298,6 +298,31 @@ def _difference(stat: VideoStat, split: str, a: str, b: str, f: Callable[[np.nda
         text += ": not resolved"
     entry["sentence"] = f"{stat.label} ({split}): {text}."
     return entry
+
+
+def paired_difference(key: str, values_a: Mapping[str, np.ndarray], values_b: Mapping[str, np.ndarray], *, split: str,
+                      a: str, b: str, seed: int = 0, n_resamples: int = N_RESAMPLES) -> dict[str, Any]:
+    """The difference ``b - a`` of the statistic ``key`` on the same videos, with its interval and verdict.
+
+    Args:
+        key: a key of :data:`VIDEO_STATS`.
+        values_a: per-video arrays of ``a`` (:func:`per_video_values`).
+        values_b: those of ``b``, on the same videos in the same order.
+        split: split name (for the sentence).
+        a: first name.
+        b: second name.
+        seed: resampling seed.
+        n_resamples: bootstrap resamples.
+
+    Returns:
+        ``{"difference", "ci95", "resolved", "better" (when resolved), "sentence", ...}``.
+    """
+    stat = VIDEO_STATS[key]
+    n = len(values_a[stat.num])
+    if len(values_b[stat.num]) != n:
+        raise ValueError(f"{a} has {n} videos and {b} {len(values_b[stat.num])}: a paired difference needs the same videos")
+    return _difference(stat, split, a, b, lambda idx: stat(values_b, idx) - stat(values_a, idx), n, seed=seed,
+                       n_resamples=n_resamples)
 
 
 def _split_entries(report: Mapping[str, Any], split: str) -> dict[str, dict[str, Any]]:

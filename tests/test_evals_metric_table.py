@@ -64,7 +64,9 @@ def test_every_entry_through_the_table(split, model) -> None:
 
     # held-out loss: the loss module on the same videos, seed and grid
     ref = heldout_loss(model, split.model_videos(), context_frames=3, num_t=3, seed=1, batch_size=4)
-    assert out["heldout_loss"] == {"val_loss": ref["loss"], "val_loss_per_t": ref["per_t"], "val_loss_t": ref["t"]}
+    assert out["heldout_loss"] == {"val_loss": ref["loss"], "val_loss_per_t": ref["per_t"], "val_loss_t": ref["t"],
+                                   "val_loss_per_video": ref["per_video"]}
+    assert sum(ref["per_video"]) / len(ref["per_video"]) == pytest.approx(ref["loss"], rel=1e-12)  # what intervals resample
     # physics: a frozen ball's velocity error is the ground-truth speed
     phys = out["physics"]
     assert phys["velocity_error"] == pytest.approx(phys["gt_speed"], rel=1e-6) and phys["detection_rate"] == 1.0
