@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
 import pytest
+import torch
+import yaml
 
+from sparse_dit.config import DataConfig, DiffusionConfig, ModelConfig, RecipeConfig, TrainConfig
 from sparse_dit.data import generate_physics_videos
+from sparse_dit.dit import SparseDiT
+from sparse_dit.evals.compare import EvalSplit, compare
 from sparse_dit.evals.frechet import trajectory_frechet_from_features
 from sparse_dit.evals.physics import baseline_videos, score
 from sparse_dit.evals.stats import bootstrap_interval, frechet_reliability, resolved, t_interval, verdict, welch_interval
@@ -15,6 +21,7 @@ from sparse_dit.evals.stats_report import (VIDEO_STATS, _Features, batched_traje
                                            per_video_values)
 from sparse_dit.evals.tracking import track_videos
 from sparse_dit.evals.video_metrics import frame_metrics
+from sparse_dit.schema import to_dict
 
 
 def test_t_interval_matches_a_hand_computation():
@@ -124,3 +131,41 @@ def test_batched_trajectory_fd_equals_the_one_set_function():
     batched = batched_trajectory_fd(gen.take(idx), ref.take(idx))
     for b in range(5):
         assert batched[b] == pytest.approx(trajectory_frechet_from_features(gen.take(idx[b]), ref.take(idx[b])), rel=1e-7, abs=1e-9)
+
+
+def test_compare_groups_seeds_and_sweeps_steps(tmp_path):
+    """Two seeds of one recipe become one variant (t over seeds); steps_sweep scores each count with intervals."""
+    T, H, W = 5, 16, 16
+    cfg = ModelConfig(in_channels=3, patch_size=(1, 4, 4), hidden_size=16, depth=1, num_heads=2, text_dim=0)
+    runs = {}
+    for name, seed in (("dense_s0", 0), ("dense_s1", 1)):
+        torch.manual_seed(seed)
+        model = SparseDiT(cfg)
+        torch.nn.init.normal_(model.final_layer.linear.weight, std=0.02)
+        out = tmp_path / name
+        model.save_pretrained(out / "final")
+        recipe = RecipeConfig(model=cfg, diffusion=DiffusionConfig(num_inference_steps=2),
+                              train=TrainConfig(max_steps=10, global_batch_size=4, seed=seed),
+                              data=DataConfig(source="physics", num_frames=T, height=H, width=W), output_dir=str(out))
+        (out / "recipe.yaml").write_text(yaml.safe_dump(to_dict(recipe)))
+        (out / "summary.json").write_text(json.dumps({"steps": 10}))
+        runs[name] = out
+    rows = generate_physics_videos("uniform", "id", 10, T, H, W, seed=9, fps=5.0, workers=1)
+    split = EvalSplit("id", np.stack([r["video"] for r in rows]), [r["states"] for r in rows])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        report, _ = compare(runs, [split], latency_repeats=0, steps_sweep=[1], log=lambda m: None)
+    finally:
+        torch.set_num_threads(threads)
+    groups = report["variants"]["groups"]
+    assert list(groups) == ["dense_s"] and groups["dense_s"]["runs"] == ["dense_s0", "dense_s1"]
+    psnr = groups["dense_s"]["splits"]["id"]["psnr"]
+    per_seed = [report["models"][n]["splits"]["id"]["psnr"] for n in ("dense_s0", "dense_s1")]
+    assert psnr["per_seed"] == pytest.approx(per_seed) and psnr["ci95_seeds"] == pytest.approx(list(t_interval(per_seed)[1:]))
+    for m in report["models"].values():
+        assert [p["steps"] for p in m["steps_sweep"]] == [1, 2]
+        assert m["steps_sweep"][1]["psnr"] == m["splits"]["id"]["psnr"]  # the run's own steps reused
+        assert set(m["steps_sweep"][0]["ci95"]) >= {"psnr", "ssim"}
+        lo, hi = m["ci95"]["val_loss"]
+        assert lo <= m["val_loss"] <= hi
