@@ -408,6 +408,9 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
         routing = routing.unpack(flat)
     mean = (sums / run.accum).tolist()
     metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
+    if routing is not None:  # the imbalance of the global batch's load (all micro-steps and ranks), not a mean over ranks
+        mv = routing.max_violation
+        metrics["moe/max_violation"], metrics["moe/max_violation_worst"] = float(mv.mean()), float(mv.max())
     samples, tokens = sums[-2].item() * run.world, sums[-1].item() * run.world  # summed over micro-steps and ranks
     dt = time.perf_counter() - t0
     run.step_times.append(dt)
