@@ -30,6 +30,7 @@ from sparse_dit.dit import SparseDiT
 from sparse_dit.config import ConfigError
 from sparse_dit.evals.compare import check_eval_data, compare, evaluate_run, load_run, load_split, physics_split
 from sparse_dit.evals.metrics import DEFAULT_METRICS
+from sparse_dit.evals.splits import EvalSplit
 from sparse_dit.evals.cost import cost_report
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score_baselines
@@ -119,6 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--out", default=None, help="write the result as JSON to this file")
+    p.add_argument("--strict", action="store_true", help="refuse a run trained on other data than the simulated physics world at --fps")
     for sp in sub.choices.values():
         sp.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -204,6 +206,8 @@ def _run_rollout(args: argparse.Namespace) -> int:
     for split in ("id", "ood") if args.ood else ("id",):
         videos, states = simulate_rollout_split(args.scenario, split, args.num_videos, ctx, args.frames, r.data.height, r.data.width,
                                                 args.data_seed, args.fps)
+        if split == "id":  # simulated physics at --fps: say so when the run trained on other data
+            check_eval_data([run], [EvalSplit(split, videos, states, source="physics", fps=args.fps)], strict=args.strict, log=_warn)
         result["splits"][split], _ = evaluate_rollout(predict, videos, states, ctx)
     if args.out:
         Path(args.out).write_text(json.dumps(_clean(result), indent=2))

@@ -120,6 +120,9 @@ def test_wrong_data_warns_in_one_line_and_strict_refuses(setup, capsys):
     assert main(["eval", "loss", str(folder_run), "--num-videos", "2", "--fps", "4", "--num-t", "1", "--json"]) == 0
     err = capsys.readouterr().err
     assert "source physics" in err and "frame rate 4 fps vs training's 8 fps" in err, err
+    assert main(["eval", "rollout", str(folder_run), "--frames", "2", "--num-videos", "1", "--strict"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "source physics" in err[0] and "--strict" in err[0], err
     # and physics metrics on plain video are one line
     assert main(["eval", "physics", "--data", f"id={ds}"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
