@@ -50,6 +50,16 @@ def _size(text: str) -> tuple[int, int, int]:
     return t, h, w
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        steps = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or any(n < 1 for n in steps):
+        raise argparse.ArgumentTypeError(f"steps {text!r} must be comma-separated ints >= 1, e.g. 5,10,20")
+    return steps
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("validation data")
     g.add_argument("--data", action="append", default=[], metavar="NAME=PATH",
@@ -84,6 +94,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--latency-repeats", type=int, default=5, help="timed generations per model (>= 5; 0 = skip)")
     p.add_argument("--size", type=_size, action="append", default=[], help="extra T,H,W for the cost table (repeatable)")
     p.add_argument("--samples", type=int, default=4, help="videos per sample GIF")
+    p.add_argument("--steps-sweep", type=_steps, default=(), metavar="N,N,...",
+                   help="also generate the headline split at these sampler step counts: quality vs steps curve "
+                        "(quality_vs_steps.png; one more generation per count)")
     p.add_argument("--fvd-detector", default=None, metavar="PATH", help="StyleGAN-V's I3D TorchScript file: adds FVD (any video data)")
     p.add_argument("--fvd-frames", type=int, default=16, help="frames per video FVD uses (FVD16: 16)")
     _data_args(p)
@@ -248,7 +261,8 @@ def _run(args: argparse.Namespace) -> int:
             kw = {"metrics": [*DEFAULT_METRICS, "fvd"],
                   "metric_options": {"fvd_detector": args.fvd_detector, "fvd_num_frames": args.fvd_frames}}
         report, videos = compare(args.runs, splits, context_frames=args.context_frames, latency_repeats=args.latency_repeats,
-                                 cost_sizes=args.size, strict=args.strict, **kw, **_eval_kwargs(args))
+                                 cost_sizes=args.size, strict=args.strict, steps_sweep=args.steps_sweep, **kw,
+                                 **_eval_kwargs(args))
         write_report(report, videos, args.out, num_samples=args.samples)
         out = Path(args.out).resolve()
         if args.json:

@@ -240,7 +240,7 @@ def markdown(report: Mapping[str, Any], title: str = "Dense vs sparse: evaluatio
     rows = []
     for n, m in models.items():
         for split, s in m["splits"].items():
-            base = report["baselines_by_split"][split]["copy_last_frame"].get("velocity_error")
+            base = report["baselines_by_split"][split].get("copy_last_frame", {}).get("velocity_error")
             rows.append([n, split, _ci(s, "velocity_error"), base, _ci(s, "position_error"), _ci(s, "detection_rate"),
                          _ci(s, "psnr", 2), _ci(s, "ssim"), _fd_cell(s)])
     out.append(_table(["model", "split", "velocity err", "copy-last velocity err", "position err", "detection", "PSNR",

@@ -47,7 +47,7 @@ def report_dir(tmp_path_factory):
     assert len(data) == 3
     out = root / "report"
     rc = main(["eval", "compare", *map(str, runs), runs[0].as_posix(), "--out", str(out), "--data", f"id={root / 'val'}",
-               "--size", "2,8,8", "--samples", "2", "--json"])
+               "--size", "2,8,8", "--samples", "2", "--steps-sweep", "1", "--json"])
     torch.set_num_threads(threads)
     assert rc == 0
     return root, out
@@ -55,7 +55,8 @@ def report_dir(tmp_path_factory):
 
 def test_compare_writes_every_artefact(report_dir):
     _, out = report_dir
-    for name in ("report.md", "report.json", "quality_vs_train_flops.png", "quality_vs_inference.png", "samples_id.gif"):
+    for name in ("report.md", "report.json", "quality_vs_train_flops.png", "quality_vs_inference.png", "samples_id.gif",
+                 "samples_id.png", "quality_vs_steps.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert list((out / "tb" / "dense").glob("events.out.tfevents.*"))
     report = json.loads((out / "report.json").read_text())  # strict JSON: NaN became null
