@@ -11,8 +11,11 @@ and videos"). The tasks only differ in where the given frames sit::
     loop             [v_end, _, _, v_start]      -> video + transition loops seamlessly
     sdedit           the last `strength` of the schedule run on the noised video (no context)
 
-With a compressing VAE the prompts are encoded on their own, so frame counts are in latent
-frames (``num_frames`` of the output are pixel frames; see ``VideoPipeline.latent_frames``).
+Every count is in pixel frames. The given clips are laid out with the gaps into one full-length
+pixel video that is encoded as a whole (``sparse_dit.context_layout``): with a causal VAE the
+latent groups then line up with its ``[0], [1..ft], ...`` grouping wherever a clip sits, and a
+latent frame is held as context only when every pixel frame of its group is given (given frames
+that share a group with generated ones are generated, with a warning naming them).
 
 Each mode is one entry of ``GENERATION_MODES``: a function ``layout(pipe, **inputs) -> Layout``
 that builds the context layout; :meth:`VideoPipeline.generate` samples any of them by name
@@ -25,6 +28,7 @@ that builds the context layout; :meth:`VideoPipeline.generate` samples any of th
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -32,11 +36,12 @@ import torch
 from torch import nn
 
 from sparse_dit.config import DiffusionConfig
+from sparse_dit.context_layout import fitting_lengths, place_clips
 from sparse_dit.diffusion import count_tokens, resolution_shift, sample
 from sparse_dit.pretrained import load_pretrained
 from sparse_dit.vae import IdentityVAE
 
-__all__ = ["VideoPipeline", "Layout", "GenerationMode", "GENERATION_MODES", "layout_clips"]
+__all__ = ["VideoPipeline", "Layout", "GenerationMode", "GENERATION_MODES"]
 
 
 @dataclass(frozen=True)
@@ -50,8 +55,11 @@ class Layout:
         init_latents: a clean latent video to edit (SDEdit): the last ``strength`` of the
             schedule is run on it (diffusers' img2img); ``strength == 0`` returns it unchanged.
         strength: see ``init_latents`` (1.0 = start from pure noise).
-        finish: maps the sampled latents to the output latents (``loop`` appends its transition
-            to the input video); None = the sampled latents.
+        finish: maps the sampled latents to the output latents; None = the sampled latents.
+        finish_video: maps the decoded video to the output video (``loop`` appends its
+            transition to the input video); None = the decoded video.
+        partial: given pixel frames that share a latent group with generated frames, so are
+            generated rather than held (``sparse_dit.context_layout``).
     """
 
     shape: tuple[int, ...]
@@ -60,35 +68,8 @@ class Layout:
     init_latents: Optional[torch.Tensor] = None
     strength: float = 1.0
     finish: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-
-
-def layout_clips(parts: Sequence[torch.Tensor | int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate given latent clips and gaps (ints = free frames) along time -> (context, mask).
-
-    Args:
-        parts: (B, C, t_i, h, w) clips and frame counts of the gaps between them, in time order.
-    """
-    ref = next(p for p in parts if isinstance(p, torch.Tensor))
-    B, C, _, h, w = ref.shape
-    clips, flags = [], []
-    for p in parts:
-        if isinstance(p, int):
-            if p < 0:
-                raise ValueError(f"a gap of {p} frames is not allowed; use >= 0")
-            clips.append(ref.new_zeros(B, C, p, h, w))
-            flags += [False] * p
-        else:
-            if p.shape[0] != B or p.shape[1] != C or p.shape[3:] != (h, w):
-                raise ValueError(f"prompt clips must share (B, C, h, w); got {tuple(p.shape)} vs {tuple(ref.shape)}")
-            clips.append(p)
-            flags += [True] * p.shape[2]
-    mask = torch.tensor(flags, device=ref.device).expand(B, -1).clone()
-    return torch.cat(clips, dim=2), mask
-
-
-def _given(parts: Sequence[torch.Tensor | int]) -> Layout:
-    context, mask = layout_clips(parts)
-    return Layout(tuple(context.shape), context, mask)
+    finish_video: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    partial: tuple[int, ...] = ()
 
 
 class VideoPipeline:
@@ -194,17 +175,30 @@ class VideoPipeline:
             uncond = {"text_emb": n.tokens, "text_mask": n.mask}
         return cond, uncond
 
-    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+    def _as_video(self, video: torch.Tensor) -> torch.Tensor:
+        """A prompt as a (B, C, T, H, W) video on the model's device (an image is one frame)."""
         if video.ndim == 4:  # a single (B, C, H, W) image
             video = video[:, :, None]
         if video.ndim != 5:
             raise ValueError(f"prompt videos must be (B, C, T, H, W) or images (B, C, H, W), got {tuple(video.shape)}")
-        return self.vae.encode(video.to(self.device))
+        return video.to(self.device)
 
-    def _output(self, latents: torch.Tensor, output_type: str) -> Any:
+    def _encode(self, video: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(self._as_video(video))
+
+    def _output(self, latents: torch.Tensor, output_type: str,
+                finish_video: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Any:
         if output_type == "latent":
-            return latents
-        video = self.vae.decode(latents).clamp(-1, 1)
+            if finish_video is None:
+                return latents
+            if not isinstance(self.vae, IdentityVAE):  # the loop's output joins two decoded videos
+                raise ValueError("output_type='latent' is not available for 'loop' with a compressing VAE (its output joins "
+                                 "decoded videos); use 'pt' or 'np'")
+            return finish_video(latents)
+        video = self.vae.decode(latents)
+        if finish_video is not None:
+            video = finish_video(video)
+        video = video.clamp(-1, 1)
         if output_type == "pt":
             return video
         if output_type == "np":
@@ -243,7 +237,7 @@ class VideoPipeline:
         steps = self.num_inference_steps if num_inference_steps is None else num_inference_steps
         guidance = self.guidance_scale if guidance_scale is None else guidance_scale
         out = self._sample(lay, prompt, negative_prompt, steps, guidance, generator, latents, model_kwargs)
-        return self._output(lay.finish(out) if lay.finish is not None else out, output_type)
+        return self._output(lay.finish(out) if lay.finish is not None else out, output_type, lay.finish_video)
 
     def _sample(self, lay: Layout, prompt, negative_prompt, num_inference_steps: int, guidance_scale: float | Sequence[float],
                 generator, latents, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
@@ -345,46 +339,64 @@ def _image(pipe: VideoPipeline, height: int = 32, width: int = 32, batch_size: i
     return _text_to_video(pipe, height, width, 1, batch_size)  # one frame
 
 
+def _layout(pipe: VideoPipeline, parts: Sequence[torch.Tensor | int], names: str,
+            finish_video: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Layout:
+    """The layout of given pixel clips and free pixel gaps (``sparse_dit.context_layout``): the
+    clips are encoded in their place in a full-length video, so latent groups line up with a
+    causal VAE's ``1 + k * ft`` grouping; ``names`` says which inputs set the length (errors)."""
+    parts = [pipe._as_video(p) if isinstance(p, torch.Tensor) else p for p in parts]
+    total = sum(p if isinstance(p, int) else p.shape[2] for p in parts)
+    ft = pipe.vae.temporal_compression
+    if ft > 1 and (total - 1) % ft:
+        lo, hi = fitting_lengths(total, ft)
+        raise ValueError(f"the layout has {total} frames ({names}); the VAE (temporal compression {ft}) needs 1 + {ft}k frames: "
+                         f"change the counts by {lo - total} or +{hi - total}")
+    lay = place_clips(parts, pipe.vae.encode, ft)
+    if lay.partial:
+        warnings.warn(f"given frames {list(lay.partial)} share a latent group (the VAE groups frames as [0], [1..{ft}], "
+                      f"[{ft + 1}..{2 * ft}], ...) with generated frames: they are generated, guided by the given groups, not "
+                      f"held; a clip is held whole when it starts the video with 1 + {ft}a frames, or starts at 1 + {ft}j "
+                      f"with {ft}a frames or runs to the end (docs/generation.md)", stacklevel=4)
+    return Layout(tuple(lay.context.shape), lay.context, lay.mask, partial=lay.partial, finish_video=finish_video)
+
+
 def _image_to_video(pipe: VideoPipeline, image: torch.Tensor, num_frames: int = 8) -> Layout:
-    first = pipe._encode(image)
-    return _given([first, pipe.latent_frames(num_frames) - first.shape[2]])  # [img, _, _, _]
+    if num_frames < 1:
+        raise ValueError(f"num_frames={num_frames} must be >= 1")
+    return _layout(pipe, [image, num_frames - 1], f"num_frames={num_frames}")  # [img, _, _, _]
 
 
-def _latent_count(pipe: VideoPipeline, name: str, frames: int) -> int:
-    """``frames`` new pixel frames in latent frames: >= 1 and a whole number (never floored)."""
-    tc = pipe.vae.temporal_compression
-    if frames < 1 or frames % tc:
-        allowed = "an int >= 1" if tc == 1 else f"a positive multiple of the VAE's temporal compression {tc}"
-        raise ValueError(f"{name}={frames} is not allowed; use {allowed}")
-    return frames // tc
-
-
-def _new_frames(pipe: VideoPipeline, num_new_frames: int) -> int:
-    return _latent_count(pipe, "num_new_frames", num_new_frames)
+def _count(name: str, frames: int) -> int:
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise ValueError(f"{name}={frames!r} is not allowed; use an int >= 1 (pixel frames)")
+    return frames
 
 
 def _extend_forward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: int) -> Layout:
-    z = pipe._encode(video)
-    return _given([z, _new_frames(pipe, num_new_frames)])  # [v0 v1 v2, _, _]
+    n = _count("num_new_frames", num_new_frames)
+    return _layout(pipe, [video, n], f"video {pipe._as_video(video).shape[2]} + num_new_frames={n}")  # [v0 v1 v2, _, _]
 
 
 def _extend_backward(pipe: VideoPipeline, video: torch.Tensor, num_new_frames: int) -> Layout:
-    z = pipe._encode(video)
-    return _given([_new_frames(pipe, num_new_frames), z])  # [_, _, v0 v1 v2]
+    n = _count("num_new_frames", num_new_frames)
+    return _layout(pipe, [n, video], f"num_new_frames={n} + video {pipe._as_video(video).shape[2]}")  # [_, _, v0 v1 v2]
 
 
 def _interpolate(pipe: VideoPipeline, start: torch.Tensor, end: torch.Tensor, num_frames_between: int) -> Layout:
-    gap = _latent_count(pipe, "num_frames_between", num_frames_between)
-    return _given([pipe._encode(start), gap, pipe._encode(end)])  # [a0 a1, _, _, b0 b1]
+    n = _count("num_frames_between", num_frames_between)
+    a, b = pipe._as_video(start), pipe._as_video(end)
+    return _layout(pipe, [a, n, b], f"start {a.shape[2]} + num_frames_between={n} + end {b.shape[2]}")  # [a0 a1, _, _, b0 b1]
 
 
 def _loop(pipe: VideoPipeline, video: torch.Tensor, num_transition_frames: int, context_frames: int = 2) -> Layout:
-    z = pipe._encode(video)
-    k = min(context_frames, z.shape[2])
-    gap = _latent_count(pipe, "num_transition_frames", num_transition_frames)
-    lay = _given([z[:, :, -k:], gap, z[:, :, :k]])  # [v_end, _, _, v_start]
-    # The output is the video followed by the transition: playing it on repeat loops.
-    return Layout(lay.shape, lay.context, lay.mask, finish=lambda out: torch.cat([z, out[:, :, k : k + gap]], dim=2))
+    v = pipe._as_video(video)
+    gap = _count("num_transition_frames", num_transition_frames)
+    k = min(_count("context_frames", context_frames), v.shape[2])
+    recon = pipe.vae.decode(pipe.vae.encode(v))  # the video as the VAE gives it back (itself in pixel space)
+    # Sampled: [v_end, transition, v_start]; returned: the video followed by the transition
+    # (decoded in its layout), so playing it on repeat loops.
+    return _layout(pipe, [v[:, :, -k:], gap, v[:, :, :k]], f"context_frames={k} + num_transition_frames={gap} + context_frames={k}",
+                   finish_video=lambda out: torch.cat([recon, out[:, :, k : k + gap]], dim=2))
 
 
 def _sdedit(pipe: VideoPipeline, video: torch.Tensor, strength: float = 0.6) -> Layout:
