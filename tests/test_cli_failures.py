@@ -133,6 +133,21 @@ def test_a_missing_run_or_dataset_folder_is_one_line(tmp_path, capsys, argv):
     assert rc != 0 and line.startswith(f"sparse-dit {argv[0]}") and "no_" in line, line
 
 
+def test_any_subcommand_missing_file_is_one_line_and_sparse_dit_traceback_shows_it(tmp_path, monkeypatch, capsys):
+    import sparse_dit.flops_cli
+    from sparse_dit.cli import main
+
+    def missing(args):
+        raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "no_run"))
+
+    monkeypatch.setattr(sparse_dit.flops_cli, "run", missing)  # a subcommand that does not catch it itself
+    assert main(["flops", "debug"]) == 2
+    assert _one_line(capsys.readouterr().err) == f"sparse-dit flops: {tmp_path / 'no_run'}: No such file or directory"
+    monkeypatch.setenv("SPARSE_DIT_TRACEBACK", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["flops", "debug"])
+
+
 def test_a_folder_dataset_where_a_physics_one_is_needed_is_one_line(tmp_path, capsys):
     import numpy as np
 
