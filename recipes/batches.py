@@ -160,6 +160,8 @@ class BatchSource:
         if epoch != self._epoch:
             self.sampler.set_epoch(epoch)
             self._order, self._epoch = list(iter(self.sampler)), epoch
+        if hasattr(self.dataset, "set_epoch"):  # real video: the epoch's random windows (a pure function of it)
+            self.dataset.set_epoch(epoch)
         return self._select(pos)
 
     def _select(self, pos: int) -> list[int]:
@@ -177,6 +179,9 @@ class BatchSource:
         if num_workers == 0:
             return (self.batch(s, m) for s in range(start_step, end_step) for m in range(self.accum))
         batches = [self.indices(s, m) for s in range(start_step, end_step) for m in range(self.accum)]
+        if hasattr(self.dataset, "set_epoch"):  # workers hold copies: each index carries its epoch
+            per = [step * self.accum + m for step in range(start_step, end_step) for m in range(self.accum)]
+            batches = [[(i, k // self.per_epoch) for i in b] for b, k in zip(batches, per)]
         return iter(DataLoader(self.dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate, persistent_workers=False))
 
 

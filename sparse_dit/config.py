@@ -380,6 +380,15 @@ class DataConfig(_Config):
     token_budget: Optional[int] = field(default=None, metadata=rule(ge=1))
     bucket_resolutions: tuple[int, ...] = (32,)
     bucket_frame_counts: tuple[int, ...] = (8, 16)
+    # Real video (folder / hf; docs/data.md "Clips from real video"): the clips' frame rate
+    # (each video resampled to it by frame selection; None = native), what to do with a video
+    # whose rate is below it or unknown ("skip": left out and named; "keep": used at its own
+    # rate, named), strided windows (a clip every clip_stride frames; None = none) and random
+    # windows per video (seeded per epoch). Neither: one window per video.
+    fps: Optional[float] = field(default=None, metadata=rule(gt=0))
+    low_fps: str = field(default="skip", metadata=rule(choices=("skip", "keep")))
+    clip_stride: Optional[int] = field(default=None, metadata=rule(ge=1))
+    random_clips: int = field(default=0, metadata=rule(ge=0))
 
 
 @dataclass

@@ -38,7 +38,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(["BACKGROUND", "OCCLUDER_COLOR", "PALETTE", "PALETTE_NAMES", "ball_centroids", "ball_masks", "render_balls"], "render"),
     **dict.fromkeys(["DIRECTIONS", "MovingSquares", "moving_squares"], "synthetic"),
     **dict.fromkeys(["CaptionEmbeddingCache", "HashTextEncoder", "HFTextEncoder", "TextEmbeddings", "TextEncoder", "cache_caption_embeddings", "load_text_encoder", "minilm_path"], "text"),
-    **dict.fromkeys(["TruncatedVideoError", "VideoMeta", "clip_indices", "from_model_video", "probe_video", "read_video", "resize_crop", "stride_for_fps", "to_model_video"], "video"),
+    **dict.fromkeys(["TruncatedVideoError", "VideoMeta", "clip_indices", "from_model_video", "probe_video", "read_video", "resample_indices", "resize_crop", "stride_for_fps", "to_model_video", "window_starts"], "video"),
 }
 
 
@@ -96,6 +96,8 @@ __all__ = [
     "read_video",
     "clip_indices",
     "stride_for_fps",
+    "resample_indices",
+    "window_starts",
     "resize_crop",
     "to_model_video",
     "from_model_video",

@@ -3,6 +3,8 @@
     sparse-dit data physics --scenario collision --split id --num-videos 1000 --frames 32 \\
         --resolution 64x64 --seed 0 --out data/collision_id
     sparse-dit data folder --videos my_clips/ --out data/my_clips --frames 16 --resolution 64x64
+    sparse-dit data folder --videos my_clips/ --out data/my_clips --fps 10 --clip-stride 8 --random-clips 2 \
+        --bucket-resolutions 64 --bucket-frame-counts 16
     sparse-dit data embed data/collision_id --text-encoder minilm
     sparse-dit data info data/collision_id
 
@@ -17,10 +19,12 @@ import os
 import sys
 from collections import Counter
 
+import datasets
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from sparse_dit.data.bucketing import make_buckets
 from sparse_dit.data.hf import encode_video, folder_features, load_video_dataset, write_dataset, write_physics_dataset
 from sparse_dit.data.loaders import VideoFolderDataset
 from sparse_dit.data.text import cache_caption_embeddings, load_text_encoder
@@ -43,6 +47,46 @@ def parse_resolution(text: str) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise argparse.ArgumentTypeError(f"--resolution must be HxW with positive integers (e.g. 64x64), got {text!r}")
     return height, width
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(p) for p in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers >= 1 (e.g. 32,64), got {text!r}")
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -72,9 +116,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     f.add_argument("--videos", required=True, help="folder of video files")
     f.add_argument("--captions", default=None, help="jsonl of {\"file\": ..., \"caption\": ...} (default VIDEOS/captions.jsonl if present)")
     f.add_argument("--out", required=True, help="output directory")
-    f.add_argument("--frames", type=int, default=None, help="frames per clip from the start of each video (default: all)")
+    f.add_argument("--frames", type=_positive_int, default=None, help="frames per clip (default: all; one clip from the start of each video)")
     f.add_argument("--resolution", type=parse_resolution, default=None, help="HxW: resize to cover, centre-crop (default: native)")
-    f.add_argument("--fps", type=float, default=None, help="subsample to about this frame rate (default: native)")
+    f.add_argument("--fps", type=_positive_float, default=None, help="the clips' frame rate: each video resampled to it by frame selection (default: native)")
+    f.add_argument("--low-fps", choices=("skip", "keep"), default="skip",
+                   help="a video below --fps (or of unknown rate): skip it (named in skipped.jsonl) or keep it at its own rate (named)")
+    f.add_argument("--clip-stride", type=_positive_int, default=None, help="a clip every N frames (at --fps) of each video (strided windows)")
+    f.add_argument("--random-clips", type=_count, default=0, help="also N random windows per video (seeded by --seed)")
+    f.add_argument("--seed", type=_count, default=0, help="seed of the random windows (default 0)")
+    f.add_argument("--bucket-resolutions", type=_int_list, default=None,
+                   help="aspect-ratio buckets instead of --resolution: square-equivalent sides, e.g. 32,64 (needs --bucket-frame-counts)")
+    f.add_argument("--bucket-frame-counts", type=_int_list, default=None, help="bucket durations in frames, e.g. 8,16")
+    f.add_argument("--bucket-multiple", type=_positive_int, default=8, help="bucket H and W are multiples of this (default 8)")
     f.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     f.add_argument("--text-encoder", default=None, help="also cache caption embeddings: hash, minilm or a model directory")
     f.add_argument("--overwrite", action="store_true", help="replace an existing --out")
@@ -84,6 +137,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("dataset", help="dataset directory")
     e.add_argument("--text-encoder", default="minilm", help="hash, minilm (needs the text extra) or a model directory")
     e.add_argument("--batch-size", type=int, default=64)
+
 
     i = sub.add_parser("info", help="summarise a dataset directory")
     i.add_argument("dataset", help="dataset directory")
@@ -133,7 +187,8 @@ class _Rows(torch.utils.data.Dataset):
         try:
             return self.ds._load(k)
         except Exception as exc:  # PyAV raises many types; the file is named and skipped
-            return {"error": f"{type(exc).__name__}: {exc}", "index": self.ds.items[k]}
+            frames = self.ds.clip_plan(k)[0]
+            return {"error": f"clip of source frames {int(frames[0])}..{int(frames[-1])}: {type(exc).__name__}: {exc}", "index": self.ds.items[k]}
 
 
 SKIPPED_FILE = "skipped.jsonl"  # beside the dataset: one {"file", "reason", "detail"} per file left out
@@ -143,8 +198,9 @@ def _report_skipped(dropped: list[dict], out: str | None) -> None:
     """Print every file left out with its reason; write them to ``out/skipped.jsonl`` (atomically)."""
     counts = Counter(d["reason"] for d in dropped)
     where = f" (listed in {os.path.join(out, SKIPPED_FILE)})" if out else ""
+    fps = f", {counts['low fps']} below --fps and {counts['unknown fps']} of unknown rate" if counts["low fps"] + counts["unknown fps"] else ""
     print(f"skipped {counts['undecodable']} undecodable, {counts['too short']} too-short and {counts['missing caption']} "
-          f"uncaptioned file(s){where}")
+          f"uncaptioned file(s){fps}{where}")
     for d in dropped:
         print(f"  skipped {d['file']}: {d['detail']} [{d['reason']}]")
     if out:
@@ -155,8 +211,23 @@ def _report_skipped(dropped: list[dict], out: str | None) -> None:
         os.replace(tmp, path)
 
 
+def _folder_dataset(args: argparse.Namespace) -> VideoFolderDataset:
+    """The folder's clips as ``data folder``'s flags ask (ValueError: one line for the user)."""
+    bucketed = args.bucket_resolutions is not None or args.bucket_frame_counts is not None
+    if bucketed and (args.bucket_resolutions is None or args.bucket_frame_counts is None):
+        raise ValueError("--bucket-resolutions and --bucket-frame-counts go together; give both")
+    if bucketed and (args.resolution is not None or args.frames is not None):
+        raise ValueError("--resolution/--frames and buckets exclude each other: buckets set each clip's shape")
+    shape = dict(buckets=make_buckets(args.bucket_resolutions, args.bucket_frame_counts, multiple=args.bucket_multiple)) if bucketed \
+        else dict(num_frames=args.frames, size=args.resolution)
+    if (args.clip_stride is not None or args.random_clips) and not bucketed and args.frames is None:
+        raise ValueError("--clip-stride/--random-clips need --frames (or buckets): the clip length")
+    return VideoFolderDataset(args.videos, captions=args.captions, target_fps=args.fps, low_fps=args.low_fps, clip_stride=args.clip_stride,
+                              random_clips=args.random_clips, seed=args.seed, random_crop=False, **shape)
+
+
 def _folder(args: argparse.Namespace) -> int:
-    ds = VideoFolderDataset(args.videos, captions=args.captions, num_frames=args.frames, size=args.resolution, target_fps=args.fps, random_crop=False)
+    ds = _folder_dataset(args)
     dropped = ds.dropped
     if len(ds) == 0:
         print(f"no usable video in {args.videos}", file=sys.stderr)
@@ -174,12 +245,18 @@ def _folder(args: argparse.Namespace) -> int:
                 continue
             frames = from_model_video(item["video"])
             yield {"video": encode_video(frames), "video_shape": list(frames.shape), "caption": item["caption"],
-                   "fps": float(item["fps"]), "source": names[int(item["index"])]}
+                   "fps": float(item["fps"]), "source": names[int(item["index"])],
+                   "frame_indices": item["frame_indices"].tolist(), "bucket": item["bucket"].tolist()}
 
     description = json.dumps({"kind": "sparse-dit video folder", "video_encoding": "npz", "source": os.path.abspath(args.videos)})
     inputs = [args.videos, *_paths(args.captions, args.text_encoder)]
-    out = write_dataset(rows(), args.out, folder_features(), description=description, overwrite=args.overwrite, inputs=inputs)
-    print(f"wrote {len(out)} videos to {args.out} ({_bytes_per_video(out):,.0f} bytes per video)")
+    # Per clip also the source frames it took and its (T, H, W) bucket.
+    features = datasets.Features({**folder_features(), "frame_indices": datasets.List(datasets.Value("int32")),
+                                  "bucket": datasets.List(datasets.Value("int32"), length=3)})
+    out = write_dataset(rows(), args.out, features, description=description, overwrite=args.overwrite, inputs=inputs)
+    print(f"wrote {len(out)} clips from {len(set(out['source']))} videos to {args.out} ({_bytes_per_video(out):,.0f} bytes per clip)")
+    for name, detail in ds.kept_low_fps:
+        print(f"  kept {name} at its own rate: {detail} [low fps, --low-fps keep]")
     _report_skipped(dropped, args.out)
     if args.text_encoder:
         _embed(args.out, args.text_encoder)

@@ -11,9 +11,16 @@ Shapes. Each item's output shape is fixed when the dataset is built (``sample_sh
   longest bucket duration it fills; it is resized to cover the bucket and cropped;
 - else ``size=(H, W)`` and/or ``num_frames=T`` fix those dimensions; unset ones keep the video's.
 
-Temporal sampling: ``frame_stride`` (or ``target_fps``, which picks the stride from the video's
-frame rate) subsamples frames; with ``random_crop=True`` the clip start (and the spatial crop) is
-random, different on each read. Nothing is left out without a name: ``dropped`` lists every
+Temporal sampling. Each video is first turned into a timeline of source frames: at a stated
+frame rate ``target_fps`` (resampled by frame selection, :func:`~sparse_dit.data.video.
+resample_indices`), else every ``frame_stride``-th frame. A video whose rate is unknown or below
+``target_fps`` (by more than 1%) is left out (``low_fps="skip"``, reasons ``unknown fps`` /
+``low fps``) or kept at its own rate (``low_fps="keep"``, named in ``kept_low_fps``). Then each
+video gives many clips (items): ``clip_stride`` makes the strided windows (starts 0, s, 2s, ...
+on the timeline) and ``random_clips`` adds that many random windows per video, their starts drawn
+from ``(seed, epoch, item)`` (:meth:`ClipDataset.set_epoch`; reproducible, new each epoch). With
+neither, a video gives one window: a random one with ``random_crop=True``, else its start.
+``random_crop`` also makes the spatial crop random (else centred). Nothing is left out without a name: ``dropped`` lists every
 file not used, as ``{"file", "reason", "detail"}`` with reason ``undecodable`` (also in
 ``skipped``), ``too short`` (also in ``too_short``) or ``missing caption`` (a video file in the
 folder that ``captions.jsonl`` does not list; :class:`VideoFolderDataset` only), each warned about.
@@ -34,7 +41,7 @@ from torch.utils.data import Dataset
 
 from sparse_dit.data.bucketing import Shape, assign_bucket
 from sparse_dit.data.hf import DatasetKindError, dataset_kind, decode_states, decode_video, load_video_dataset
-from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, clip_indices, probe_video, read_video, resize_crop, stride_for_fps, to_model_video
+from sparse_dit.data.video import VIDEO_EXTENSIONS, VideoMeta, probe_video, read_video, resample_indices, resize_crop, to_model_video, window_starts
 
 __all__ = ["ClipDataset", "VideoFolderDataset", "HFVideoDataset", "PhysicsVideoDataset", "read_captions_jsonl", "collate_clips"]
 
@@ -73,11 +80,16 @@ class ClipDataset(Dataset):
         num_frames: frames per clip (None: all that fit; ignored with ``buckets``).
         size: (H, W) output size (None: native; ignored with ``buckets``).
         buckets: bucket shapes (T, H, W) for any-size training.
-        frame_stride: keep every ``frame_stride``-th frame.
-        target_fps: choose the stride per video to get closest to this frame rate.
-        random_crop: random temporal start and spatial crop on each read (else start 0, centre).
-        seed: seed of the random crops.
+        frame_stride: keep every ``frame_stride``-th frame (without ``target_fps``).
+        target_fps: the clips' frame rate: each video resampled to it by frame selection.
+        random_crop: with neither clip option, one random window per video (else its start);
+            the spatial crop is random (else centred).
+        seed: seed of the random windows and crops.
         text_cache: a CaptionEmbeddingCache whose embeddings are added to each item.
+        clip_stride: strided windows: a clip every ``clip_stride`` frames of the timeline.
+        random_clips: random windows per video (seeded by seed, epoch and item).
+        low_fps: ``"skip"`` or ``"keep"`` a video whose rate is unknown/below ``target_fps``
+            (unknown rates are always skipped when a rate is asked).
     """
 
     def __init__(
@@ -90,6 +102,9 @@ class ClipDataset(Dataset):
         random_crop: bool = True,
         seed: int = 0,
         text_cache: Any = None,
+        clip_stride: int | None = None,
+        random_clips: int = 0,
+        low_fps: str = "skip",
     ):
         if num_frames is not None and num_frames < 1:
             raise ValueError(f"num_frames must be >= 1 or None, got {num_frames}")
@@ -97,14 +112,27 @@ class ClipDataset(Dataset):
             raise ValueError(f"size must be (H, W) with positive entries or None, got {size}")
         if frame_stride < 1:
             raise ValueError(f"frame_stride must be >= 1, got {frame_stride}")
+        if target_fps is not None and not target_fps > 0:
+            raise ValueError(f"target_fps must be > 0 or None, got {target_fps}")
+        if clip_stride is not None and clip_stride < 1:
+            raise ValueError(f"clip_stride must be >= 1 or None, got {clip_stride}")
+        if random_clips < 0:
+            raise ValueError(f"random_clips must be >= 0, got {random_clips}")
+        if low_fps not in ("skip", "keep"):
+            raise ValueError(f"low_fps must be 'skip' or 'keep', got {low_fps!r}")
+        if (clip_stride is not None or random_clips) and num_frames is None and not buckets:
+            raise ValueError("clip_stride / random_clips need num_frames or buckets (a window's length)")
+        self.clip_stride, self.random_clips, self.low_fps = clip_stride, int(random_clips), low_fps
+        self.epoch = 0
         self.num_frames, self.size, self.buckets = num_frames, tuple(size) if size else None, list(buckets) if buckets else None
         self.frame_stride, self.target_fps, self.random_crop, self.seed = frame_stride, target_fps, random_crop, seed
         self.text_cache = text_cache
         self.skipped: list[tuple[str, str]] = []  # undecodable: (item name, error)
         self.too_short: list[tuple[str, str]] = []  # (item name, frames it has vs the clip's)
         self.missing_caption: list[str] = []  # folder files captions.jsonl does not list (VideoFolderDataset)
+        self.fps_skipped: list[tuple[str, str, str]] = []  # (item name, "low fps" | "unknown fps", detail)
+        self.kept_low_fps: list[tuple[str, str]] = []  # low_fps="keep": (item name, its rate vs the asked one)
         self.num_failed_reads = 0  # decode errors after probing, in this process
-        self._draws = 0
 
     # -- subclass hooks -----------------------------------------------------------------------
     def _names(self) -> list[str]:
@@ -120,29 +148,63 @@ class ClipDataset(Dataset):
         raise NotImplementedError
 
     # -- shared logic -------------------------------------------------------------------------
+    def _timeline(self, name: str, meta: VideoMeta) -> tuple[np.ndarray, float, str] | None:
+        """The video's source frames at the clips' rate, that rate, and how it was made; None
+        (and the video named in ``fps_skipped``) when its rate is unknown or too low."""
+        if self.target_fps is None:
+            return np.arange(0, meta.num_frames, self.frame_stride), meta.fps / self.frame_stride, f"stride {self.frame_stride}"
+        if not meta.fps_known:
+            self.fps_skipped.append((name, "unknown fps", f"no frame rate stated; cannot resample to {self.target_fps:g} fps"))
+            return None
+        if meta.fps < self.target_fps / 1.01:
+            detail = f"{meta.fps:g} fps, below the asked {self.target_fps:g} fps"
+            if self.low_fps == "skip":
+                self.fps_skipped.append((name, "low fps", detail))
+                return None
+            self.kept_low_fps.append((name, f"{detail}: kept at {meta.fps:g} fps"))
+            return np.arange(meta.num_frames), meta.fps, f"{meta.fps:g} fps"
+        return resample_indices(meta.num_frames, meta.fps, self.target_fps), float(self.target_fps), f"{self.target_fps:g} fps"
+
     def _build(self) -> None:
-        """Probe every item; keep the decodable ones that fit a clip; warn about the rest."""
-        self.items: list[int] = []
-        self.metas: list[VideoMeta] = []
-        self.strides: list[int] = []
-        self.shapes: list[Shape] = []
+        """Probe every item; keep the decodable ones that fit a clip; cut each into clips; warn
+        about (and name) the rest."""
+        self.videos: list[tuple[int, VideoMeta, np.ndarray, float, Shape]] = []  # (item, meta, timeline, fps, shape)
+        self.clips: list[tuple[int, int | None]] = []  # (position in videos, window start; None: a random one)
         for i, name in enumerate(self._names()):
             try:
                 meta = self._probe(i)
             except Exception as exc:  # PyAV raises many types; any undecodable file is skipped
                 self.skipped.append((name, f"{type(exc).__name__}: {exc}"))
                 continue
-            stride = stride_for_fps(meta.fps, self.target_fps) if self.target_fps else self.frame_stride
-            available = (meta.num_frames - 1) // stride + 1
-            shape = self._shape_for(available, meta)
+            made = self._timeline(name, meta)
+            if made is None:
+                continue
+            timeline, fps, rate = made
+            shape = self._shape_for(len(timeline), meta)
             if shape is None:
                 need = f"a clip of {self.num_frames} frames" if not self.buckets else f"the shortest bucket ({min(b[0] for b in self.buckets)} frames)"
-                self.too_short.append((name, f"{available} frame(s) at stride {stride} ({meta.num_frames} decodable), {need} needs more"))
+                self.too_short.append((name, f"{len(timeline)} frame(s) at {rate} ({meta.num_frames} decodable), {need} needs more"))
                 continue
-            self.items.append(i)
-            self.metas.append(meta)
-            self.strides.append(stride)
-            self.shapes.append(shape)
+            v = len(self.videos)
+            self.videos.append((i, meta, timeline, fps, shape))
+            if self.clip_stride is None and not self.random_clips:
+                self.clips.append((v, None if self.random_crop else 0))
+            else:
+                if self.clip_stride is not None:
+                    self.clips += [(v, s) for s in window_starts(len(timeline), shape[0], self.clip_stride)]
+                self.clips += [(v, None)] * self.random_clips
+        # Per item (clip): the video's dataset index, metadata and output shape.
+        self.items: list[int] = [self.videos[v][0] for v, _ in self.clips]
+        self.metas: list[VideoMeta] = [self.videos[v][1] for v, _ in self.clips]
+        self.shapes: list[Shape] = [self.videos[v][4] for v, _ in self.clips]
+        if self.fps_skipped:
+            examples = "; ".join(f"{n} ({d})" for n, _, d in self.fps_skipped[:3])
+            warnings.warn(f"{type(self).__name__}: {len(self.fps_skipped)} video(s) with an unknown or lower frame rate than "
+                          f"target_fps={self.target_fps:g} were left out: {examples}", stacklevel=3)
+        if self.kept_low_fps:
+            examples = "; ".join(f"{n} ({d})" for n, d in self.kept_low_fps[:3])
+            warnings.warn(f"{type(self).__name__}: {len(self.kept_low_fps)} video(s) below target_fps={self.target_fps:g} are used "
+                          f"at their own rate (low_fps='keep'): {examples}", stacklevel=3)
         if self.skipped:
             examples = "; ".join(f"{n} ({e})" for n, e in self.skipped[:3])
             warnings.warn(f"{type(self).__name__}: skipped {len(self.skipped)} undecodable video(s): {examples}", stacklevel=3)
@@ -179,6 +241,7 @@ class ClipDataset(Dataset):
         out = [{"file": n, "reason": "undecodable", "detail": e} for n, e in self.skipped]
         out += [{"file": n, "reason": "too short", "detail": e} for n, e in self.too_short]
         out += [{"file": n, "reason": "missing caption", "detail": "not listed in captions.jsonl"} for n in self.missing_caption]
+        out += [{"file": n, "reason": reason, "detail": d} for n, reason, d in self.fps_skipped]
         return out
 
     def sample_shapes(self) -> list[Shape]:
@@ -186,45 +249,67 @@ class ClipDataset(Dataset):
         return list(self.shapes)
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.clips)
 
-    def _rng(self, k: int) -> np.random.Generator | None:
-        if not self.random_crop:
-            return None
-        self._draws += 1
-        # torch.initial_seed() differs per DataLoader worker and epoch; _draws per read.
-        return np.random.default_rng([self.seed, torch.initial_seed() % (1 << 63), k, self._draws])
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the random windows and crops of epoch ``epoch`` (a pure function of seed, epoch
+        and item; the trainer calls this, or indexes with ``(item, epoch)``).
+
+        Args:
+            epoch: the epoch (>= 0).
+        """
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        self.epoch = int(epoch)
+
+    def clip_plan(self, k: int) -> tuple[np.ndarray, Shape]:
+        """The source-frame indices and output (T, H, W) of item ``k`` in the current epoch,
+        without decoding.
+
+        Args:
+            k: item index.
+        """
+        v, start = self.clips[k]
+        _, _, timeline, _, shape = self.videos[v]
+        if start is None:
+            start = int(np.random.default_rng([self.seed, self.epoch, k, 0]).integers(0, len(timeline) - shape[0] + 1))
+        return timeline[start : start + shape[0]], shape
 
     def _load(self, k: int) -> dict:
-        i, meta, stride, (t, h, w) = self.items[k], self.metas[k], self.strides[k], self.shapes[k]
-        rng = self._rng(k)
-        indices = clip_indices(meta.num_frames, t, stride, rng)
+        v = self.clips[k][0]
+        i, fps = self.videos[v][0], self.videos[v][3]
+        indices, (t, h, w) = self.clip_plan(k)
+        rng = np.random.default_rng([self.seed, self.epoch, k, 1]) if self.random_crop else None  # spatial crop
         video = to_model_video(self._read(i, indices))  # (C, T, H', W')
-        video = resize_crop(video, h, w, rng)  # (C, T, H, W)
+        video = resize_crop(video, h, w, rng)  # (C, T, H, W): covers the bucket, crops the remainder
         item = {
             "video": video,
             "caption": self._caption(i),
             "index": i,
-            "fps": meta.fps / stride,
+            "fps": fps,
             "frame_indices": torch.from_numpy(indices.astype(np.int64)),
+            "bucket": torch.tensor([t, h, w], dtype=torch.int64),
         }
         if self.text_cache is not None:
             emb = self.text_cache.lookup([item["caption"]])
             item.update(text_tokens=emb.tokens[0], text_mask=emb.mask[0], text_pooled=emb.pooled[0])
         return item
 
-    def __getitem__(self, k: int) -> dict:
-        if not 0 <= k < len(self.items):
-            raise IndexError(f"index {k} out of range for {len(self.items)} items")
+    def __getitem__(self, k: int | tuple[int, int]) -> dict:
+        if isinstance(k, tuple):  # (item, epoch): what the trainer's DataLoader workers receive
+            k, epoch = k
+            self.set_epoch(epoch)
+        if not 0 <= k < len(self.clips):
+            raise IndexError(f"index {k} out of range for {len(self.clips)} items")
         try:
             return self._load(k)
         except Exception as exc:  # a file that probed fine but fails later: substitute, count, warn
             self.num_failed_reads += 1
-            same = [j for j in range(len(self.items)) if self.shapes[j] == self.shapes[k] and j != k]
+            same = [j for j in range(len(self.clips)) if self.shapes[j] == self.shapes[k] and self.items[j] != self.items[k]]
             warnings.warn(f"{type(self).__name__}: item {k} failed to decode ({type(exc).__name__}: {exc}); using another of the same shape")
             if not same:
                 raise
-            return self._load(same[(self._draws + k) % len(same)])
+            return self._load(same[k % len(same)])
 
 
 def read_captions_jsonl(path: str | os.PathLike) -> dict[str, str]:
@@ -379,15 +464,18 @@ class HFVideoDataset(ClipDataset):
         return cell
 
     def _probe(self, i: int) -> VideoMeta:
+        # Without an fps column, frames (and npz) rows state no rate: 10 fps is a placeholder
+        # (fps_known=False), so asking for a frame rate names them instead of guessing.
+        stated = self._fps_values is not None
         if self._stored_shapes is not None:
             t, h, w, _ = self._stored_shapes[i]
-            return VideoMeta(int(t), int(h), int(w), self._fps(i, 10.0))
+            return VideoMeta(int(t), int(h), int(w), self._fps(i, 10.0), fps_known=stated)
         cell = self._cell(i)
         frames = self._frames(cell)
         if frames is None:
             meta = probe_video(self._file(cell))
-            return VideoMeta(meta.num_frames, meta.height, meta.width, self._fps(i, meta.fps))
-        return VideoMeta(frames.shape[0], frames.shape[1], frames.shape[2], self._fps(i, 10.0))
+            return VideoMeta(meta.num_frames, meta.height, meta.width, self._fps(i, meta.fps), fps_known=stated or meta.fps_known)
+        return VideoMeta(frames.shape[0], frames.shape[1], frames.shape[2], self._fps(i, 10.0), fps_known=stated)
 
     def _read(self, i: int, indices: np.ndarray) -> np.ndarray:
         cell = self._cell(i)

@@ -67,12 +67,19 @@ def _physics(data: DataConfig, *, held_out: bool, seed: int, buckets: Buckets = 
     return PhysicsVideoDataset(data.path, **_clip_kwargs(data, buckets))
 
 
+def _video_kwargs(data: DataConfig, held_out: bool, seed: int) -> dict:
+    # Real video: the stated frame rate, its low-rate rule, and the clips per video (the held-out
+    # set takes one deterministic window per video: its start).
+    clips = {} if held_out else dict(clip_stride=data.clip_stride, random_clips=data.random_clips)
+    return dict(random_crop=not held_out, seed=seed, target_fps=data.fps, low_fps=data.low_fps, **clips)
+
+
 def _folder(data: DataConfig, *, held_out: bool, seed: int, buckets: Buckets = None) -> Dataset:
-    return VideoFolderDataset(data.path, random_crop=not held_out, **_clip_kwargs(data, buckets))
+    return VideoFolderDataset(data.path, **_video_kwargs(data, held_out, seed), **_clip_kwargs(data, buckets))
 
 
 def _hf(data: DataConfig, *, held_out: bool, seed: int, buckets: Buckets = None) -> Dataset:
-    return HFVideoDataset(data.path, random_crop=not held_out, **_clip_kwargs(data, buckets))
+    return HFVideoDataset(data.path, **_video_kwargs(data, held_out, seed), **_clip_kwargs(data, buckets))
 
 
 DATA_SOURCES: dict[str, DataSource] = {

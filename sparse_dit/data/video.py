@@ -23,6 +23,8 @@ __all__ = [
     "probe_video",
     "read_video",
     "stride_for_fps",
+    "resample_indices",
+    "window_starts",
     "clip_indices",
     "to_model_video",
     "from_model_video",
@@ -40,6 +42,9 @@ class VideoMeta:
     height: int
     width: int
     fps: float
+    # False when the file (or dataset row) states no frame rate: ``fps`` is then a placeholder
+    # (25, what decoding maps timestamps with) and a clip at a stated rate cannot be made from it.
+    fps_known: bool = True
 
 
 def _open(source):
@@ -88,7 +93,7 @@ def probe_video(source: str | os.PathLike | bytes) -> VideoMeta:
             count = sum(1 for packet in container.demux(stream) if packet.size)
             if declared and count < declared:  # PyAV decodes what is there without an error (PITFALLS)
                 raise TruncatedVideoError(f"truncated: {count} of the {declared} frames it declares are in the file")
-        return VideoMeta(num_frames=max(count, 1), height=first.height, width=first.width, fps=fps or 25.0)
+        return VideoMeta(num_frames=max(count, 1), height=first.height, width=first.width, fps=fps or 25.0, fps_known=bool(fps))
 
 
 def read_video(source: str | os.PathLike | bytes, indices: Sequence[int] | None = None) -> np.ndarray:
@@ -152,6 +157,44 @@ def stride_for_fps(source_fps: float, target_fps: float | None) -> int:
     if not target_fps > 0:
         raise ValueError(f"target_fps must be > 0, got {target_fps}")
     return max(1, int(round(source_fps / target_fps)))
+
+
+def resample_indices(num_frames: int, source_fps: float, target_fps: float) -> np.ndarray:
+    """Source-frame indices of a video resampled from ``source_fps`` to ``target_fps`` by frame
+    selection: output frame j (at time j / target_fps) is the source frame on screen then,
+    ``floor(j * source_fps / target_fps)``, for every j whose frame the video holds.
+
+    Rates within 1% of each other count as equal (every frame kept, never a repeated one).
+
+    Args:
+        num_frames: frames in the source.
+        source_fps: the source's frame rate.
+        target_fps: the wanted rate, at most ``source_fps`` (x 1.01).
+
+    Raises:
+        ValueError: a rate <= 0, or a target clearly above the source's rate (frames would repeat).
+    """
+    if not (source_fps > 0 and target_fps > 0):
+        raise ValueError(f"frame rates must be > 0, got source {source_fps}, target {target_fps}")
+    if target_fps > source_fps * 1.01:
+        raise ValueError(f"cannot resample {source_fps:g} fps up to {target_fps:g} fps by frame selection (frames would repeat)")
+    ratio = max(1.0, source_fps / target_fps)
+    count = int(np.floor((num_frames - 1) / ratio + 1e-6)) + 1 if num_frames > 0 else 0
+    return np.floor(np.arange(count) * ratio + 1e-6).astype(np.int64)
+
+
+def window_starts(length: int, num_frames: int, stride: int) -> list[int]:
+    """Starts of the strided windows of ``num_frames`` frames over a timeline of ``length``
+    frames: 0, stride, 2 * stride, ... while the window fits (none when it never fits).
+
+    Args:
+        length: frames in the timeline (after frame-rate resampling).
+        num_frames: frames per window.
+        stride: frames between consecutive starts (>= 1).
+    """
+    if stride < 1 or num_frames < 1:
+        raise ValueError(f"stride and num_frames must be >= 1, got {stride} and {num_frames}")
+    return list(range(0, length - num_frames + 1, stride))
 
 
 def clip_indices(num_available: int, num_frames: int | None, stride: int, rng: np.random.Generator | None) -> np.ndarray:
