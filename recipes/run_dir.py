@@ -133,7 +133,7 @@ def check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[st
         if _allowed("model", allow_changed):
             return [f"{saved} {state}: resuming under this recipe ({flag})"]
         raise ConfigError(f"{saved} {state}, so the recipe of the checkpoints in {out_dir / 'checkpoints'} is unknown; restore it, "
-                          f"or pass {flag} to resume them under this recipe")
+                          f"pass {flag} to resume them under this recipe, or start over with --overwrite")
     changes = recipe_changes(before, to_dict(recipe))
     refused = {k: v for k, v in changes.items() if not (k in RESUME_FREE or _allowed(k, allow_changed))}
     if refused:
@@ -141,6 +141,6 @@ def check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[st
         model = " (a different model: use a new output_dir)" if any(k.startswith("model.") or k == "preset" for k in refused) else ""
         raise ConfigError(
             f"output_dir={str(out_dir)!r} holds checkpoints of another recipe{model}: {listed}. Resume with the recipe that wrote "
-            f"it, or accept the changes with --allow-changed {','.join(refused)}"
+            f"it, accept the changes with --allow-changed {','.join(refused)}, or start over with --overwrite"
         )
     return [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()]
