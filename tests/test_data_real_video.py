@@ -224,3 +224,26 @@ def test_trainer_batches_carry_the_epoch_to_workers():
     assert in_process == in_workers
     per_epoch = len(in_process) // 3
     assert in_process[:per_epoch] != in_process[per_epoch : 2 * per_epoch] or in_process[:per_epoch] != in_process[2 * per_epoch :]
+
+
+def test_the_trainers_any_size_path_gets_real_aspect_ratios_and_clips(folder):
+    """A recipe with data.source=folder, a stated fps, strided + random windows and a token
+    budget: build_dataset and BucketSource (what sparse-dit train runs) batch wide, tall and
+    square clips in their own buckets (multiples of 8 at side 16: 16x24, 24x16, 16x16)."""
+    from sparse_dit.config import DataConfig, ModelConfig, RecipeConfig, TrainConfig
+    from sparse_dit.recipes.batches import BucketSource, build_dataset
+
+    recipe = RecipeConfig(model=ModelConfig(in_channels=3, patch_size=(1, 4, 4), hidden_size=32, depth=1, num_heads=2, text_dim=0),
+                          train=TrainConfig(seed=7),
+                          data=DataConfig(source="folder", path=str(folder), fps=TARGET_FPS, clip_stride=CLIP_STRIDE, random_clips=1,
+                                          token_budget=T * 6 * 6, bucket_resolutions=(16,), bucket_frame_counts=(T,)))
+    with pytest.warns(UserWarning):
+        ds = build_dataset(recipe)
+    names = ds._names()
+    per_video = {n: sum(1 for k in range(len(ds)) if names[ds.items[k]] == n) for n in ("wide.mp4", "tall.webm", "square.mkv")}
+    assert per_video == {n: len(strided(len(timeline(VIDEOS[n][3], VIDEOS[n][4], TARGET_FPS)))) + 1 for n in per_video}
+    shapes = {names[ds.items[k]]: ds.sample_shapes()[k] for k in range(len(ds))}
+    assert shapes == {"wide.mp4": (T, 16, 24), "tall.webm": (T, 24, 16), "square.mkv": (T, 16, 16)}
+    source = BucketSource(ds, recipe.data.token_budget, recipe.model.patch_size, accum=1, rank=0, world_size=1, seed=7)
+    batch_shapes = {tuple(source.batch(step, 0)["video"].shape[2:]) for step in range(source.per_epoch)}
+    assert batch_shapes == set(shapes.values())
