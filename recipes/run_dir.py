@@ -17,6 +17,7 @@ from typing import Any, Sequence
 import yaml
 
 from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.presets import load_recipe
 from sparse_dit.schema import to_dict
 
 __all__ = ["RESUME_FREE", "RUN_FILES", "clear_run", "append_metrics", "truncate_metrics", "clean_tmp", "atomic_write", "flat_fields", "recipe_changes", "check_resume"]
@@ -108,6 +109,16 @@ def recipe_changes(before: dict, now: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
 
 
+def _with_defaults(saved: dict) -> dict:
+    """The saved recipe with the fields it lacks at today's defaults: a field added to the schema
+    after the run was written is not a change (it had no other value then). A saved recipe the
+    schema no longer accepts (a removed field) is compared as written."""
+    try:
+        return to_dict(load_recipe(data=saved))
+    except (ConfigError, TypeError, ValueError):
+        return saved
+
+
 def _allowed(key: str, allow: Sequence[str]) -> bool:
     return any(a == "all" or key == a or key.startswith(a + ".") for a in allow)
 
@@ -134,7 +145,7 @@ def check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[st
             return [f"{saved} {state}: resuming under this recipe ({flag})"]
         raise ConfigError(f"{saved} {state}, so the recipe of the checkpoints in {out_dir / 'checkpoints'} is unknown; restore it, "
                           f"pass {flag} to resume them under this recipe, or start over with --overwrite")
-    changes = recipe_changes(before, to_dict(recipe))
+    changes = recipe_changes(_with_defaults(before), to_dict(recipe))
     refused = {k: v for k, v in changes.items() if not (k in RESUME_FREE or _allowed(k, allow_changed))}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))

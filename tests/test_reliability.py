@@ -238,11 +238,26 @@ def test_resume_allows_extending_and_observing_a_run_by_default(tmp_path):
 
     out, _ = _saved_run(tmp_path)
     free = ["train.max_steps=500", "train.stop_after=3", "train.save_every=7", "train.log_every=3", "train.keep_last=5",
-            "train.sample_every=9", "data.num_workers=2", f"output_dir={tmp_path / 'moved'}", "parallel.timeout_s=60"]
+            "train.sample_every=9", "data.num_workers=2", f"output_dir={tmp_path / 'moved'}", "parallel.timeout_s=60",
+            "train.export_steps=[5,10]"]
     assert sorted(o.split("=")[0] for o in free) == sorted(RESUME_FREE)
     lines = _check_resume(load_recipe(TINY_MOE, free), out)
     assert len(lines) == len(free) and "train.max_steps: 200 -> 500" in lines
     assert _check_resume(load_recipe(TINY_MOE, [f"output_dir={out}"]), out) == []
+
+
+def test_a_field_added_to_the_schema_after_the_run_is_not_a_change(tmp_path):
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.run_dir import check_resume as _check_resume
+
+    out, recipe = _saved_run(tmp_path)
+    saved = yaml.safe_load((out / "recipe.yaml").read_text())
+    del saved["model"]["moe"]["balance_scope"], saved["train"]["export_steps"]  # as written before these fields existed
+    (out / "recipe.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert _check_resume(recipe, out) == []
+    with pytest.raises(ConfigError, match=r"model.moe.balance_scope: 'micro_batch' -> 'global'"):  # a real change still counts
+        _check_resume(load_recipe(TINY_MOE, [f"output_dir={out}", "model.moe.balance_scope=global"]), out)
 
 
 @pytest.mark.parametrize("content", ["", "\n", "[oops", "- a list\n"])
