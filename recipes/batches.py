@@ -214,8 +214,10 @@ class BucketSource(BatchSource):
 
 
 def collate(items: list[dict]) -> dict[str, Any]:
-    """Stack items into a batch: ``video`` (B, C, T, H, W), ``caption`` list, ``label`` (B,) if all have one."""
-    out: dict[str, Any] = {"video": torch.stack([it["video"] for it in items]), "caption": [it.get("caption", "") for it in items]}
+    """Stack items into a batch: ``video`` (B, C, T, H, W) (cached ``latents`` (B, c, t, h, w) for the
+    ``latents`` source), ``caption`` list, ``label`` (B,) if all have one."""
+    key = "latents" if "latents" in items[0] else "video"
+    out: dict[str, Any] = {key: torch.stack([it[key] for it in items]), "caption": [it.get("caption", "") for it in items]}
     if all("label" in it for it in items):
         out["label"] = torch.tensor([int(it["label"]) for it in items])
     return out

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from sparse_dit.autoencoder import load_autoencoder
 from sparse_dit.config import TIMESTEP_GRIDS, ConfigError, RecipeConfig
 from sparse_dit.dit import SparseDiT
 from sparse_dit.pipeline import VideoPipeline
@@ -413,11 +414,13 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
     model_dir = Path(model_dir)
     model, recipe = _load(model_dir)
     d, pc = recipe.data, model.config.patch_size
+    vae = load_autoencoder(recipe.autoencoder, channels=model.config.in_channels)  # the recipe's: samples decode through it
+    fs = vae.spatial_compression
     H = d.height if args.height is None else args.height
     W = d.width if args.width is None else args.width
-    for flag, v, p in (("--height", H, pc[1]), ("--width", W, pc[2])):
+    for flag, v, p in (("--height", H, pc[1] * fs), ("--width", W, pc[2] * fs)):
         if v < 1 or v % p:
-            raise GenerateError(f"{flag}={v} is not allowed; the model's patch needs a positive multiple of {p}")
+            raise GenerateError(f"{flag}={v} is not allowed; the model's patch (and autoencoder) need a positive multiple of {p}")
     T = args.frames if args.frames is not None else d.num_frames
     if T < 1:
         raise GenerateError(f"--frames={T} is not allowed; use an int >= 1")
@@ -445,7 +448,7 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
                     else {"guidance_scales": tuple(args.guidance)})
     diffusion = recipe.diffusion.replace(**guidance, **{k: v for k, v in (("shift", args.shift), ("sampler", args.sampler), ("timestep_grid", args.grid),
                                                                           ("num_inference_steps", args.steps)) if v is not None})
-    pipe = VideoPipeline.from_config(model, diffusion)
+    pipe = VideoPipeline.from_config(model, diffusion, vae=vae)
     # the window a rollout slides: the length the model was trained on
     window = d.num_frames
     held: dict[str, Any] = {}
@@ -454,7 +457,11 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
         if "video" not in held:
             ds = build_dataset(recipe.replace(data=d.replace(height=H, width=W)), held_out=True)
             items = [ds[i % len(ds)] for i in range(args.num_samples)]
-            held["video"] = torch.stack([it["video"] for it in items])
+            if "latents" in items[0]:  # cached latents (data.source: latents): decoded to the clips they encode
+                with torch.no_grad():
+                    held["video"] = vae.decode(torch.stack([it["latents"] for it in items])).clamp(-1, 1)
+            else:
+                held["video"] = torch.stack([it["video"] for it in items])
             held["items"] = items
         return held["video"]
 

@@ -43,7 +43,9 @@ import torch.distributed as dist
 import yaml
 from tqdm.auto import tqdm
 
+from sparse_dit.autoencoder import IDENTITY, check_fits, encode_videos, latent_shape, load_autoencoder
 from sparse_dit.config import ConfigError, RecipeConfig
+from sparse_dit.data.latents import check_cached_vae
 from sparse_dit.diffusion import EMA, FlowMatching, drop_conditioning, sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.flops import count
@@ -157,6 +159,22 @@ class DiffusionTask:
         """The model kwargs of a micro-batch: its conditioning, with classifier-free-guidance dropout."""
         return drop_conditioning(run.cond(batch), run.recipe.diffusion.cond_dropout, generator=generator, null_class=null_class)
 
+    def autoencoder(self, recipe: Any, device: Any) -> torch.nn.Module:
+        """The frozen compression network the model trains through (``recipe.autoencoder``: identity
+        or a VAE folder; identity for recipes without the key), in eval mode on ``device``."""
+        model = getattr(recipe, "model", None)
+        try:
+            return load_autoencoder(getattr(recipe, "autoencoder", IDENTITY), channels=getattr(model, "in_channels", 3), map_location=device)
+        except (FileNotFoundError, ValueError) as exc:  # weights that do not fit their config
+            raise ConfigError(f"autoencoder={getattr(recipe, 'autoencoder', IDENTITY)!r}: {exc}") from None
+
+    def inputs(self, run: "TrainRun", batch: dict) -> torch.Tensor:
+        """What the model is trained on for a micro-batch: its cached ``latents``, or its videos
+        encoded by the frozen autoencoder (no gradients; the identity returns them)."""
+        if "latents" in batch:
+            return batch["latents"]
+        return encode_videos(run.autoencoder, batch["video"]) if run.autoencoder is not None else batch["video"]
+
     def objective(self, recipe: Any, t_range: Any) -> Any:
         """The object whose ``training_losses(model, x0, kwargs, context_mask=, generator=, num_tokens=)``
         returns ``{"loss", "mse"}`` for one micro-batch."""
@@ -215,6 +233,7 @@ class TrainRun:
     step_times: list[float] = field(default_factory=list)
     step_samples: list[tuple[float, float]] = field(default_factory=list)
     task: DiffusionTask = DIFFUSION  # what is trained (section 0)
+    autoencoder: Optional[torch.nn.Module] = None  # frozen, eval mode: batches' videos -> latents (identity: pixel space)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -288,6 +307,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     with _gathered(model, par.zero_stage == 3):
         ema = EMA(model, decay=tc.ema_decay)
     cond = task.conditioner(recipe, engine.device, dtype)
+    autoencoder = task.autoencoder(recipe, engine.device)
 
     # Data: every rank is a data-parallel rank (EP shards experts, not the batch)
     try:
@@ -298,8 +318,18 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
         source: BatchSource = BucketSource(dataset, recipe.data.token_budget, recipe.model.patch_size, accum, rank, world, tc.seed)
     else:
         source = BatchSource(dataset, micro, accum, rank, world, tc.seed)
-    C, T, H, W = dataset[0]["video"].shape
-    macs = task.count(recipe, (C, T, H, W), cond)
+    first = dataset[0]
+    spec = getattr(recipe, "autoencoder", IDENTITY)
+    try:
+        if "latents" in first:  # cached by `sparse-dit data encode`: they must come from this recipe's autoencoder
+            check_cached_vae(getattr(dataset, "meta", {}), autoencoder, spec)
+            shape = tuple(first["latents"].shape)
+        else:
+            shape = latent_shape(autoencoder, tuple(first["video"].shape))
+        check_fits(getattr(getattr(recipe, "model", None), "in_channels", shape[0]), shape, f"autoencoder={spec!r}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    macs = task.count(recipe, shape, cond)
 
     # Resume
     ckpt_root = out_dir / "checkpoints"
@@ -324,7 +354,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     end_step = tc.max_steps if tc.stop_after is None else min(tc.max_steps, start_step + tc.stop_after)
     return TrainRun(recipe=recipe, rank=rank, world=world, micro=micro, accum=accum, precision=precision, dtype=dtype, engine=engine,
                     ema=ema, fm=task.objective(recipe, t_range), cond=cond, source=source, macs=macs, ep=ep, start_step=start_step,
-                    end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer, task=task)
+                    end_step=end_step, last_tag=tag, done_steps=start_step, writer=writer, task=task, autoencoder=autoencoder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -366,7 +396,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     for m in range(run.accum):
         g = step_generator(tc.seed, step, m, run.rank)
         batch = next(batches)
-        x0 = batch["video"].to(device=engine.device, dtype=run.dtype)
+        x0 = run.task.inputs(run, batch).to(device=engine.device, dtype=run.dtype)  # latents (the videos in pixel space)
         kwargs = run.task.model_kwargs(run, batch, g, null_class)
         ctx = context_mask(x0.shape[0], x0.shape[2], tc.context, g).to(engine.device)
         rec = _Recorder(engine)
@@ -558,7 +588,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
             if "after_step" in hooks:
                 hooks["after_step"](run.engine, step, result.metrics)
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
-                _log_samples(run.engine, recipe, run.cond, run.writer, run.out_dir, step + 1, run.dtype)
+                _log_samples(run.engine, recipe, run.cond, run.writer, run.out_dir, step + 1, run.dtype, run.autoencoder)
             try:
                 maybe_save(run, step)
             except TrainingDiverged as exc:
@@ -572,14 +602,21 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
 
 
 @torch.no_grad()
-def _log_samples(engine: Any, recipe: RecipeConfig, cond: Any, writer: Any, out_dir: Path, step: int, dtype: torch.dtype) -> None:
-    """Predict held-out clips from their first 2 frames with the live weights; every rank runs
-    the sampler (expert-parallel layers need all ranks), rank 0 writes GIF + TensorBoard image."""
+def _log_samples(engine: Any, recipe: RecipeConfig, cond: Any, writer: Any, out_dir: Path, step: int, dtype: torch.dtype,
+                 autoencoder: Optional[torch.nn.Module] = None) -> None:
+    """Predict held-out clips from their first 2 (latent) frames with the live weights; every rank
+    runs the sampler (expert-parallel layers need all ranks), rank 0 writes GIF + TensorBoard image
+    (decoded through the recipe's autoencoder)."""
     model = engine.module
     held = build_dataset(recipe, held_out=True)
     n = min(2, len(held))
     items = [held[i] for i in range(n)]
-    videos = torch.stack([it["video"] for it in items]).to(engine.device, dtype)
+    if "latents" in items[0]:
+        videos = torch.stack([it["latents"] for it in items])
+    else:
+        videos = torch.stack([it["video"] for it in items])
+        videos = encode_videos(autoencoder, videos) if autoencoder is not None else videos
+    videos = videos.to(engine.device, dtype)
     batch = {"video": videos, "caption": [it.get("caption", "") for it in items]}
     if all("label" in it for it in items):
         batch["label"] = torch.tensor([int(it["label"]) for it in items])
@@ -594,6 +631,8 @@ def _log_samples(engine: Any, recipe: RecipeConfig, cond: Any, writer: Any, out_
     model.train(was_training)
     if writer is None:
         return
+    if autoencoder is not None:  # latents -> pixels for the GIF
+        videos, pred = (autoencoder.decode(x.float()) for x in (videos, pred))
     clips = [side_by_side([to_uint8(videos[i].float()), to_uint8(pred[i].float())]) for i in range(n)]
     frames = side_by_side([c.transpose(0, 2, 1, 3) for c in clips]).transpose(0, 2, 1, 3)
     save_video(out_dir / "samples" / f"step_{step:08d}.gif", frames, fps=4, scale=4)

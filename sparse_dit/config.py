@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from sparse_dit.autoencoder import autoencoder_config, check_autoencoder
 from sparse_dit.schema import ConfigError, _Config, current_prefix, rule
 
 __all__ = [
@@ -362,7 +363,7 @@ class DataConfig(_Config):
 
     # "synthetic" = procedurally generated moving squares (built in code); "physics" = a
     # dataset written by `sparse-dit data physics`; "folder"/"hf" = real video.
-    source: str = field(default="synthetic", metadata=rule(choices=("synthetic", "physics", "folder", "hf")))
+    source: str = field(default="synthetic", metadata=rule(choices=("synthetic", "physics", "folder", "hf", "latents")))
     path: Optional[str] = None
     num_frames: int = field(default=8, metadata=rule(ge=1))
     height: int = field(default=16, metadata=rule(ge=1))
@@ -421,9 +422,16 @@ class RecipeConfig(_Config):
     output_dir: str = "runs/default"
     # Preset name the model section starts from (its keys override the preset's).
     preset: Optional[str] = None
+    # The video compression network the DiT trains and samples through: "identity" (pixel
+    # space) or a VAE folder (sparse-dit train-vae's final/); docs/vae.md "The DiT in latent space".
+    autoencoder: str = "identity"
 
     def _check(self) -> None:
         tr, moe = self.train, self.model.moe
+        d = self.data
+        fixed = d.token_budget is None and d.source != "latents"  # cached latents carry their own shape
+        check_autoencoder(self.autoencoder, self.model.in_channels, d.num_frames if fixed else None,
+                          d.height if fixed else None, d.width if fixed else None)
         if tr.noise_range is not None:
             if not (moe.enabled and moe.router == "noise_level"):
                 raise ConfigError(f"train.noise_range={tr.noise_range} needs model.moe.router='noise_level' with experts; "
@@ -435,8 +443,12 @@ class RecipeConfig(_Config):
                 raise ConfigError(f"train.weight_decay={tr.weight_decay} is not allowed with train.noise_range: it would shrink the "
                                   "other ranges' experts, which share the stacked expert tensors; set train.weight_decay=0")
         ctx = self.train.context
-        if ctx.mode == "prefix" and self.data.token_budget is None and ctx.frames >= self.data.num_frames:
+        frames = self.data.num_frames  # the DiT's (latent) frames of a clip
+        vae = autoencoder_config(self.autoencoder)
+        if vae is not None:
+            frames = 1 + (frames - 1) // 2 ** int(vae.get("temporal_down", 0))
+        if ctx.mode == "prefix" and fixed and ctx.frames >= frames:
             raise ConfigError(
-                f"train.context.frames={ctx.frames} leaves no frame to generate in data.num_frames={self.data.num_frames}; "
-                f"allowed: 1..{self.data.num_frames - 1}"
+                f"train.context.frames={ctx.frames} leaves no frame to generate in data.num_frames={self.data.num_frames} "
+                f"({frames} latent frames); allowed: 1..{frames - 1}"
             )

@@ -127,7 +127,7 @@ class VideoPipeline:
                 checkpoint's EMA weights), ``"final"`` or ``"latest"``.
             map_location: device of the weights.
             text_encoder: an encoder to use instead of the recipe's.
-            vae: the compression network (default: pixel space).
+            vae: the compression network (default: the recipe's ``autoencoder``; pixel space without a recipe).
             **overrides: constructor arguments that replace the recipe's (``num_inference_steps=10``).
 
         Example::
@@ -136,7 +136,7 @@ class VideoPipeline:
             video = pipe("a red square moving left", num_frames=6, height=12, width=12)
         """
         found = load_pretrained(path, weights=weights, map_location=map_location, text_encoder=text_encoder)
-        pipe = cls.from_config(found.model, found.diffusion, vae=vae, text_encoder=found.text_encoder)
+        pipe = cls.from_config(found.model, found.diffusion, vae=vae if vae is not None else found.autoencoder, text_encoder=found.text_encoder)
         for key, value in overrides.items():
             if key not in ("shift", "sampler", "grid", "num_inference_steps", "guidance_scale", "shift_base_tokens"):
                 raise TypeError(f"from_pretrained() got an unexpected argument {key!r}")

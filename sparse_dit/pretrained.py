@@ -3,6 +3,8 @@ settings from a run folder or a model folder, without executing anything from it
 
 ``PATH`` may be:
 
+The recipe's ``autoencoder`` (identity, or a VAE folder: latent-space models) is loaded with it.
+
 * a **run folder** (``output_dir`` of ``sparse-dit train``): the weights are ``final/`` (the
   EMA weights exported when the schedule completed) when it exists, else the EMA weights of the
   newest complete checkpoint (``checkpoints/latest``; expert shards of every expert-parallel
@@ -27,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from sparse_dit.autoencoder import IDENTITY, load_autoencoder
 from sparse_dit.config import DiffusionConfig, ModelConfig, RecipeConfig
 from sparse_dit.data.text import load_text_encoder
 from sparse_dit.dit import SparseDiT
@@ -47,6 +50,8 @@ class Pretrained:
         text_encoder: the recipe's text encoder for text-conditioned models, else None.
         weights: where the weights came from (a folder, or a checkpoint tag's EMA).
         recipe: the recipe found (None for a bare model folder).
+        autoencoder: the recipe's frozen compression network (``autoencoder``: identity or a VAE
+            folder; identity without a recipe).
     """
 
     model: SparseDiT
@@ -54,6 +59,7 @@ class Pretrained:
     text_encoder: Any
     weights: str
     recipe: Optional[RecipeConfig]
+    autoencoder: Any = None
 
 
 def _is_model_dir(path: Path) -> bool:
@@ -138,4 +144,6 @@ def load_pretrained(path: str | os.PathLike, weights: str = "auto", map_location
         name = recipe.data.text_encoder
         text_encoder = load_text_encoder(name, dim=model.config.text_dim) if name in ("hash", "tiny") else load_text_encoder(name)
     diffusion = recipe.diffusion if recipe is not None else DiffusionConfig()
-    return Pretrained(model=model, diffusion=diffusion, text_encoder=text_encoder, weights=source, recipe=recipe)
+    spec = recipe.autoencoder if recipe is not None else IDENTITY
+    autoencoder = load_autoencoder(spec, channels=model.config.in_channels, map_location=map_location)
+    return Pretrained(model=model, diffusion=diffusion, text_encoder=text_encoder, weights=source, recipe=recipe, autoencoder=autoencoder)

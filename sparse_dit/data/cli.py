@@ -6,6 +6,7 @@
     sparse-dit data folder --videos my_clips/ --out data/my_clips --fps 10 --clip-stride 8 --random-clips 2 \
         --bucket-resolutions 64 --bucket-frame-counts 16
     sparse-dit data embed data/collision_id --text-encoder minilm
+    sparse-dit data encode data/collision_id --vae runs/vae-light/final --out data/collision_id-latents --frames 17
     sparse-dit data info data/collision_id
 
 Every written directory loads with ``datasets.load_from_disk(DIR)``; see docs/data.md.
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from sparse_dit.data.bucketing import make_buckets
 from sparse_dit.data.hf import encode_video, folder_features, load_video_dataset, write_dataset, write_physics_dataset
+from sparse_dit.data.latents import add_encode_arguments, run_encode
 from sparse_dit.data.loaders import VideoFolderDataset
 from sparse_dit.data.text import cache_caption_embeddings, load_text_encoder
 from sparse_dit.data.video import from_model_video
@@ -138,6 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--text-encoder", default="minilm", help="hash, minilm (needs the text extra) or a model directory")
     e.add_argument("--batch-size", type=int, default=64)
 
+
+    add_encode_arguments(sub)  # sparse-dit data encode DATASET --vae DIR --out DIR (sparse_dit/data/latents.py)
 
     i = sub.add_parser("info", help="summarise a dataset directory")
     i.add_argument("dataset", help="dataset directory")
@@ -291,6 +295,8 @@ def run(args: argparse.Namespace) -> int:
             return _physics(args)
         if args.data_command == "folder":
             return _folder(args)
+        if args.data_command == "encode":
+            return run_encode(args)
         if args.data_command == "embed":
             _embed(args.dataset, args.text_encoder, args.batch_size)
             return 0

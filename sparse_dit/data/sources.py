@@ -1,7 +1,8 @@
 """Data sources: one table, ``DATA_SOURCES``, from ``data.source`` to the dataset it builds.
 
 Every entry turns the recipe's ``data`` section into a map-style dataset whose items are dicts
-with ``video`` (C, T, H, W) in [-1, 1] and ``caption`` (plus ``label`` for ``synthetic``). The
+with ``video`` (C, T, H, W) in [-1, 1] and ``caption`` (plus ``label`` for ``synthetic``; the
+``latents`` source gives ``latents`` (c, t, h, w) instead of ``video``). The
 trainer and ``sparse-dit generate`` reach the table through
 ``sparse_dit.recipes.batches.build_dataset``, which checks ``data.path`` and computes the
 any-size buckets; a new source is one builder here plus one entry, and its name added to
@@ -19,6 +20,7 @@ from torch.utils.data import Dataset
 
 from sparse_dit.config import DataConfig
 from sparse_dit.data.loaders import HFVideoDataset, PhysicsVideoDataset, VideoFolderDataset
+from sparse_dit.data.latents import LatentDataset
 from sparse_dit.data.synthetic import MovingSquares
 
 __all__ = ["DataSource", "DATA_SOURCES", "HELD_OUT_SEED_OFFSET", "HELD_OUT_SYNTHETIC_VIDEOS"]
@@ -82,6 +84,13 @@ def _hf(data: DataConfig, *, held_out: bool, seed: int, buckets: Buckets = None)
     return HFVideoDataset(data.path, **_video_kwargs(data, held_out, seed), **_clip_kwargs(data, buckets))
 
 
+def _latents(data: DataConfig, *, held_out: bool, seed: int, buckets: Buckets = None) -> Dataset:
+    # Cached latents hold no held-out split: the "held-out" clips (sample videos) are the first
+    # few rows, training clips (docs/data.md "Cached latents").
+    ds = LatentDataset(data.path)
+    return LatentDataset(data.path, indices=range(min(HELD_OUT_SYNTHETIC_VIDEOS, len(ds)))) if held_out else ds
+
+
 DATA_SOURCES: dict[str, DataSource] = {
     s.name: s
     for s in (
@@ -93,5 +102,7 @@ DATA_SOURCES: dict[str, DataSource] = {
                    description="a folder of video files + captions.jsonl (PyAV)"),
         DataSource("hf", _hf, needs_path=True, bucketed=True,
                    description="a saved Hugging Face dataset with a video/frames column"),
+        DataSource("latents", _latents, needs_path=True, bucketed=False,
+                   description="latents cached by `sparse-dit data encode` (trained as they are; the recipe's autoencoder must match)"),
     )
 }
