@@ -26,10 +26,12 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from sparse_dit.autoencoder import load_autoencoder
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.diffusion import sample
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.cost import cost_report, generation_macs, measure_generation
+from sparse_dit.evals.latent import autoencoder_cost, is_latent, predict_through
 from sparse_dit.evals.metrics import METRICS, Metric, MetricInput, select_metrics
 from sparse_dit.evals.physics import BALL_FREE, BASELINES, baseline_videos, score
 from sparse_dit.evals.splits import EvalSplit, data_mismatch, load_split, physics_split
@@ -76,6 +78,7 @@ class Run:
     model: SparseDiT
     recipe: RecipeConfig | None = None
     summary: dict = field(default_factory=dict)
+    autoencoder: Any = None  # the recipe's (evals/latent.py); None or identity: pixel space
 
 
 def _read_recipe(path: Path) -> RecipeConfig | None:
@@ -111,7 +114,8 @@ def load_run(run_dir: str | Path, name: str | None = None) -> Run:
         recipe = _read_recipe(path)
     except ConfigError:
         recipe = None
-    return Run(name or path.resolve().name, path, model, recipe, summary)
+    autoencoder = load_autoencoder(recipe.autoencoder, channels=model.config.in_channels) if recipe is not None else None
+    return Run(name or path.resolve().name, path, model, recipe, summary, autoencoder)
 
 
 def training_flops(config: Any, latent_shape: tuple[int, int, int, int], steps: int, batch_size: int, text_len: int = 0) -> float:
@@ -133,7 +137,7 @@ def training_flops(config: Any, latent_shape: tuple[int, int, int, int], steps: 
 @torch.no_grad()
 def generate_predictions(model: SparseDiT, split: EvalSplit, *, context_frames: int = 3, num_inference_steps: int = 25,
                          sampler: str = "euler", shift: float = 1.0, seed: int = 0, batch_size: int = 16,
-                         autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                         autocast_dtype: torch.dtype | None = None, autoencoder: Any = None) -> np.ndarray:
     """Predict every video of ``split`` from its first ``context_frames`` frames.
 
     The initial noise is one tensor for the whole split drawn from ``seed``, so every model
@@ -146,6 +150,12 @@ def generate_predictions(model: SparseDiT, split: EvalSplit, *, context_frames: 
     N, C, T = x.shape[:3]
     if not 1 <= context_frames < T:
         raise ValueError(f"context_frames={context_frames} must lie in [1, T={T})")
+    if is_latent(autoencoder):  # a latent-space run: encode the given frames in place, decode the result (evals/latent.py)
+        out = predict_through(model, autoencoder, x, context_frames, num_inference_steps=num_inference_steps, sampler=sampler,
+                              shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
+        vids = to_uint8_videos(out)
+        vids[:, :context_frames] = split.videos[:, :context_frames]
+        return vids
     noise = torch.randn(tuple(x.shape), generator=torch.Generator().manual_seed(seed))
     device = next(model.parameters()).device
     outs = []
@@ -236,7 +246,8 @@ def evaluate_run(
     sampler = sampler or (diff.sampler if diff else "euler")
     first = splits[0]
     T, H, W = first.videos.shape[1:4]
-    latent = (cfg.in_channels, T, H, W)
+    vae = run.autoencoder if is_latent(run.autoencoder) else None
+    latent = tuple(vae.latent_shape(T, H, W)) if vae is not None else (cfg.in_channels, T, H, W)
     gen = generation_macs(cfg, latent, steps, sampler)
     m: dict[str, Any] = {
         "run_dir": str(run.path),
@@ -255,11 +266,16 @@ def evaluate_run(
         r = run.recipe
         train_steps = int(run.summary.get("steps", r.train.max_steps))
         shape = (cfg.in_channels, r.data.num_frames, r.data.height, r.data.width)
+        if vae is not None:  # the DiT trained on latents (the VAE's training and encoding not counted)
+            shape = tuple(vae.latent_shape(r.data.num_frames, r.data.height, r.data.width))
         m.update(train_steps=train_steps, train_batch=r.train.global_batch_size,
                  train_flops=training_flops(cfg, shape, train_steps, r.train.global_batch_size))
     else:
         m.update(train_steps=run.summary.get("steps"), train_batch=run.summary.get("batch_size"), train_flops=run.summary.get("train_flops"))
     m["train_seconds"] = run.summary.get("train_seconds")
+    if vae is not None:  # the autoencoder's share of one video, apart from the DiT's (gmacs_per_video)
+        m["autoencoder"] = run.recipe.autoencoder if run.recipe is not None else None
+        m.update(autoencoder_cost(vae, T, H, W, decode_repeats=latency_repeats))
     # Runs of one recipe that differ only in train.seed are seeds of one variant (intervals over seeds).
     m["variant"] = variant_key(run.recipe)
     m["train_seed"] = run.recipe.train.seed if run.recipe is not None else None
@@ -267,7 +283,7 @@ def evaluate_run(
     table = select_metrics(metrics)
     skipped: dict[str, str] = {}
     common = dict(model=model, seed=seed, batch_size=batch_size, num_t=num_t, autocast_dtype=autocast_dtype,
-                  options=dict(metric_options or {}))
+                  options=dict(metric_options or {}), autoencoder=vae)
 
     # Per-run metrics (held-out loss): once, on the headline split, before any sampling.
     for metric in (mt for mt in table if not mt.per_split):
@@ -283,7 +299,7 @@ def evaluate_run(
         # Routing statistics (evals/routing.py): hooks on the MoE routers during the headline split's sampling.
         with RoutingCollector(model) if split is first else contextlib.nullcontext() as routing:
             pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=steps, sampler=sampler,
-                                        shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype)
+                                        shift=shift, seed=seed, batch_size=batch_size, autocast_dtype=autocast_dtype, autoencoder=vae)
         if routing is not None and routing.stats is not None:
             m["routing"] = routing.summary()
         videos[split.name] = pred
@@ -302,7 +318,7 @@ def evaluate_run(
                                         sampler=sampler, shift=shift, common=common, log=log, run_name=run.name)
 
     if latency_repeats:
-        lat = measure_generation(model, (T, H, W), batch_size=1, num_inference_steps=steps, sampler=sampler,
+        lat = measure_generation(model, tuple(latent[1:]), batch_size=1, num_inference_steps=steps, sampler=sampler,
                                  context_frames=context_frames, repeats=latency_repeats, autocast_dtype=autocast_dtype)
         m.update(latency_ms=lat["latency_ms"], latency_runs_ms=lat["latency_runs_ms"],
                  throughput_videos_per_s=lat["throughput_videos_per_s"], peak_memory_bytes=lat["peak_memory_bytes"],
@@ -328,7 +344,7 @@ def _steps_sweep(model: SparseDiT, split: EvalSplit, metrics: Sequence[Metric], 
         else:
             pred = generate_predictions(model, split, context_frames=context_frames, num_inference_steps=n, sampler=sampler,
                                         shift=shift, seed=common["seed"], batch_size=common["batch_size"],
-                                        autocast_dtype=common["autocast_dtype"])
+                                        autocast_dtype=common["autocast_dtype"], autoencoder=common.get("autoencoder"))
             res = {}
             _run_metrics(metrics, MetricInput(split, context_frames, generated=pred, **common), res, {}, log, run_name)
         keys = [k for k in ("velocity_error", "position_error", "detection_rate", "psnr", "ssim") if k in res]

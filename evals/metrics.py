@@ -36,6 +36,7 @@ from torch import nn
 
 from sparse_dit.evals.frechet import trajectory_frechet_distance
 from sparse_dit.evals.fvd import frechet_video_distance
+from sparse_dit.evals.latent import encode_videos_batched, held_latent_frames, is_latent
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score
 from sparse_dit.evals.rollout import evaluate_rollout, pipeline_predictor, simulate_rollout_split
@@ -85,6 +86,7 @@ class MetricInput:
     num_t: int = 10
     autocast_dtype: Optional[torch.dtype] = None
     options: Mapping[str, Any] = field(default_factory=dict)
+    autoencoder: Optional[nn.Module] = None  # a latent-space run's VAE (evals/latent.py); None: pixel space
 
     @property
     def ground_truth(self) -> np.ndarray:
@@ -145,7 +147,11 @@ class Metric:
 
 
 def _heldout_loss(x: MetricInput) -> dict[str, Any]:
-    val = heldout_loss(x.model, x.split.model_videos(), context_frames=x.context_frames, num_t=x.num_t, seed=x.seed,
+    videos, context = x.split.model_videos(), x.context_frames
+    if is_latent(x.autoencoder):  # on the latents; the latent frames the given pixel frames wholly cover are left out
+        context = held_latent_frames(x.autoencoder, videos.shape[2], context)
+        videos = encode_videos_batched(x.autoencoder, videos, x.batch_size)
+    val = heldout_loss(x.model, videos, context_frames=context, num_t=x.num_t, seed=x.seed,
                        batch_size=x.batch_size, autocast_dtype=x.autocast_dtype)
     return {"val_loss": val["loss"], "val_loss_per_t": val["per_t"], "val_loss_t": val["t"],
             "val_loss_per_video": val["per_video"]}

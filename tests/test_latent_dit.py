@@ -22,10 +22,11 @@ from sparse_dit.autoencoder import autoencoder_id, load_autoencoder
 from sparse_dit.config import ConfigError
 from sparse_dit.data.hf import write_physics_dataset
 from sparse_dit.data.latents import LatentDataset
+from sparse_dit.evals.compare import evaluate_run, load_run, load_split
 from sparse_dit.pipeline import VideoPipeline
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.train import train
-from sparse_dit.vae import CausalVideoVAE, VAEConfig
+from sparse_dit.vae import CausalVideoVAE, VAEConfig, vae_macs
 
 VAE = VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), temporal_down=1)  # 2x temporal, 2x2 spatial
 
@@ -108,3 +109,20 @@ def test_encode_cache_train_and_load_through_the_vae(world) -> None:
     assert isinstance(pipe.vae, CausalVideoVAE) and autoencoder_id(pipe.vae) == autoencoder_id(vae)
     out = pipe(height=16, width=16, num_frames=5)
     assert out.shape == (1, 3, 5, 16, 16)
+
+
+def test_evaluation_decodes_through_the_run_autoencoder(world) -> None:
+    run_dir = world["root"] / "run-eval"
+    train(_recipe(world, run_dir, **{"train.max_steps": 1}))
+    run = load_run(run_dir)
+    assert isinstance(run.autoencoder, CausalVideoVAE)
+    split = load_split("id", world["data"])
+    m, videos = evaluate_run(run, [split], context_frames=3, num_inference_steps=2, latency_repeats=0, batch_size=4,
+                             metrics=["heldout_loss", "physics"], log=lambda s: None)
+    assert videos["id"].shape == split.videos.shape  # decoded pixels, the split's shape
+    assert np.array_equal(videos["id"][:, :3], split.videos[:, :3])
+    # the DiT's cost on the (4, 3, 8, 8) latent; the VAE's encode/decode reported apart
+    assert m["tokens"] == 3 * 4 * 4
+    ref = vae_macs(VAE, 5, 16, 16)
+    assert m["vae_encode_gmacs"] == ref["encode"] / 1e9 and m["vae_decode_gmacs"] == ref["decode"] / 1e9
+    assert np.isfinite(m["val_loss"])
