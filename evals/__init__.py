@@ -16,6 +16,9 @@
 - ``loss``: held-out flow-matching loss on a fixed grid of t with fixed noise.
 - ``cost``: inference cost (params, MACs per generated video, latency, peak memory, throughput).
 - ``compare`` / ``report``: dense-vs-sparse comparison of finished runs (``sparse-dit eval compare``).
+- ``stats`` / ``stats_report``: 95 % intervals over videos (BCa bootstrap) and seeds (t), paired
+  differences resolved or not, Frechet-distance checks; ``plots``: the report's figures and
+  labelled sample grids.
 """
 
 from sparse_dit.evals.frechet import (
