@@ -199,7 +199,7 @@ def _box_sum(w: np.ndarray, half: int) -> np.ndarray:
 # 24-64 px and on noise frames (docs/evals.md gives the margins).
 MAX_AREA_FRACTION = 1.6
 MAX_SPREAD = 1.4
-MIN_CORE_ALPHA = 0.6
+MIN_CORE_ALPHA = 0.45
 MIN_CONTRAST = 0.5
 CHECKS = ("size", "shape", "colour", "contrast")
 
