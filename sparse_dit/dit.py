@@ -96,8 +96,10 @@ class DiTBlock(nn.Module):
         text_mask: torch.Tensor | None = None,
         router_cond: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None,
+        need_aux: bool = True,
     ) -> tuple[torch.Tensor, Any]:
-        """x: (B, N, D); c: (B, Tc, D) with Tc = 1 or one vector per token frame."""
+        """x: (B, N, D); c: (B, Tc, D) with Tc = 1 or one vector per token frame; ``need_aux=False``:
+        the MoE FFN skips its losses and statistics (returns ``None`` for them)."""
         tc = c.shape[1]
         mods = self.adaLN_modulation(c)[:, :, None]  # (B, Tc, 1, 6D)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods.chunk(6, dim=-1)
@@ -111,7 +113,7 @@ class DiTBlock(nn.Module):
         h = modulate(_by_frame(self.norm2(x), tc), shift_mlp, scale_mlp).flatten(1, 2)
         aux = None
         if self.is_moe:
-            h, aux = self.mlp(h, cond=router_cond, timesteps=timesteps)
+            h, aux = self.mlp(h, cond=router_cond, timesteps=timesteps, need_aux=need_aux)
         else:
             h = self.mlp(h)
         x = x + (gate_mlp * _by_frame(h, tc)).flatten(1, 2)  # (B, N, D)
@@ -277,7 +279,7 @@ class SparseDiT(nn.Module):
 
         aux_list = []
         for block in self.blocks:
-            tokens, aux = block(tokens, c_frames, rope, text_tokens, text_mask, router_cond=c, timesteps=t)
+            tokens, aux = block(tokens, c_frames, rope, text_tokens, text_mask, router_cond=c, timesteps=t, need_aux=return_aux)
             if aux is not None:
                 aux_list.append(aux)
         out = self.unpatchify(self.final_layer(tokens, c_frames), grid)  # (B, C_out, T, H, W)

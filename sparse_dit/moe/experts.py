@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from sparse_dit.moe.ops import EXPERT_BACKENDS, ExpertRows, ExpertWeights, resolve_backend
+from sparse_dit.moe.ops import EXPERT_BACKENDS, ExpertRows, ExpertWeights, resolve_backend, run_inference
 
 __all__ = ["GroupedExperts", "load_dense_into_experts"]
 
@@ -92,7 +92,8 @@ class GroupedExperts(nn.Module):
         Args:
             x: (R, D) expert-sorted rows, or the (T, D) tokens when ``rows`` is in token space.
             rows: the layout: per-expert ``counts`` (E,) (+ host ``sizes`` when the caller has
-                them, which saves the loop's device-to-host sync), or a route ``plan`` + ``weight``.
+                them, which saves the loop's device-to-host sync), or a route ``plan`` + ``weight``,
+                or (gradients off) the unsorted ``routes`` + ``weight`` of the inference path.
             backend: the resolved backend (the layer resolves once per forward); ``None`` =
                 :meth:`resolve_backend`.
 
@@ -106,6 +107,10 @@ class GroupedExperts(nn.Module):
                 f"rows.counts (tokens per expert) must have shape ({self.num_experts},), got "
                 f"{None if rows.counts is None else tuple(rows.counts.shape)}"
             )
+        if rows.inference:  # gradients off, one process (sparse_dit/moe/ops/inference.py)
+            if torch.is_grad_enabled():
+                raise ValueError("the inference layout (rows.routes) runs without autograd; call it under torch.no_grad()")
+            return run_inference(x, rows, self.activation, self.params_in(x.dtype))
         name = self.resolve_backend(x, rows.token_space) if backend is None else backend
         spec = EXPERT_BACKENDS[name]
         if spec.token_space != rows.token_space:

@@ -206,9 +206,15 @@ class MoEFeedForward(nn.Module):
 
     # ----------------------------------------------------------------------------------------
     def forward(
-        self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None
-    ) -> tuple[torch.Tensor, MoEAux]:
+        self, x: torch.Tensor, cond: Optional[torch.Tensor] = None, timesteps: Optional[torch.Tensor] = None,
+        need_aux: bool = True,
+    ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         """Route, run the experts, combine.
+
+        With gradients off (``torch.no_grad``/``inference_mode``: the sampler, the evals) a layer
+        holding every expert runs its experts through :mod:`sparse_dit.moe.ops.inference`: the
+        same routes and the same output as the training path (to float rounding), without
+        autograd bookkeeping or backward workspaces.
 
         Args:
             x: (B, N, D) tokens.
@@ -216,9 +222,11 @@ class MoEFeedForward(nn.Module):
                 with timestep-aware routing.
             timesteps: (B,) t in [0, 1]: ``aux.load_per_timestep_bin``, and the noise range of
                 ``router="noise_level"`` (required there).
+            need_aux: compute the :class:`MoEAux` (losses and statistics); ``False`` returns
+                ``None`` in its place (the DiT passes its ``return_aux``: sampling asks for none).
 
         Returns:
-            ``(y, aux)``: (B, N, D) output and the layer's :class:`MoEAux`.
+            ``(y, aux)``: (B, N, D) output and the layer's :class:`MoEAux` (or ``None``).
         """
         if x.ndim != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"x must have shape (B, N, {self.dim}), got {tuple(x.shape)}")
@@ -229,19 +237,23 @@ class MoEFeedForward(nn.Module):
             # dtype (differentiable weight casts, as autocast does) or in fp32, router in fp32.
             dtype = torch.float32 if self.expert_precision == "fp32" else torch.get_autocast_dtype(dev)
             with torch.autocast(dev, enabled=False):
-                return self._forward(x.to(dtype), cond, timesteps)
-        return self._forward(x, cond, timesteps)
+                return self._forward(x.to(dtype), cond, timesteps, need_aux)
+        return self._forward(x, cond, timesteps, need_aux)
 
     def _forward(
-        self, x: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, MoEAux]:
+        self, x: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Optional[torch.Tensor], need_aux: bool = True
+    ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         B, N, D = x.shape
         # 1. Route (fp32)
         r = self.router(x, cond if self.router.cond_proj is not None else None, timesteps)
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
         backend = self.experts.resolve_backend(x_TD, local)
-        if EXPERT_BACKENDS[backend].token_space:
+        if EXPERT_BACKENDS[backend].token_space and not torch.is_grad_enabled():
+            # 2+3. Single process, gradients off: sort, per-expert GEMMs, combine, no autograd
+            # (sparse_dit/moe/ops/inference.py), from the same routes as the training path.
+            y_TD = self.experts(x_TD, ExpertRows(weight=r.weight, routes=r.expert_idx, route_tokens=r.token_idx))
+        elif EXPERT_BACKENDS[backend].token_space:
             # 2+3. Single process: the backend gathers, runs the experts and combines itself
             # (sparse_dit/moe/ops/fused_local.py). Planning the layout is the one host sync.
             plan = plan_routes(r.expert_idx, self.num_experts, x_TD.shape[0], r.token_idx)
@@ -257,7 +269,7 @@ class MoEFeedForward(nn.Module):
         # 4. Shared experts see every token
         if self.shared is not None:
             y_TD = y_TD + _linear_dtype(self.shared, x_TD.dtype)(x_TD)
-        return y_TD.view(B, N, D), self._aux(r, B, N, timesteps)
+        return y_TD.view(B, N, D), (self._aux(r, B, N, timesteps) if need_aux else None)
 
     def _aux(self, r: Routing, B: int, N: int, timesteps: Optional[torch.Tensor]) -> MoEAux:
         bal = self.router.balance_loss(r)  # the rule's own (zero for expert choice)

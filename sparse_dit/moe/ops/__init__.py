@@ -38,6 +38,7 @@ from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, ch
 from sparse_dit.moe.ops.expert_loop import LOOP, experts_loop
 from sparse_dit.moe.ops.fused_local import FUSED_LOCAL, BlockPlan, fused_local_moe, plan_routes, release_workspace
 from sparse_dit.moe.ops.grouped_mm import GROUPED_MM, grouped_mm_aligned, grouped_mm_available
+from sparse_dit.moe.ops.inference import moe_inference, run_inference
 from sparse_dit.moe.ops.megablocks import MEGABLOCKS
 
 __all__ = [
@@ -49,6 +50,8 @@ __all__ = [
     "check_expert_weights",
     "experts_loop",
     "fused_local_moe",
+    "moe_inference",
+    "run_inference",
     "plan_routes",
     "BlockPlan",
     "release_workspace",

@@ -43,22 +43,37 @@ class ExpertRows:
       ``plan`` the route layout of :func:`sparse_dit.moe.ops.fused_local.plan_routes` and
       ``weight`` each route's combine weight; the backend gathers, runs the experts and returns
       the (T, D) weighted sums.
+    * **inference** (the single-process layer with gradients off, ``routes`` set): token space
+      as above, but the unsorted routes themselves (``routes``: each route's expert, a
+      :class:`~sparse_dit.moe.routers.Routing`'s ``expert_idx``; ``route_tokens``: its
+      ``token_idx``) instead of a plan; :mod:`sparse_dit.moe.ops.inference` runs them without
+      autograd.
 
     Attributes:
         counts: (E,) int64 rows per expert on ``x``'s device (expert-sorted rows).
         sizes: the same counts on the host when the caller already paid the sync, else ``None``.
         plan: the token-space layout.
         weight: combine weight of each route, in route order (token space); differentiable.
+        routes: (inference) each route's expert, ``E`` = dropped, (T, K) token-major or any
+            2-D shape with ``route_tokens``.
+        route_tokens: (inference) each route's token, or ``None`` for token-major routes.
     """
 
     counts: Optional[torch.Tensor] = None
     sizes: Optional[tuple[int, ...]] = None
     plan: Optional["BlockPlan"] = None
     weight: Optional[torch.Tensor] = None
+    routes: Optional[torch.Tensor] = None
+    route_tokens: Optional[torch.Tensor] = None
 
     @property
     def token_space(self) -> bool:
-        return self.plan is not None
+        return self.plan is not None or self.routes is not None
+
+    @property
+    def inference(self) -> bool:
+        """The no-autograd layout (:mod:`sparse_dit.moe.ops.inference`)."""
+        return self.routes is not None
 
     def host_sizes(self) -> tuple[int, ...]:
         """Rows per expert on the host: ``sizes``, or one device-to-host sync of ``counts``."""

@@ -1,0 +1,197 @@
+"""The MoE FFN without autograd: what the single-process layer runs when gradients are off
+(sampling, evaluation), in token space.
+
+# T = tokens, R = routes, E = experts, D = model dim, F = expert hidden, K = routes per token
+
+:class:`sparse_dit.moe.MoEFeedForward` takes this path by itself whenever
+``torch.is_grad_enabled()`` is False and its backend resolves to ``"fused_local"`` (one process
+holding every expert: the sampler and the evals run under ``torch.no_grad``). It computes what
+``"fused_local"`` computes, from the same :class:`~sparse_dit.moe.routers.Routing` result, so it
+does not care which router produced it (token-major routes, or a general route table with a token
+per route; a route to expert ``E`` is dropped). What it leaves out is only what a backward needs:
+
+* no autograd ``Function``, no saved tensors: the pre-activations are overwritten by the
+  activation in place, and the temporaries live in the per-thread workspace;
+* a lighter planner: the routes are sorted once by expert and laid out from the host-side
+  expert sizes (the training op's (E, cap) block plus overflow spans, built in a few tensor ops);
+  with one intra-op thread the cap is 0, one GEMM per expert over its contiguous rows (measured
+  faster at the quickstart's 288 tokens), with several the training op's
+  :func:`~sparse_dit.moe.ops.fused_local.choose_capacity`;
+* the output bias is fused into the second GEMM in row space, where the training op adds it in
+  token space for its gradient; no route-weight matrix;
+* no balance statistics: the layer computes :class:`~sparse_dit.moe.stats.MoEAux` only when the
+  caller asks for it (the DiT passes its ``return_aux``; the sampler asks for none).
+
+The combine is the training op's: token-major routes are K gathers of (T, D) accumulated in place
+(fp32), or one gather and a (T, 1, K) @ (T, K, D) ``bmm`` that accumulates in fp32 (bf16/fp16);
+a general route table, and K >= 4 in fp32, is one ``index_add_``. The result equals the training
+path's to float rounding (the output bias is added in another order; bitwise for SwiGLU);
+tests/test_moe_inference.py checks it to 1e-6 for every router of the table, expert choice,
+shared experts and capacity dropping, and both against a per-route reference.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from sparse_dit.moe.ops.base import ExpertRows, ExpertWeights, check_expert_weights
+from sparse_dit.moe.ops.fused_local import _acc_dtype, _combine_by_gather, _gather_sum, _scratch, choose_capacity
+
+__all__ = ["moe_inference", "run_inference"]
+
+
+def _layout(sizes: list[int], cap: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]], int, bool]:
+    """Where the routes sorted by expert go: the (E, cap) block, then one overflow span per expert
+    past ``cap`` (the layout of :func:`~sparse_dit.moe.ops.fused_local.plan_routes`, from host sizes).
+
+    Returns:
+        ``pieces``: (first sorted position, count, first layout row) runs of consecutive rows;
+        ``spans``: (expert, first row, end row) of the overflow GEMMs; ``rows``: layout rows
+        (padding included); ``identity``: sorted position p is row p (no padding, no reordering).
+    """
+    E = len(sizes)
+    pieces, spans = [], []
+    s, ovf = 0, E * cap
+    for e, n in enumerate(sizes):
+        m = min(n, cap)
+        if m:
+            pieces.append((s, m, e * cap))
+        if n > cap:
+            pieces.append((s + cap, n - cap, ovf))
+            spans.append((e, ovf, ovf + n - cap))
+            ovf += n - cap
+        s += n
+    identity = all(p == r for p, _, r in pieces)
+    return pieces, spans, ovf, identity
+
+
+def _gemms(a: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tensor], out: torch.Tensor, cap: int,
+           spans: list[tuple[int, int, int]]) -> None:
+    """``out[rows of e] = a[rows of e] @ w[e] (+ bias[e])``: one batched GEMM over the block, one GEMM per span."""
+    E = w.shape[0]
+    if cap:
+        a_b, out_b = a[: E * cap].view(E, cap, -1), out[: E * cap].view(E, cap, -1)
+        if bias is None:
+            torch.bmm(a_b, w, out=out_b)
+        else:
+            torch.baddbmm(bias[:, None, :], a_b, w, out=out_b)
+    if spans:
+        ws = w.unbind(0)
+        bs = bias.unbind(0) if bias is not None else None
+        for e, r0, r1 in spans:
+            if bs is None:
+                torch.mm(a[r0:r1], ws[e], out=out[r0:r1])
+            else:
+                torch.addmm(bs[e], a[r0:r1], ws[e], out=out[r0:r1])
+
+
+@torch.no_grad()
+def moe_inference(
+    x_TD: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weight: torch.Tensor,
+    num_experts: int,
+    activation: str,
+    weights: ExpertWeights,
+    token_idx: Optional[torch.Tensor] = None,
+    cap: Optional[int] = None,
+) -> torch.Tensor:
+    """``out[t] = sum over kept routes r of token t of weight[r] * FFN_{expert(r)}(x[t])``, no autograd.
+
+    Args:
+        x_TD: (T, D) tokens.
+        expert_idx: the routes' experts, ``num_experts`` for a dropped route: (T, K) token-major
+            (row t holds token t's routes), or any 2-D shape with ``token_idx``.
+        weight: combine weight of each route, same shape (any float dtype).
+        num_experts: E.
+        activation: ``"gelu_tanh"`` (needs b1, b2) or ``"swiglu"`` (needs w3).
+        weights: stacked expert weights in ``x_TD``'s dtype (:class:`ExpertWeights`).
+        token_idx: the token of each route for a general route table; ``None`` = token-major.
+        cap: rows per expert of the batched block; ``None`` =
+            :func:`~sparse_dit.moe.ops.fused_local.choose_capacity` (the training op's rule).
+
+    Returns:
+        (T, D) in ``x_TD``'s dtype.
+    """
+    w1, w2, w3, b1, b2 = weights
+    dt = x_TD.dtype
+    check_expert_weights(activation, dt, w1, w2, w3, b1, b2)
+    if x_TD.ndim != 2:
+        raise ValueError(f"x_TD must be (tokens, dim), got shape {tuple(x_TD.shape)}")
+    if weight.shape != expert_idx.shape or (token_idx is not None and token_idx.shape != expert_idx.shape):
+        raise ValueError(f"weight {tuple(weight.shape)} and token_idx must have the shape of expert_idx {tuple(expert_idx.shape)}")
+    T, D = x_TD.shape
+    E, Fh = num_experts, w1.shape[2]
+    if w1.shape[0] != E:
+        raise ValueError(f"the routes are for {E} experts, the weights hold {w1.shape[0]}")
+    if cap is not None and cap < 0:
+        raise ValueError(f"cap={cap} must be >= 0")
+    K: Optional[int] = None
+    if token_idx is None:
+        if expert_idx.ndim != 2 or expert_idx.shape[0] != T:
+            raise ValueError(f"token-major expert_idx must be ({T}, K), got {tuple(expert_idx.shape)}")
+        K = expert_idx.shape[1]
+    dev = x_TD.device
+    e_R = expert_idx.reshape(-1)
+    R = e_R.numel()
+    # 1. plan: sort the routes by expert (stable: one expert's routes keep token order) and lay
+    #    them out as the training op does; the host sync is the bincount
+    sizes = torch.bincount(e_R, minlength=E + 1).tolist()
+    kept = R - sizes[E]
+    sizes = sizes[:E]
+    if cap is None:
+        # One intra-op thread: one GEMM per expert (measured faster than the padded block at the
+        # quickstart's 288 tokens); several: the training op's block layout, which hands whole
+        # GEMMs to each thread instead of splitting every small GEMM across them.
+        cap = 0 if torch.get_num_threads() == 1 else choose_capacity(sizes)
+    pieces, spans, rows, identity = _layout(sizes, cap)
+    order = torch.argsort(e_R, stable=True)[:kept]  # sorted position -> route
+    if K is None:
+        tok = token_idx.reshape(-1).index_select(0, order)
+    else:
+        tok = order if K == 1 else torch.div(order, K, rounding_mode="floor")
+    if identity:
+        row, tok_pad = None, tok  # sorted position p is layout row p
+    else:
+        # row of sorted position p: p + (first row - first position) of its piece
+        shift = torch.tensor([r - p for p, _, r in pieces], dtype=torch.int64, device=dev)
+        counts = torch.tensor([n for _, n, _ in pieces], dtype=torch.int64, device=dev)
+        row = torch.arange(kept, device=dev) + torch.repeat_interleave(shift, counts, output_size=kept)
+        tok_pad = torch.zeros(rows, dtype=torch.int64, device=dev)  # padding rows read token 0 (weight 0)
+        tok_pad.index_copy_(0, row, tok)
+    # 2. gather the tokens, the expert GEMMs (biases fused), the activation in place
+    xp = torch.index_select(x_TD.contiguous(), 0, tok_pad, out=_scratch("inf_x", (rows, D), x_TD))
+    h = _scratch("inf_h", (rows, Fh), x_TD)
+    _gemms(xp, w1, b1, h, cap, spans)
+    if activation == "gelu_tanh":
+        torch.ops.aten.gelu_(h, approximate="tanh")
+    else:
+        g = _scratch("inf_g", (rows, Fh), x_TD)
+        _gemms(xp, w3, None, g, cap, spans)
+        F.silu(h, inplace=True).mul_(g)
+    # rows [0, rows): expert outputs with their output bias; row `rows`: zeros for dropped routes
+    y = _scratch("inf_y", (rows + 1, D), x_TD)
+    y[rows].zero_()
+    _gemms(h, w2, b2, y, cap, spans)
+    # 3. combine: each token's weighted sum over its routes (as the training op combines)
+    if _combine_by_gather(K, dt):
+        pos = torch.full((R,), rows, dtype=torch.int64, device=dev) if kept < R else torch.empty(R, dtype=torch.int64, device=dev)
+        pos.index_copy_(0, order, torch.arange(kept, device=dev) if row is None else row)  # route -> layout row
+        return _gather_sum(y, pos.view(T, K), weight.reshape(T, K).to(dt)).to(dt)
+    w_sorted = weight.reshape(-1).index_select(0, order).to(dt)
+    w_rows = w_sorted if row is None else x_TD.new_zeros(rows).index_copy_(0, row, w_sorted)  # padding rows: 0
+    yw = y[:rows].mul_(w_rows[:, None])
+    acc = _acc_dtype(dt)
+    out = torch.zeros(T, D, dtype=acc, device=dev)
+    out.index_add_(0, tok_pad, yw if acc == dt else yw.to(acc))
+    return out.to(dt)
+
+
+def run_inference(x: torch.Tensor, rows: ExpertRows, activation: str, w: ExpertWeights) -> torch.Tensor:
+    """:func:`moe_inference` on the token-space routes of ``rows`` (``rows.routes``)."""
+    if rows.routes is None or rows.weight is None:
+        raise ValueError("the inference path needs rows.routes (the routes' experts) and rows.weight")
+    return moe_inference(x, rows.routes, rows.weight, w.w1.shape[0], activation, w, rows.route_tokens)

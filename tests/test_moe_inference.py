@@ -1,0 +1,197 @@
+"""The no-autograd inference path of the MoE layer (sparse_dit/moe/ops/inference.py): it gives the
+training path's output, the sampler takes it by itself, and a reference written here agrees."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sparse_dit.config import ModelConfig, MoEConfig
+from sparse_dit.diffusion import FlowMatching, sample
+from sparse_dit.config import DiffusionConfig
+from sparse_dit.dit import SparseDiT
+from sparse_dit.moe import MoEFeedForward
+from sparse_dit.moe.ops import ExpertRows, moe_inference
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# Every rule of the router table, and the layer options that change what the experts compute.
+CONFIGS = {
+    "token_choice_k1": dict(top_k=1),
+    "token_choice_k2": dict(top_k=2),
+    "token_choice_k4": dict(top_k=4, num_experts=6),  # K >= 4: the index_add combine in fp32
+    "sigmoid_no_renorm": dict(top_k=2, score_func="sigmoid", renormalize=False),
+    "expert_choice": dict(router="expert_choice", top_k=2),
+    "expert_choice_cf": dict(router="expert_choice", top_k=2, capacity_factor=0.5),
+    "shared_experts": dict(top_k=2, shared_experts=1),
+    "capacity_dropping": dict(top_k=2, capacity_factor=0.5),
+    "capacity_top1": dict(top_k=1, capacity_factor=0.3),
+    "swiglu": dict(top_k=2, activation="swiglu"),
+    "swiglu_expert_choice_shared": dict(router="expert_choice", top_k=2, activation="swiglu", shared_experts=2),
+    "timestep_routing": dict(top_k=2, cond_dim=16),
+    "batch": dict(router="batch", top_k=2),
+    "noise_level": dict(router="noise_level", top_k=1, router_options={"boundaries": (0.5,)}),
+}
+
+
+def _layer(**kw) -> MoEFeedForward:
+    kw = {"num_experts": 4, **kw}
+    E = kw.pop("num_experts")
+    k = kw.pop("top_k")
+    moe = MoEFeedForward(16, 24, E, k, **kw)
+    with torch.no_grad():  # non-trivial biases and a router that spreads the tokens
+        for p in moe.parameters():
+            p.normal_(0.0, 0.3)
+    return moe
+
+
+def _reference(moe: MoEFeedForward, x: torch.Tensor, r) -> torch.Tensor:
+    """out[t] = sum over kept routes of weight * expert(x[t]) (+ shared experts), one route at a time."""
+    B, N, D = x.shape
+    x_TD = x.reshape(B * N, D).double()
+    ex = moe.experts
+    out = torch.zeros_like(x_TD)
+    e_R = r.expert_idx.reshape(-1).tolist()
+    w_R = r.weight.reshape(-1).double().tolist()
+    tok_R = r.token_of_route().tolist()
+    for e, w, t in zip(e_R, w_R, tok_R):
+        if e == moe.num_experts:  # dropped
+            continue
+        xt = x_TD[t]
+        if ex.activation == "gelu_tanh":
+            h = F.gelu(xt @ ex.w1[e].double() + ex.b1[e].double(), approximate="tanh")
+            y = h @ ex.w2[e].double() + ex.b2[e].double()
+        else:
+            h = F.silu(xt @ ex.w1[e].double()) * (xt @ ex.w3[e].double())
+            y = h @ ex.w2[e].double()
+        out[t] += w * y
+    if moe.shared is not None:
+        out += moe.shared.double()(x_TD)
+    return out.view(B, N, D)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("training", [True, False])
+def test_inference_path_equals_training_path(name: str, training: bool) -> None:
+    cfg = dict(CONFIGS[name])
+    moe = _layer(**cfg).train(training)
+    x = torch.randn(3, 10, 16)
+    cond = torch.randn(3, 16) if "cond_dim" in cfg else None
+    t = torch.tensor([0.9, 0.2, 0.6])
+    seen = []
+    moe.experts.register_forward_hook(lambda m, args, out: seen.append(args[1].inference))
+    with torch.no_grad():
+        r = moe.router(x, cond, t)
+        y_fast, aux_fast = moe(x, cond, t)
+    y_train, aux_train = moe(x.requires_grad_(), cond, t)  # the autograd op ("fused_local")
+    assert seen == [True, False], "no_grad must take the inference path, autograd the training one"
+    torch.testing.assert_close(y_fast, y_train.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y_fast.double(), _reference(moe, x.detach(), r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(aux_fast.tokens_per_expert, aux_train.tokens_per_expert)
+    torch.testing.assert_close(aux_fast.loss, aux_train.loss.detach())
+
+
+def test_inference_op_drops_and_general_tables_against_reference() -> None:
+    """The op alone: a general route table with dropped routes (sentinel E) and a token taken twice."""
+    moe = _layer(top_k=2)
+    x = torch.randn(1, 5, 16)
+    E = moe.num_experts
+    expert_idx = torch.tensor([[0], [0], [3], [E], [1], [3], [E]])
+    token_idx = torch.tensor([[4], [1], [1], [2], [0], [0], [3]])
+    weight = torch.rand(7, 1)
+    with torch.no_grad():
+        y = moe.experts(x[0], ExpertRows(weight=weight, routes=expert_idx, route_tokens=token_idx))
+
+    class R:  # the reference's view of a routing
+        pass
+
+    r = R()
+    r.expert_idx, r.weight = expert_idx, weight
+    r.token_of_route = lambda: token_idx.reshape(-1)
+    torch.testing.assert_close(y.double(), _reference(moe, x, r)[0], rtol=1e-5, atol=1e-5)
+    assert torch.equal(y[3], torch.zeros(16)), "token 3 has only a dropped route"
+
+
+@pytest.mark.parametrize("cap", [0, 1, 3, None, 100])
+@pytest.mark.parametrize("general", [False, True])
+def test_any_layout_gives_the_reference(cap, general: bool) -> None:
+    """Every block/overflow layout (cap 0 = one GEMM per expert, 100 = all padding), with drops."""
+    moe = _layer(top_k=2, capacity_factor=0.6) if not general else _layer(router="expert_choice", top_k=2, capacity_factor=0.7)
+    x = torch.randn(2, 9, 16)
+    with torch.no_grad():
+        r = moe.router(x)
+        y = moe_inference(x.view(18, 16), r.expert_idx, r.weight, 4, "gelu_tanh", moe.experts.params_in(x.dtype), r.token_idx, cap=cap)
+    assert r.may_drop == (not general) and (r.expert_idx == 4).any() == (not general)
+    torch.testing.assert_close(y.double(), _reference(moe, x, r).view(18, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_every_route_dropped_gives_zero() -> None:
+    moe = _layer(top_k=2)
+    ex = moe.experts
+    x = torch.randn(4, 16)
+    y = moe_inference(x, torch.full((4, 2), 4), torch.rand(4, 2), 4, "gelu_tanh", ex.params_in(x.dtype))
+    assert torch.equal(y, torch.zeros(4, 16))
+
+
+def test_inference_layout_refuses_autograd() -> None:
+    moe = _layer(top_k=1)
+    x = torch.randn(4, 16)
+    with pytest.raises(ValueError, match="without autograd"):
+        moe.experts(x, ExpertRows(weight=torch.rand(4, 1), routes=torch.zeros(4, 1, dtype=torch.long)))
+
+
+def test_bf16_inference_matches_training_path() -> None:
+    moe = _layer(top_k=2).to(torch.bfloat16)
+    x = torch.randn(2, 12, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y_fast, _ = moe(x)
+    y_train, _ = moe(x.requires_grad_())
+    # both accumulate the combine in fp32; the output bias is added in another order (bf16 rounding)
+    torch.testing.assert_close(y_fast.float(), y_train.detach().float(), rtol=2e-2, atol=2e-2)
+
+
+def _tiny_moe_dit(**moe) -> SparseDiT:
+    cfg = ModelConfig(in_channels=3, patch_size=(1, 2, 2), hidden_size=32, depth=2, num_heads=2, pos_embed="rope",
+                      num_classes=0, text_dim=0, cross_attention=False, moe=MoEConfig(num_experts=4, **moe))
+    model = SparseDiT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    return model
+
+
+def test_sampler_takes_the_inference_path_and_skips_the_statistics() -> None:
+    model = _tiny_moe_dit(top_k=2, shared_experts=1)
+    layers = [b.mlp for b in model.blocks if b.is_moe]
+    paths, auxes = [], []
+    for layer in layers:
+        layer.experts.register_forward_hook(lambda m, args, out: paths.append(args[1].inference))
+        layer.register_forward_hook(lambda m, args, out: auxes.append(out[1]))
+    out = sample(model, (1, 3, 2, 8, 8), num_inference_steps=3, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 3, 2, 8, 8) and torch.isfinite(out).all()
+    assert paths == [True] * 6 and auxes == [None] * 6  # 3 steps x 2 layers; nobody asked for statistics
+    # the training objective asks for the aux loss and takes the autograd path
+    paths.clear(), auxes.clear()
+    loss = FlowMatching(DiffusionConfig()).training_losses(model, torch.randn(2, 3, 2, 8, 8), {})["loss"]
+    loss.backward()
+    assert paths == [False, False] and all(a is not None for a in auxes)
+    # statistics still come under no_grad when asked for (evals of the held-out loss)
+    with torch.no_grad():
+        _, aux = model(torch.randn(1, 3, 2, 8, 8), torch.rand(1), return_aux=True)
+    assert len(aux.moe) == 2 and paths[-2:] == [True, True]
+
+
+def test_sampling_equals_sampling_through_the_training_path() -> None:
+    """The whole sampler: the same latents whether the MoE layers run the inference path (no_grad)
+    or the autograd op (forced here by enabling grad inside the model call)."""
+    model = _tiny_moe_dit(top_k=1, capacity_factor=1.0)
+
+    def with_grad(*args, **kwargs):
+        with torch.enable_grad():
+            return model(*args, **kwargs).detach()
+
+    with_grad.config = model.config  # type: ignore[attr-defined]
+    a = sample(model, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    b = sample(with_grad, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
