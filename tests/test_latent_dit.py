@@ -8,6 +8,7 @@ physics dataset; references are computed here with the VAE directly.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import subprocess
@@ -22,6 +23,7 @@ from sparse_dit.autoencoder import autoencoder_id, load_autoencoder
 from sparse_dit.config import ConfigError
 from sparse_dit.data.hf import write_physics_dataset
 from sparse_dit.data.latents import LatentDataset
+from sparse_dit import flops_cli
 from sparse_dit.evals.compare import evaluate_run, load_run, load_split
 from sparse_dit.pipeline import VideoPipeline
 from sparse_dit.presets import load_recipe
@@ -44,7 +46,9 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("latent")
     data = root / "physics"
     write_physics_dataset(data, "uniform", "id", 4, 5, 16, 16, seed=0, workers=1, progress=False)
-    return {"root": root, "data": data, "vae": _vae(root / "vae", 1), "other": _vae(root / "other", 2)}
+    w = {"root": root, "data": data, "vae": _vae(root / "vae", 1), "other": _vae(root / "other", 2)}
+    w["live"] = train(_recipe(w, root / "run-live"))  # 2 steps, the videos encoded on the fly
+    return w
 
 
 def _recipe(world, out, **over):
@@ -96,7 +100,7 @@ def test_encode_cache_train_and_load_through_the_vae(world) -> None:
 
     # train on the cached latents, then on the videos encoded on the fly: the same model inputs
     a = train(_recipe(world, root / "run-cached", **{"data.source": "latents", "data.path": str(cache)}))
-    b = train(_recipe(world, root / "run-live"))
+    b = world["live"]
     assert a["steps"] == b["steps"] == 2
     assert a["first_loss"] == pytest.approx(b["first_loss"], rel=1e-4)
 
@@ -112,9 +116,7 @@ def test_encode_cache_train_and_load_through_the_vae(world) -> None:
 
 
 def test_evaluation_decodes_through_the_run_autoencoder(world) -> None:
-    run_dir = world["root"] / "run-eval"
-    train(_recipe(world, run_dir, **{"train.max_steps": 1}))
-    run = load_run(run_dir)
+    run = load_run(world["root"] / "run-live")
     assert isinstance(run.autoencoder, CausalVideoVAE)
     split = load_split("id", world["data"])
     m, videos = evaluate_run(run, [split], context_frames=3, num_inference_steps=2, latency_repeats=0, batch_size=4,
@@ -126,3 +128,14 @@ def test_evaluation_decodes_through_the_run_autoencoder(world) -> None:
     ref = vae_macs(VAE, 5, 16, 16)
     assert m["vae_encode_gmacs"] == ref["encode"] / 1e9 and m["vae_decode_gmacs"] == ref["decode"] / 1e9
     assert np.isfinite(m["val_loss"])
+
+
+def test_flops_lists_the_autoencoder_apart(world, capsys) -> None:
+    recipe = world["root"] / "recipe.yaml"
+    recipe.write_text((world["root"] / "run-live" / "recipe.yaml").read_text())
+    parser = argparse.ArgumentParser()
+    flops_cli.add_arguments(parser)
+    assert flops_cli.run(parser.parse_args([str(recipe), "--video", "5,16,16", "--json"])) == 0
+    out = json.loads(capsys.readouterr().out)
+    ref = vae_macs(VAE, 5, 16, 16)
+    assert out["latent"] == [4, 3, 8, 8] and out["autoencoder"]["encode_gmacs"] == ref["encode"] / 1e9
