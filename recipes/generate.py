@@ -490,7 +490,9 @@ def generate_videos(model_dir: str | Path, **flags: Any) -> Generated:
     ctx = recipe.train.context
     job = Job(pipe, T, H, W, args.num_samples, args, held_out,
               {"generator": torch.Generator().manual_seed(args.seed), "model_kwargs": model_kwargs},
-              window=window, recipe_context=ctx.frames if ctx.mode == "prefix" else None)
+              window=window,
+              # train.context.frames counts latent frames: the pixel frames they wholly cover (1 + (k - 1) * ft)
+              recipe_context=1 + (ctx.frames - 1) * vae.temporal_compression if ctx.mode == "prefix" else None)
     videos = CLI_MODES[mode][0](job)
     # with held-out clips, the ground truth goes left of what was generated (same length)
     reference = held.get("video") if uses_held and mode in ("extend", "interpolate", "sdedit") else None

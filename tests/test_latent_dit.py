@@ -27,6 +27,7 @@ from sparse_dit import flops_cli
 from sparse_dit.evals.compare import evaluate_run, load_run, load_split
 from sparse_dit.pipeline import VideoPipeline
 from sparse_dit.presets import load_recipe
+from sparse_dit.recipes.generate import GenerateError, generate_videos
 from sparse_dit.recipes.train import train
 from sparse_dit.vae import CausalVideoVAE, VAEConfig, vae_macs
 
@@ -139,3 +140,10 @@ def test_flops_lists_the_autoencoder_apart(world, capsys) -> None:
     out = json.loads(capsys.readouterr().out)
     ref = vae_macs(VAE, 5, 16, 16)
     assert out["latent"] == [4, 3, 8, 8] and out["autoencoder"]["encode_gmacs"] == ref["encode"] / 1e9
+
+
+def test_generate_cli_decodes_through_the_run_autoencoder(world) -> None:
+    res = generate_videos(world["root"] / "run-live", mode="extend", context_frames=3, new_frames=2, num_samples=1, steps=2)
+    assert res.videos.shape == (1, 3, 5, 16, 16) and res.reference is not None  # held-out clip continued, decoded
+    with pytest.raises(GenerateError, match=r"--height=10 is not allowed; .*multiple of 4"):
+        generate_videos(world["root"] / "run-live", mode="text", height=10, num_samples=1, steps=2)
