@@ -516,7 +516,7 @@ class EMA:
         for k, v in model.state_dict().items():
             s = self.shadow[k]
             if v.dtype.is_floating_point and k not in buffers:
-                s.mul_(d).add_(v.detach().float(), alpha=1 - d)
+                s.lerp_(v.detach().float(), 1 - d)  # exactly s where v == s (a frozen parameter stays bitwise put)
             else:
                 s.copy_(v)
 

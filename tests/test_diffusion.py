@@ -176,6 +176,18 @@ def test_ema():
     assert ema2.num_updates == 2
 
 
+def test_ema_leaves_a_parameter_equal_to_its_average_bitwise_unchanged():
+    # s*d + v*(1-d) rounds away from v even when s == v; a frozen part (train.noise_range) must stay put
+    m = nn.Linear(3, 3)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[0.1, 1 / 3, 2 / 7], [1e-7, 12345.678, -0.3], [5.5, 0.7, 1 / 9]]))
+    ema = EMA(m, decay=0.9, warmup=False)
+    before = ema.shadow["weight"].clone()
+    for _ in range(5):
+        ema.update(m)
+    assert torch.equal(ema.shadow["weight"], before)
+
+
 def test_sdedit_schedule_starts_at_strength_and_keeps_a_clean_input():
     s = FlowMatchScheduler("euler", grid="uniform")  # 11 points 1.0, 0.9, ..., 0: half of it starts at 0.5
     s.set_timesteps(10, strength=0.5)
