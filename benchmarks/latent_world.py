@@ -69,8 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--root", default=None, help="output folder (default runs/latent, or runs/latent-smoke with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks that every step runs")
+    for key in FULL:
+        p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override {key} (full run: {FULL[key]})")
     args = p.parse_args(argv)
-    s = SMOKE if args.smoke else FULL
+    s = dict(SMOKE if args.smoke else FULL)
+    s.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
     root = Path(args.root or ("runs/latent-smoke" if args.smoke else "runs/latent"))
     data, val, lat = root / "data" / "train", root / "data" / "val", root / "data" / "train-latents"
     vae_run, dit_run, ev = root / "vae", root / "dit", root / "eval"
@@ -109,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     ve, cv = result["dit"]["velocity_error"], result["copy_last_frame"]["velocity_error"]
     result["beats_copy_last_frame"] = bool(ve is not None and cv is not None and np.isfinite(ve) and ve < cv)
+    result = json.loads(json.dumps(result), parse_constant=lambda c: None)  # NaN (no ball found) -> null: plain JSON
     (root / "result.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return 0

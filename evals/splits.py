@@ -171,15 +171,24 @@ def training_data(recipe: RecipeConfig) -> dict[str, Any]:
     """
     d = recipe.data
     fps = None
-    if d.path and Path(d.path).is_dir():
+    source, path = d.source, d.path
+    if source == "latents" and path and Path(path).is_dir():  # cached latents: compare with the clips they encode
         try:
-            ds = load_video_dataset(d.path)
+            src = json.loads(load_video_dataset(path).info.description or "{}").get("source")
+            if src and Path(src).is_dir():
+                source = "physics" if _PHYSICS_COLUMNS <= set(load_video_dataset(src).column_names) else "hf"
+                path = src
+        except (ValueError, OSError, AttributeError):
+            pass
+    if path and Path(path).is_dir():
+        try:
+            ds = load_video_dataset(path)
             meta = json.loads(ds.info.description or "{}") if ds.info.description else {}
             fps = float(meta["fps"]) if isinstance(meta, dict) and meta.get("fps") else _mean_fps(ds)
         except (ValueError, OSError, json.JSONDecodeError):
             fps = None
-    any_size = d.token_budget is not None
-    return {"source": d.source, "kind": SOURCE_KINDS.get(d.source, d.source),
+    any_size = d.token_budget is not None or d.source == "latents"  # a cache's recipe sizes are not checked against it
+    return {"source": source, "kind": SOURCE_KINDS.get(source, source),
             "height": None if any_size else d.height, "width": None if any_size else d.width, "fps": fps}
 
 

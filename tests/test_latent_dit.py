@@ -25,6 +25,7 @@ from sparse_dit.data.hf import write_physics_dataset
 from sparse_dit.data.latents import LatentDataset
 from sparse_dit import flops_cli
 from sparse_dit.evals.compare import evaluate_run, load_run, load_split
+from sparse_dit.evals.splits import training_data
 from sparse_dit.pipeline import VideoPipeline
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.generate import GenerateError, generate_videos
@@ -103,6 +104,7 @@ def test_encode_cache_train_and_load_through_the_vae(world) -> None:
     a = train(_recipe(world, root / "run-cached", **{"data.source": "latents", "data.path": str(cache)}))
     b = world["live"]
     assert a["steps"] == b["steps"] == 2
+    assert training_data(load_recipe(root / "run-cached" / "recipe.yaml"))["kind"] == "physics world"  # what the cache encodes
     assert a["first_loss"] == pytest.approx(b["first_loss"], rel=1e-4)
 
     # latents of another VAE: one line
