@@ -11,7 +11,7 @@ from sparse_dit.config import ModelConfig, MoEConfig
 from sparse_dit.diffusion import FlowMatching, sample
 from sparse_dit.config import DiffusionConfig
 from sparse_dit.dit import SparseDiT
-from sparse_dit.moe import MoEFeedForward
+from sparse_dit.moe import MoEFeedForward, release_workspace
 from sparse_dit.moe.ops import ExpertRows, moe_inference
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,6 +139,22 @@ def test_inference_layout_refuses_autograd() -> None:
     x = torch.randn(4, 16)
     with pytest.raises(ValueError, match="without autograd"):
         moe.experts(x, ExpertRows(weight=torch.rand(4, 1), routes=torch.zeros(4, 1, dtype=torch.long)))
+
+
+def test_inference_mode_then_no_grad_then_training() -> None:
+    """torch.inference_mode also takes the fast path, and its (inference-tensor) workspace does not
+    leak into later no_grad or autograd calls (writing one outside inference mode raises)."""
+    release_workspace()
+    moe = _layer(top_k=2)
+    x = torch.randn(2, 10, 16)
+    with torch.inference_mode():
+        y0, _ = moe(x)
+    with torch.no_grad():
+        y1, _ = moe(x)
+    y2, _ = moe(x.clone().requires_grad_())
+    y2.sum().backward()
+    assert torch.equal(y0, y1)
+    torch.testing.assert_close(y2.detach(), y1, rtol=1e-6, atol=1e-6)
 
 
 def test_bf16_inference_matches_training_path() -> None:

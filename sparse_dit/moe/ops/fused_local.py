@@ -210,11 +210,14 @@ _tls = threading.local()
 
 
 def _scratch(name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A reusable buffer of ``shape`` (uninitialised), private to this thread and op phase."""
+    """A reusable buffer of ``shape`` (uninitialised), private to this thread and op phase.
+
+    Buffers made under ``torch.inference_mode`` are inference tensors, which may not be written
+    outside it: each mode keeps its own."""
     cache = getattr(_tls, "buffers", None)
     if cache is None:
         cache = _tls.buffers = {}
-    key = (name, like.dtype, like.device)
+    key = (name, like.dtype, like.device, torch.is_inference_mode_enabled())
     n = 1
     for d in shape:
         n *= d
