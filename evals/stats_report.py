@@ -31,7 +31,7 @@ import numpy as np
 
 from sparse_dit.evals.frechet import (STD_FLOOR, TRAJECTORY_FEATURE_NAMES, frechet_distance, trajectory_features_from_tracks,
                                       trajectory_frechet_from_features)
-from sparse_dit.evals.physics import frame_pairs
+from sparse_dit.evals.physics import BASELINES, frame_pairs
 from sparse_dit.evals.stats import LEVEL, MIN_SAMPLES, N_RESAMPLES, bootstrap_interval, frechet_reliability, t_interval, verdict, welch_interval
 from sparse_dit.evals.tracking import as_ball_states, track_videos
 from sparse_dit.evals.video_metrics import psnr, ssim
@@ -382,12 +382,20 @@ def add_intervals(report: dict[str, Any], splits: Sequence[Any], videos: Mapping
         entries = _split_entries(report, s)  # ground truth first: the others' Frechet reference
         per_video[s], features[s] = {}, {}
         gt = videos[s]["ground_truth"]
+        have = dict(videos[s])
+        for ename in entries:  # baselines compare scored but did not keep (ball-free ones): redrawn, seeded
+            b = ename.split(":", 1)[1] if ename.startswith("baseline:") else None
+            if b is not None and b not in have and b in BASELINES:
+                try:
+                    have[b] = BASELINES[b](gt, split.states, context_frames)
+                except (ValueError, TypeError) as exc:
+                    log(f"  intervals: baseline {b}/{s} not redrawn: {exc}")
         want_fd = any("trajectory_fd" in entries.get(m, {}) for m in names)
         ref: _Features | None = None
         floor = float("nan")
         for ename, entry in entries.items():
             vname = ename.split(":", 1)[1] if ename.startswith("baseline:") else ename
-            if vname not in videos[s]:
+            if vname not in have:
                 continue
             is_gt = vname == "ground_truth"
             keys = [k for k in VIDEO_STATS if k in entry]
@@ -397,8 +405,8 @@ def add_intervals(report: dict[str, Any], splits: Sequence[Any], videos: Mapping
             tracks = None
             try:  # one tracking per (video set, split), shared by the physics values and the FD features
                 if split.states is not None and (fd_here or any(k in keys for k in _PHYSICS)):
-                    tracks = track_videos(videos[s][vname], split.states, context_frames)
-                pv = per_video_values(videos[s][vname], gt, split.states, context_frames, keys, tracks=tracks)
+                    tracks = track_videos(have[vname], split.states, context_frames)
+                pv = per_video_values(have[vname], gt, split.states, context_frames, keys, tracks=tracks)
             except ValueError as exc:  # e.g. states of another kind: no physics intervals
                 log(f"  intervals: {vname}/{s}: {exc}")
                 continue
