@@ -143,6 +143,9 @@ def steps_figure(report: Mapping[str, Any], keys: Sequence[str] = ("velocity_err
             if _finite(v):
                 ax.axhline(float(v), linestyle=style, color="grey", label=bname.replace("_", " "))
         ax.set_xscale("log", base=2)
+        ticks = sorted({int(p["steps"]) for m in models.values() for p in m["steps_sweep"]})
+        ax.set_xticks(ticks, [str(t) for t in ticks])  # the step counts evaluated, not powers of 2
+        ax.minorticks_off()
         ax.set_xlabel("sampler steps (model calls per video = steps for Euler)")
         ax.set_ylabel(_QUALITY.get(key, key) + " (95% CI)")
         ax.grid(alpha=0.3)

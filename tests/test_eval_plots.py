@@ -91,6 +91,7 @@ def test_steps_sweep_is_a_curve_over_steps():
         line = ax.containers[0].lines[0]
         assert list(line.get_xdata()) == [2, 4, 8] and list(line.get_ydata()) == pytest.approx([0.5, 0.25, 0.125])
         assert ax.get_xlabel().startswith("sampler steps")
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["2", "4", "8"]
     finally:
         for f in figs.values():
             plt.close(f)
