@@ -34,7 +34,7 @@ from sparse_dit.evals.frechet import (STD_FLOOR, TRAJECTORY_FEATURE_NAMES, frech
 from sparse_dit.evals.physics import BASELINES, frame_pairs
 from sparse_dit.evals.stats import LEVEL, MIN_SAMPLES, N_RESAMPLES, bootstrap_interval, frechet_reliability, t_interval, verdict, welch_interval
 from sparse_dit.evals.tracking import as_ball_states, track_videos
-from sparse_dit.evals.video_metrics import psnr, ssim
+from sparse_dit.evals.video_metrics import PSNR_CAP_DB, psnr, ssim
 
 __all__ = ["VideoStat", "VIDEO_STATS", "FD_RESAMPLES", "I3D_FEATURE_DIM", "per_video_values", "video_intervals",
            "trajectory_fd_interval", "batched_trajectory_fd", "paired_difference", "variant_key", "add_intervals"]
@@ -124,7 +124,7 @@ def per_video_values(generated: np.ndarray, ground_truth: np.ndarray, states: Se
             cols["found"][i], cols["visible"][i] = found.sum(), visible.sum()
         out.update(cols)
     if "psnr" in keys:
-        out["psnr"] = psnr(generated[:, c:], ground_truth[:, c:]).mean(axis=1)
+        out["psnr"] = np.minimum(psnr(generated[:, c:], ground_truth[:, c:]), PSNR_CAP_DB).mean(axis=1)  # as frame_metrics
     if "ssim" in keys:
         out["ssim"] = ssim(generated[:, c:], ground_truth[:, c:]).mean(axis=1)
     return out

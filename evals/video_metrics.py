@@ -19,7 +19,11 @@ import numpy as np
 import torch
 from einops import rearrange
 
-__all__ = ["frame_metrics", "gaussian_window", "psnr", "ssim", "to_uint8_videos"]
+__all__ = ["PSNR_CAP_DB", "frame_metrics", "gaussian_window", "psnr", "ssim", "to_uint8_videos"]
+
+# A frame's PSNR in frame_metrics' means: exact frames (MSE 0, inf dB) count as this many dB. 100 dB
+# is an MSE of 6.5e-6 on uint8 frames: no rounded prediction that is not exact comes near it.
+PSNR_CAP_DB = 100.0
 
 # Images per SSIM/PSNR chunk in frame_metrics: bounds the float64 temporaries (~2 GB at 256x256).
 _CHUNK_VALUES = 2**24
@@ -167,8 +171,9 @@ def frame_metrics(
         data_range: value range; 255 for uint8, required otherwise.
 
     Returns:
-        ``psnr`` (dB) and ``ssim``: means over all generated frames of all videos (inf PSNR
-        when every frame is exact); ``psnr_per_frame`` and ``ssim_per_frame``: means over
+        ``psnr`` (dB) and ``ssim``: means over all generated frames of all videos, a frame's
+        PSNR capped at :data:`PSNR_CAP_DB` (an exact frame counts as 100 dB, not inf, so one
+        exact frame does not hide the others); ``psnr_per_frame`` and ``ssim_per_frame``: means over
         videos for each generated frame; ``generated_frames``.
     """
     p, t = np.asarray(pred_videos), np.asarray(target_videos)
@@ -179,6 +184,7 @@ def frame_metrics(
     p, t = p[:, context_frames:], t[:, context_frames:]
     step = max(1, _CHUNK_VALUES // max(1, int(np.prod(p.shape[1:]))))
     ps = np.concatenate([psnr(p[i : i + step], t[i : i + step], data_range) for i in range(0, p.shape[0], step)])
+    ps = np.minimum(ps, PSNR_CAP_DB)  # an exact frame (inf dB) must not make the mean of the others infinite
     ss = np.concatenate([ssim(p[i : i + step], t[i : i + step], data_range) for i in range(0, p.shape[0], step)])
     return {
         "psnr": float(ps.mean()),

@@ -271,7 +271,16 @@ def test_frame_metrics_ignore_context_frames():
     b = a.copy()
     b[:, :3] = 0  # context frames differ, generated frames are exact
     m = video_metrics.frame_metrics(b, a, context_frames=3)
-    assert math.isinf(m["psnr"]) and m["ssim"] == pytest.approx(1.0) and len(m["ssim_per_frame"]) == 2
+    assert m["psnr"] == video_metrics.PSNR_CAP_DB and m["ssim"] == pytest.approx(1.0) and len(m["ssim_per_frame"]) == 2
+
+
+def test_one_exact_frame_does_not_make_the_mean_psnr_infinite():
+    a = np.full((1, 4, 12, 12, 3), 100, dtype=np.uint8)
+    b = a.copy()
+    b[0, 3] += 5  # frame 3 off by 5 everywhere: MSE 25, PSNR 10 log10(255^2 / 25) by hand; frames 1-2 exact
+    m = video_metrics.frame_metrics(b, a, context_frames=1)
+    by_hand = (100.0 + 100.0 + 10 * math.log10(255**2 / 25)) / 3
+    assert m["psnr"] == pytest.approx(by_hand) and math.isfinite(m["psnr"])
 
 
 def test_frame_metrics_chunking_and_uint8_conversion(monkeypatch):
