@@ -32,6 +32,7 @@ from sparse_dit.evals.compare import check_eval_data, compare, evaluate_run, loa
 from sparse_dit.evals.metrics import DEFAULT_METRICS
 from sparse_dit.evals.splits import EvalSplit
 from sparse_dit.evals.cost import cost_report
+from sparse_dit.evals.latent import encode_videos_batched, held_latent_frames, is_latent
 from sparse_dit.evals.loss import heldout_loss
 from sparse_dit.evals.physics import score_baselines
 from sparse_dit.evals.report import _clean, write_report
@@ -212,7 +213,7 @@ def _run_rollout(args: argparse.Namespace) -> int:
         raise ValueError(f"--context-frames={ctx} is not allowed with {window}-frame windows; use 1..{window - 1}")
     if args.steps is not None and args.steps < 1:
         raise ValueError(f"--steps={args.steps} is not allowed; use an int >= 1")
-    pipe = VideoPipeline.from_config(run.model, r.diffusion)
+    pipe = VideoPipeline.from_config(run.model, r.diffusion, vae=run.autoencoder)  # a latent-space run decodes through its VAE
     predict = pipeline_predictor(pipe, window, ctx, seed=args.seed, batch_size=args.batch_size, num_inference_steps=args.steps)
     result: dict[str, Any] = {"run": str(args.run), "scenario": args.scenario, "frames": args.frames, "fps": args.fps,
                               "window": window, "context_frames": ctx, "splits": {}}
@@ -300,8 +301,14 @@ def _run(args: argparse.Namespace) -> int:
         result = {}
         for d, run_ in zip(args.runs, runs):
             model = run_.model
-            result[str(d)] = {s.name: heldout_loss(model, s.model_videos(), context_frames=args.context_frames, num_t=args.num_t,
-                                                   seed=args.seed, batch_size=args.batch_size) for s in splits}
+            result[str(d)] = {}
+            for s in splits:
+                videos, ctx = s.model_videos(), args.context_frames
+                if is_latent(run_.autoencoder):  # on the encoded latents (evals/latent.py), latent frames the context covers left out
+                    ctx = held_latent_frames(run_.autoencoder, videos.shape[2], ctx)
+                    videos = encode_videos_batched(run_.autoencoder, videos, args.batch_size)
+                result[str(d)][s.name] = heldout_loss(model, videos, context_frames=ctx, num_t=args.num_t, seed=args.seed,
+                                                      batch_size=args.batch_size)
         _print(result, args.json)
         return 0
     raise SystemExit(f"sparse-dit eval: unknown command {cmd!r}")

@@ -216,7 +216,7 @@ def _rollout(x: MetricInput) -> dict[str, Any]:
     o = {**ROLLOUT_DEFAULTS, **{k: v for k, v in x.options.items() if k in ROLLOUT_DEFAULTS}}
     T, H, W = x.split.videos.shape[1:4]
     window = int(o["rollout_window"] or T)
-    pipe = VideoPipeline(x.model, shift=o["rollout_shift"], num_inference_steps=int(o["rollout_steps"]))
+    pipe = VideoPipeline(x.model, vae=x.autoencoder, shift=o["rollout_shift"], num_inference_steps=int(o["rollout_steps"]))
     predict = pipeline_predictor(pipe, window, x.context_frames, seed=x.seed, batch_size=x.batch_size)
     out: dict[str, Any] = {"rollout": {}}
     for split in o["rollout_splits"]:

@@ -24,6 +24,7 @@ from sparse_dit.config import ConfigError
 from sparse_dit.data.hf import write_physics_dataset
 from sparse_dit.data.latents import LatentDataset
 from sparse_dit import flops_cli
+from sparse_dit.evals import cli as eval_cli
 from sparse_dit.evals.compare import evaluate_run, load_run, load_split
 from sparse_dit.evals.splits import training_data
 from sparse_dit.pipeline import VideoPipeline
@@ -149,3 +150,13 @@ def test_generate_cli_decodes_through_the_run_autoencoder(world) -> None:
     assert res.videos.shape == (1, 3, 5, 16, 16) and res.reference is not None  # held-out clip continued, decoded
     with pytest.raises(GenerateError, match=r"--height=10 is not allowed; .*multiple of 4"):
         generate_videos(world["root"] / "run-live", mode="text", height=10, num_samples=1, steps=2)
+
+
+def test_eval_loss_cli_measures_on_the_encoded_latents(world, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    eval_cli.add_arguments(parser)
+    args = parser.parse_args(["loss", str(world["root"] / "run-live"), "--data", f"id={world['data']}", "--context-frames", "3",
+                              "--num-t", "2", "--json"])
+    assert eval_cli.run(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert np.isfinite(next(iter(out.values()))["id"]["loss"])
