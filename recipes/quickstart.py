@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.data import write_physics_dataset
 from sparse_dit.evals.compare import compare, load_split
 from sparse_dit.evals.report import write_report
+from sparse_dit.evals.stats_report import paired_difference
 from sparse_dit.flops import count
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.train import TrainingDiverged, launch, train
@@ -201,9 +203,9 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
     log(f"done in {(time.monotonic() - t_start) / 60:.1f} min. Velocity error (px/frame, lower is better; "
         f"copy-last-frame {base:.2f}, constant velocity {report['baselines']['constant_velocity']['velocity_error']:.2f}):")
     for name, m in report["models"].items():
-        verdict = "beats" if m["velocity_error"] < base else "does NOT beat"
-        log(f"      {name:<7} {m['velocity_error']:.2f}  ({verdict} copy-last-frame)  position error {m['position_error']:.2f} px, "
-            f"detection {m['detection_rate']:.2f}, held-out loss {m['val_loss']:.4f}, latency {m['latency_ms']:.0f} ms")
+        log(f"      {name:<7} {_num(m.get('velocity_error'))}  ({_against_copy_last(report, name)})  position error "
+            f"{_num(m.get('position_error'))} px, detection {_num(m.get('detection_rate'))}, held-out loss "
+            f"{_num(m.get('val_loss'), 4)}, latency {_num(m.get('latency_ms'), 0)} ms")
     routing = report["models"].get("sparse", {}).get("routing")
     if routing:
         per_layer = ", ".join(f"{lay['max_violation']:.2f}" for lay in routing["layers"])
@@ -214,6 +216,29 @@ def quickstart(out: str | Path = "runs/quickstart", budget: float = 1.0, seed: i
     log(f"report: {(out / 'report.md').resolve()}  (json, plots, samples_id.gif, tb/ beside it); "
         f"training TensorBoard: tensorboard --logdir {out / 'runs'}")
     return report
+
+
+def _num(x: Any, digits: int = 2) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"  # None/NaN: no ball found, nothing to score
+
+
+def _against_copy_last(report: dict, name: str, split: str = "id") -> str:
+    """The paired velocity-error difference to copy-last-frame on the same videos, with its 95 %
+    interval (evals/stats_report.py): "beats" only when the interval excludes 0."""
+    pv = report.get("per_video", {}).get(split, {})
+    base, mine = pv.get("baseline:copy_last_frame"), pv.get(name)
+    if base is None or mine is None:
+        return "vs copy-last-frame: no per-video values"
+    try:
+        d = paired_difference("velocity_error", base, mine, split=split, a="copy-last-frame", b=name)
+    except (KeyError, ValueError) as exc:
+        return f"vs copy-last-frame: {exc}"
+    lo, hi = d.get("ci95") or (float("nan"), float("nan"))
+    ci = (f"difference {d['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}] px/frame" if all(map(math.isfinite, (d["difference"], lo, hi)))
+          else "no interval")
+    if not d.get("resolved"):
+        return f"not resolved against copy-last-frame: {ci}"
+    return f"{'beats' if d.get('better') == name else 'does NOT beat'} copy-last-frame: {ci}"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
