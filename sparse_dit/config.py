@@ -430,6 +430,9 @@ class RecipeConfig(_Config):
         tr, moe = self.train, self.model.moe
         d = self.data
         fixed = d.token_budget is None and d.source != "latents"  # cached latents carry their own shape
+        if d.token_budget is not None and self.autoencoder != "identity":
+            raise ConfigError(f"data.token_budget={d.token_budget} with autoencoder={self.autoencoder!r} is not supported (bucket shapes "
+                              "are not checked against the VAE's compression); train on fixed-size clips, or set data.token_budget: null")
         check_autoencoder(self.autoencoder, self.model.in_channels, d.num_frames if fixed else None,
                           d.height if fixed else None, d.width if fixed else None)
         if tr.noise_range is not None:

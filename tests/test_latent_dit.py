@@ -160,3 +160,8 @@ def test_eval_loss_cli_measures_on_the_encoded_latents(world, capsys) -> None:
     assert eval_cli.run(args) == 0
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert np.isfinite(next(iter(out.values()))["id"]["loss"])
+
+
+def test_buckets_under_a_vae_are_refused_in_one_line(world, tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"data.token_budget=256 with autoencoder=.* is not supported"):
+        _recipe(world, tmp_path, **{"data.token_budget": 256})
