@@ -70,8 +70,10 @@ def _split_metrics(m: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 def evaluate_cell(cell_dir: Path, recipe: Any, export_steps: Sequence[int], flops_per_step: float,
                   splits: Sequence[EvalSplit], *, context_frames: int, num_inference_steps: Optional[int], batch_size: int,
-                  num_t: int, seed: int = 0, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  num_t: int, seed: int = 0, log: Callable[[str], None] = print, flops_offset: float = 0.0) -> dict[str, Any]:
     """Evaluate one trained cell at every exported checkpoint (the last = the end of training).
+
+    ``flops_offset``: training FLOPs spent before the cell's first step (an upcycled cell's dense part).
 
     Returns ``{"curve": [{"step", "train_flops", "id": {...}, "ood": {...}}, ...], "final": {...}}``.
     """
@@ -86,7 +88,7 @@ def evaluate_cell(cell_dir: Path, recipe: Any, export_steps: Sequence[int], flop
         run = Run(f"{cell_dir.name}@{step}", folder, SparseDiT.from_pretrained(folder).eval(), recipe, {"steps": step})
         m, _ = evaluate_run(run, splits, context_frames=context_frames, num_inference_steps=num_inference_steps, seed=seed,
                             batch_size=batch_size, num_t=num_t, latency_repeats=0, metrics=_EVAL_METRICS, log=lambda s: None)
-        curve.append({"step": int(step), "train_flops": float(step * flops_per_step), **_split_metrics(m)})
+        curve.append({"step": int(step), "train_flops": float(flops_offset + step * flops_per_step), **_split_metrics(m)})
         routing = m.get("routing")
         log(f"    step {step}: " + ", ".join(f"{s}/{k} {v:.4g}" for s, d in _split_metrics(m).items() for k, v in d.items()))
     return {"curve": curve, "final": curve[-1], "train_seconds": summary.get("train_seconds"), "steps": summary.get("steps"),

@@ -53,6 +53,7 @@ from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.run_dir import atomic_write
 from sparse_dit.recipes.train import train
 from sparse_dit.schema import _Config, apply_overrides, from_dict, load_yaml, rule, to_dict
+from sparse_dit.upcycle import UpcycleError, upcycle, upcycle_config
 
 __all__ = [
     "SizeSpec", "VariantSpec", "StudyData", "StudyBudget", "StudyEval", "StudySpec", "Cell",
@@ -85,9 +86,23 @@ class VariantSpec(_Config):
     name: str = ""
     moe: Optional[dict[str, Any]] = None
     set: dict[str, Any] = field(default_factory=dict)
+    # Sparse upcycling (sparse_dit.upcycle): {from: <dense variant>, at: fraction of its steps
+    # (default 0.5), granularity: 1}. The cell starts from the dense cell's weights (same size
+    # and seed) at that point and spends the rest of the budget as this MoE.
+    upcycle: Optional[dict[str, Any]] = None
 
     def _check(self) -> None:
         _check_name("variants[].name", self.name)
+        if self.upcycle is not None:
+            if self.moe is None:
+                raise ConfigError(f"variant {self.name!r}: upcycle needs moe (num_experts, top_k) to upcycle into")
+            bad = sorted(set(self.upcycle) - {"from", "at", "granularity"})
+            if bad or "from" not in self.upcycle:
+                raise ConfigError(f"variant {self.name!r}: upcycle={self.upcycle!r}; allowed keys: from (a dense variant, required), "
+                                  "at (fraction of its steps in (0, 1), default 0.5), granularity (default 1)")
+            at = self.upcycle.get("at", 0.5)
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0 < at < 1:
+                raise ConfigError(f"variant {self.name!r}: upcycle.at={at!r} is out of range; allowed: a fraction in (0, 1)")
         if self.moe is not None:
             for k in ("num_experts", "top_k"):
                 if k not in self.moe:
@@ -169,6 +184,11 @@ class StudySpec(_Config):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ConfigError(f"{what}: name {dup[0]!r} appears twice; names must be unique")
+        for i, v in enumerate(self.variants):
+            if v.upcycle is not None:
+                src = [u for u in self.variants[:i] if u.name == v.upcycle["from"]]
+                if not src or not src[0].dense:
+                    raise ConfigError(f"variant {v.name!r}: upcycle.from={v.upcycle['from']!r} must name a dense variant listed before it")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds) < 0:
             raise ConfigError(f"seeds={list(self.seeds)!r}: give distinct seeds >= 0")
 
@@ -200,6 +220,9 @@ class Cell:
     recipe: RecipeConfig
     flops_per_step: float
     export_steps: tuple[int, ...]
+    flops_offset: float = 0.0  # training FLOPs spent before this cell's first step (the dense part of an upcycled run)
+    upcycle_from: Optional[Path] = None  # the dense export an upcycled cell starts from
+    upcycle_args: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -229,9 +252,25 @@ def train_flops_per_step(recipe: RecipeConfig) -> float:
     return 6.0 * count(recipe.model, (recipe.model.in_channels, d.num_frames, d.height, d.width))["macs"] * recipe.train.global_batch_size
 
 
+def _upcycle_args(v: VariantSpec) -> dict[str, Any]:
+    """:func:`sparse_dit.upcycle.upcycle` arguments of an upcycled variant."""
+    moe = dict(v.moe or {})
+    E, K, S = moe.pop("num_experts"), moe.pop("top_k"), moe.pop("shared_experts", 0)
+    g = int((v.upcycle or {}).get("granularity", moe.pop("granularity", 1)))
+    moe.pop("granularity", None)
+    return {"preset": f"E{E}A{K}" + (f"S{S}" if S else ""), "granularity": g,
+            "overrides": [f"moe.{k}={json.dumps(val)}" for k, val in moe.items()]}
+
+
 def _variant_model(dense: ModelConfig, v: VariantSpec, match: str) -> ModelConfig:
     if v.dense:
         return dense
+    if v.upcycle is not None:
+        a = _upcycle_args(v)
+        try:
+            return upcycle_config(dense, a["preset"], a["granularity"], a["overrides"])
+        except UpcycleError as exc:
+            raise ConfigError(f"variant {v.name!r}: {exc}") from None
     moe = dict(v.moe or {})
     shape = {k: moe.pop(k) for k in _MOE_SHAPE if k in moe}
     fn = match_params if match == "params" else match_compute
@@ -306,13 +345,31 @@ def plan_study(spec: StudySpec, spec_dir: Path, out: Path, probe: Optional[Calla
                         raise ConfigError(
                             f"budget gives {size.name}/{v.name} {steps} steps, fewer than budget.curve_points="
                             f"{spec.budget.curve_points}; raise the budget (one step costs {train_flops_per_step(recipe):.3g} FLOPs)")
+                    offset, source_export, up_args = 0.0, None, {}
+                    if v.upcycle is not None:  # the dense part is the source cell's first s_up steps
+                        src = next(c for c in cells if (c.scenario, c.size, c.seed, c.variant) == (scenario, size.name, seed, v.upcycle["from"]))
+                        s_up = max(1, min(src.recipe.train.max_steps - 1, round(v.upcycle.get("at", 0.5) * src.recipe.train.max_steps)))
+                        offset = s_up * src.flops_per_step
+                        if spec.budget.match == "flops":
+                            steps = int((spec.budget.train_flops - offset) // train_flops_per_step(recipe))  # type: ignore[operator]
+                        else:
+                            steps = round(steps * (1 - s_up / src.recipe.train.max_steps))
+                        src.export_steps = tuple(sorted({*src.export_steps, s_up}))
+                        src.recipe = dataclasses.replace(src.recipe, train=dataclasses.replace(src.recipe.train, export_steps=src.export_steps))
+                        source_export = src.dir / "exports" / f"step_{s_up:08d}"
+                        up_args = _upcycle_args(v)
+                        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, init_from=str(cdir / "init")))
+                        if steps < spec.budget.curve_points:
+                            raise ConfigError(f"variant {v.name!r}: the budget left after the dense part ({s_up} steps) gives "
+                                              f"{steps} steps, fewer than budget.curve_points={spec.budget.curve_points}")
                     tc = recipe.train
                     exports = _export_steps(steps, spec.budget.curve_points)
                     train_cfg = dataclasses.replace(
                         tc, max_steps=steps, warmup_steps=min(tc.warmup_steps, max(1, steps // 4)),
                         save_every=min(tc.save_every, steps), export_steps=exports)
                     recipe = dataclasses.replace(recipe, train=train_cfg)
-                    cells.append(Cell(scenario, size.name, v.name, seed, cdir, recipe, train_flops_per_step(recipe), exports))
+                    cells.append(Cell(scenario, size.name, v.name, seed, cdir, recipe, train_flops_per_step(recipe), exports,
+                                      offset, source_export, up_args))
     return cells
 
 
@@ -353,6 +410,11 @@ def _train_cell(cell: Cell, num_procs: int, in_process: bool) -> None:
     if summary.is_file() and json.loads(summary.read_text()).get("steps") == cell.recipe.train.max_steps \
             and (cell.dir / "final" / "model.safetensors").is_file():
         return  # trained; killed during its evaluation
+    if cell.upcycle_from is not None and not (cell.dir / "init" / "model.safetensors").is_file():
+        if not (cell.upcycle_from / "model.safetensors").is_file():
+            raise RuntimeError(f"cell {cell.key}: its dense start {cell.upcycle_from} is missing (train its source cell first)")
+        upcycle(cell.upcycle_from, cell.upcycle_args["preset"], cell.dir / "init", cell.upcycle_args["granularity"],
+                cell.upcycle_args["overrides"], seed=cell.seed)
     if in_process and num_procs == 1:
         train(cell.recipe)
         return
@@ -401,7 +463,7 @@ def _cpu_model() -> str:
 def _plan_record(spec: StudySpec, cells: list[Cell]) -> dict[str, Any]:
     return {"spec": to_dict(spec), "digest": _digest(to_dict(spec)),
             "cells": [{"key": c.key, "steps": c.recipe.train.max_steps, "flops_per_step": c.flops_per_step,
-                       "train_flops": c.flops_per_step * c.recipe.train.max_steps, "export_steps": list(c.export_steps),
+                       "train_flops": c.flops_offset + c.flops_per_step * c.recipe.train.max_steps, "export_steps": list(c.export_steps),
                        "dir": str(c.dir)} for c in cells]}
 
 
@@ -411,7 +473,7 @@ def _evaluate(cell: Cell, spec: StudySpec, out: Path, splits_cache: dict, log: C
     ctx = spec.eval.context_frames or cell.recipe.train.context.frames
     result = evaluate_cell(cell.dir, cell.recipe, cell.export_steps, cell.flops_per_step, splits_cache[cell.scenario],
                            context_frames=ctx, num_inference_steps=spec.eval.num_inference_steps, batch_size=spec.eval.batch_size,
-                           num_t=spec.eval.num_t, seed=0, log=log)
+                           num_t=spec.eval.num_t, seed=0, log=log, flops_offset=cell.flops_offset)
     record = {"scenario": cell.scenario, "size": cell.size, "variant": cell.variant, "seed": cell.seed,
               "dense": not cell.recipe.model.moe.enabled, "eval": result}
     atomic_write(cell.eval_file, json.dumps(record, indent=2))
@@ -464,7 +526,7 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
     log(f"study {spec.name!r}: {len(cells)} cells ({done} done), matched {spec.budget.match}, {len(spec.seeds)} seed(s), "
         f"data {spec.data.scenarios} at {shape[0]}x{shape[1]}x{shape[2]}")
     for c in cells:
-        log(f"  {c.key:<48} {c.recipe.train.max_steps:>6} steps  {c.flops_per_step * c.recipe.train.max_steps:10.3e} FLOPs"
+        log(f"  {c.key:<48} {c.recipe.train.max_steps:>6} steps  {c.flops_offset + c.flops_per_step * c.recipe.train.max_steps:10.3e} FLOPs"
             f"  curve at {list(c.export_steps)}{'  (done)' if c.done else ''}")
     if dry_run:
         return {"cells": _plan_record(spec, cells)["cells"]}
@@ -481,16 +543,18 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
             log(f"[{done + i + 1}/{len(cells)}] {c.key}: evaluating")
             records[c.key] = _evaluate(c, spec, out, splits_cache, log)
     else:
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            futures = {}
-            for c in pending:
-                c.dir.mkdir(parents=True, exist_ok=True)
-                futures[pool.submit(_train_cell, c, num_procs, False)] = c
-            for fut in as_completed(futures):
-                c = futures[fut]
-                fut.result()
-                log(f"{c.key}: trained; evaluating ({time.monotonic() - t0:.0f}s elapsed)")
-                records[c.key] = _evaluate(c, spec, out, splits_cache, log)
+        # Upcycled cells start from their dense cells' exports: a second wave after the first.
+        for wave in ([c for c in pending if c.upcycle_from is None], [c for c in pending if c.upcycle_from is not None]):
+            with ThreadPoolExecutor(max_workers=jobs) as pool:
+                futures = {}
+                for c in wave:
+                    c.dir.mkdir(parents=True, exist_ok=True)
+                    futures[pool.submit(_train_cell, c, num_procs, False)] = c
+                for fut in as_completed(futures):
+                    c = futures[fut]
+                    fut.result()
+                    log(f"{c.key}: trained; evaluating ({time.monotonic() - t0:.0f}s elapsed)")
+                    records[c.key] = _evaluate(c, spec, out, splits_cache, log)
 
     # Inference cost: one trained model per variant, measured one after another (nothing else running).
     cost_file = out / "costs.json"

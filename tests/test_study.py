@@ -81,12 +81,35 @@ def test_match_params_gives_the_dense_models_total_parameters(tmp_path):
     assert match_params(dense.model, num_experts=4, top_k=1).moe.expert_hidden_dim == sparse.model.moe.expert_hidden_dim
 
 
+UPCYCLED = {"name": "up-E4A1", "moe": {"num_experts": 4, "top_k": 1}, "upcycle": {"from": "dense", "at": 0.5}}
+
+
+def test_an_upcycled_variant_starts_from_its_dense_cell_and_spends_the_rest_of_the_budget(tmp_path):
+    from sparse_dit.upcycle import upcycle_config
+    from sparse_dit.recipes.study import load_spec, plan_study
+
+    raw = yaml.safe_load(TINY.read_text())
+    spec = load_spec(_spec(tmp_path, variants=[*raw["variants"], UPCYCLED], seeds=[0], **{"budget.train_flops": 2.0e9}))
+    dense, _, up = plan_study(spec, tmp_path, tmp_path / "out")
+    s_up = round(0.5 * dense.recipe.train.max_steps)
+    assert s_up in dense.export_steps and s_up in dense.recipe.train.export_steps  # the dense cell exports the start point
+    assert up.upcycle_from == dense.dir / "exports" / f"step_{s_up:08d}" and up.recipe.train.init_from == str(up.dir / "init")
+    assert up.flops_offset == s_up * dense.flops_per_step
+    total = up.flops_offset + up.recipe.train.max_steps * up.flops_per_step
+    assert total <= 2.0e9 < total + up.flops_per_step  # the dense part and the sparse part together fill the budget
+    assert up.recipe.model == upcycle_config(dense.recipe.model, "E4A1")  # experts = copies of the dense FFN
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"budget.train_flops": 1.0e7}, "fewer than budget.curve_points"),
     ({"seeds": [0, 0]}, "distinct seeds"),
     ({"budget.match": "wall"}, "budget.match"),
     ({"base": "nope.yaml"}, "does not exist"),
     ({"data.scenarios": ["nope"]}, "data.scenarios"),
+    ({"variants": [{"name": "up", "moe": {"num_experts": 4, "top_k": 1}, "upcycle": {"from": "dense"}}, {"name": "dense"}]},
+     "must name a dense variant listed before it"),
+    ({"variants": [{"name": "dense"}, {"name": "up", "moe": {"num_experts": 4, "top_k": 1}, "upcycle": {"from": "dense", "at": 1.5}}]},
+     "upcycle.at=1.5 is out of range"),
 ])
 def test_bad_specs_are_one_line(tmp_path, capsys, change, needle):
     from sparse_dit.recipes.study import main
@@ -173,12 +196,24 @@ def _finals(out: Path) -> dict:
 
 
 def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_run(tmp_path):
-    from sparse_dit.recipes.study import run_study
+    from sparse_dit.presets import load_recipe
+    from sparse_dit.recipes.study import run_study, train_flops_per_step
 
-    spec = _spec(tmp_path, seeds=[0])
+    raw = yaml.safe_load(TINY.read_text())
+    spec = _spec(tmp_path, seeds=[0], variants=[*raw["variants"], UPCYCLED])
     full = run_study(spec, tmp_path / "full", log=lambda m: None)
     out = tmp_path / "killed"
-    assert set(full["aggregate"]["uniform"]["xs"]) == {"dense", "tc-E4A1"}
+    assert set(full["aggregate"]["uniform"]["xs"]) == {"dense", "tc-E4A1", "up-E4A1"}
+    cells = tmp_path / "full" / "cells" / "uniform" / "xs"
+    up_recipe = load_recipe(cells / "up-E4A1" / "seed0" / "recipe.yaml")
+    assert up_recipe.train.init_from == str(cells / "up-E4A1" / "seed0" / "init")
+    assert (cells / "up-E4A1" / "seed0" / "init" / "model.safetensors").is_file()  # upcycled from the dense cell's export
+    dense_recipe = load_recipe(cells / "dense" / "seed0" / "recipe.yaml")
+    s_up = round(0.5 * dense_recipe.train.max_steps)
+    assert (cells / "dense" / "seed0" / "exports" / f"step_{s_up:08d}").is_dir()
+    first = {r["variant"]: r["eval"]["curve"][0] for r in full["cells"]}["up-E4A1"]
+    offset = first["train_flops"] - first["step"] * train_flops_per_step(up_recipe)
+    assert offset == pytest.approx(s_up * train_flops_per_step(dense_recipe))  # its curve counts the dense part
     assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "quality_vs_train_flops.png").is_file()
     assert "matched training FLOPs" in (tmp_path / "full" / "report.md").read_text()
 
