@@ -30,6 +30,7 @@ import datetime
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,7 @@ from sparse_dit.parallel import (
     CheckpointError, batch_layout, build_engine, check_parallel_config, export_final, init_distributed, latest_tag,
     load_checkpoint, nonfinite_state, resolve_precision, save_checkpoint, setup_expert_parallel,
 )
+from sparse_dit.parallel.comm import all_reduce_
 from sparse_dit.parallel.engine import free_port
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.init_from import load_init_weights, noise_range_setup
@@ -67,7 +69,7 @@ from sparse_dit.video_io import save_video, side_by_side, to_uint8
 
 __all__ = [
     "TrainingDiverged", "DiffusionTask", "DIFFUSION", "TrainRun", "StepResult", "build_run", "train_step", "log_step", "maybe_save", "finish", "train",
-    "launch", "add_arguments", "run", "main",
+    "maybe_export", "launch", "add_arguments", "run", "main",
 ]
 
 # Order of the per-micro-step values all-reduced in one collective (mean over ranks).
@@ -407,7 +409,7 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
         vals = [out["loss"].detach().double().item(), out["mse"].double().item()] + [scalars.get(k, 0.0) for k in _REDUCED[2:-2]]
         vals += [float(x0.shape[0]), float(x0.shape[0] * n_tok)]  # samples and tokens (summed below)
         vals_t = torch.tensor(vals, dtype=torch.float64)
-        dist.all_reduce(vals_t)  # one collective: NaN check, global loss and MoE stats
+        all_reduce_(vals_t)  # one collective: NaN check, global loss and MoE stats
         vals_t /= run.world
         if not torch.isfinite(vals_t[0]):
             where = f"{run.ckpt_root / run.last_tag}" if run.last_tag else "none saved yet"
@@ -427,14 +429,14 @@ def train_step(run: TrainRun, step: int, batches: Any, hooks: Optional[Hooks] = 
     # after the optimizer step: grad norm, balance biases (counts summed over all ranks), EMA
     gn = engine.get_global_grad_norm()  # ZeRO and the bf16 optimizer record it; fp32 ZeRO-0 does not
     grad_norm = float(gn) if gn is not None else (pre_norm if pre_norm is not None else float("nan"))
-    update_balance_biases(model, reduce_fn=lambda t: dist.all_reduce(t))
+    update_balance_biases(model, reduce_fn=all_reduce_)
+    update_batch_thresholds(model, reduce_fn=all_reduce_)  # router: batch (no collective without one)
     reset_global_balance(model)  # balance_scope=global: the next step's micro-batches start a new window
-    update_batch_thresholds(model, reduce_fn=lambda t: dist.all_reduce(t))  # router: batch (no collective without one)
     with _gathered(model, run.zero3):
         run.ema.update(model)
     if routing is not None:
         flat = routing.pack()
-        dist.all_reduce(flat)  # one collective: routes per expert over the global batch, per layer
+        all_reduce_(flat)  # one collective: routes per expert over the global batch, per layer
         routing = routing.unpack(flat)
     mean = (sums / run.accum).tolist()
     metrics = dict(zip(_REDUCED[:-2], mean[:-2]))
@@ -502,6 +504,27 @@ def maybe_save(run: TrainRun, step: int) -> Optional[str]:
     run.last_tag = save_checkpoint(run.engine, run.ckpt_root, n, {"ema": run.ema.state_dict()}, run.recipe.train.keep_last,
                                    ep_size=run.recipe.parallel.ep_size)
     return run.last_tag
+
+
+def maybe_export(run: TrainRun, step: int) -> Optional[Path]:
+    """After 0-based ``step``: when ``step + 1`` is in ``train.export_steps``, export the EMA weights
+    to ``output_dir/exports/step_<N>`` (``config.json`` + ``model.safetensors``; collective).
+
+    The folder is written under a temporary name and renamed when complete, so a folder that
+    exists is whole. A resumed run that repeats step N writes it again (the same weights: the
+    resume is exact). Returns the folder on rank 0.
+    """
+    n = step + 1
+    if n not in run.recipe.train.export_steps:
+        return None
+    final = run.out_dir / "exports" / f"step_{n:08d}"
+    tmp = run.out_dir / "exports" / f".tmp-step_{n:08d}"
+    run.task.export(run, tmp)  # what finish() writes to final/ (the DiT: export_final, collective)
+    if run.rank == 0 and tmp.is_dir():
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    return final if run.rank == 0 else None
 
 
 def finish(run: TrainRun, hooks: Optional[Hooks] = None) -> dict:
@@ -590,6 +613,7 @@ def train(recipe: RecipeConfig, hooks: Optional[Hooks] = None, allow_changed: Se
             if tc.sample_every and (step + 1) % tc.sample_every == 0:
                 _log_samples(run.engine, recipe, run.cond, run.writer, run.out_dir, step + 1, run.dtype, run.autoencoder)
             try:
+                maybe_export(run, step)  # before the save: a checkpoint past step N implies export N is complete
                 maybe_save(run, step)
             except TrainingDiverged as exc:
                 _rank0_print(run.rank, str(exc))
