@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from sparse_dit.config import DataConfig, ParallelConfig, TrainConfig
 from sparse_dit.parallel import CheckpointError
+from sparse_dit.parallel.comm import all_reduce_
 from sparse_dit.presets import VAE_PRESETS, vae_preset_config
 from sparse_dit.recipes.batches import build_dataset, collate
 from sparse_dit.recipes.train import DiffusionTask, TrainRun, add_arguments, run as train_run
@@ -172,7 +173,7 @@ class VAETask(DiffusionTask):
     def terms(self, run: TrainRun) -> dict[str, float]:
         obj: _Reconstruction = run.fm
         vals = obj.sums / max(1, obj.count)
-        dist.all_reduce(vals)
+        all_reduce_(vals)  # a host tensor: NCCL-safe (parallel/comm.py)
         vals /= run.world
         obj.sums.zero_()
         obj.count = 0
