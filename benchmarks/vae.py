@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CODEC_SOURCES = ["testsrc2", "mandelbrot", "life=seed={s}:mold=10", "cellauto=rule={r}", "gradients=seed={s}", "sierpinski=seed={s}"]
+CODEC_SOURCES = ["testsrc2", "mandelbrot", "life=seed={s}:mold=10", "cellauto=rule={r}:random_seed={s}", "gradients=seed={s}", "sierpinski=seed={s}"]
 
 
 # ----------------------------------------------------------------------------------- quality
