@@ -88,6 +88,11 @@ class VAEConfig(_Config):
     temporal_down: int = field(default=2, metadata=rule(ge=0))
     num_res_blocks: int = field(default=1, metadata=rule(ge=1))
     norm: str = field(default="pixel", metadata=rule(choices=("pixel", "group")))
+    # Resampling shortcuts around the whole encoder and decoder (in the spirit of DC-AE's residual
+    # autoencoding): a causal average pool to the latent grid + 1x1 conv is added to the encoder's
+    # output, and a 1x1 conv + causal nearest upsampling of the latent to the decoder's, so
+    # training starts near a resampling baseline instead of the mean frame.
+    shortcut: bool = False
 
     def _check(self) -> None:
         if not self.channel_mult or any(int(m) < 1 for m in self.channel_mult):
@@ -221,6 +226,55 @@ class _Upsample(nn.Module):
         return self.conv(x)
 
 
+class _PoolShortcut(nn.Module):
+    """Causal average pool over (ft, fs, fs) (the first frame alone, as the encoder treats it)
+    then a 1x1x1 conv; streaming: only the first chunk holds the first frame."""
+
+    def __init__(self, cin: int, cout: int, ft: int, fs: int) -> None:
+        super().__init__()
+        self.ft, self.fs = ft, fs
+        self.proj = nn.Conv3d(cin, cout, 1)
+        self.stream: Optional[dict] = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.stream is None or not self.stream.get("seen")
+        if self.stream is not None:
+            self.stream["seen"] = True
+        if first and self.ft > 1:
+            x = torch.cat([x[:, :, :1].expand(-1, -1, self.ft - 1, -1, -1), x], dim=2)
+        return self.proj(F.avg_pool3d(x, (self.ft, self.fs, self.fs)))
+
+
+class _UpShortcut(nn.Module):
+    """1x1x1 conv then causal nearest upsampling by (ft, fs, fs) (1 + k latent frames -> 1 + k ft)."""
+
+    def __init__(self, cin: int, cout: int, ft: int, fs: int) -> None:
+        super().__init__()
+        self.ft, self.fs = ft, fs
+        self.proj = nn.Conv3d(cin, cout, 1)
+        self.stream: Optional[dict] = None
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        first = self.stream is None or not self.stream.get("seen")
+        if self.stream is not None:
+            self.stream["seen"] = True
+        y = torch.repeat_interleave(self.proj(z), self.ft, dim=2)
+        if first:
+            y = y[:, :, self.ft - 1:]
+        return F.interpolate(y, scale_factor=(1, self.fs, self.fs), mode="nearest")
+
+
+class _WithShortcut(nn.Module):
+    """``main(x) + side(x)``."""
+
+    def __init__(self, main: nn.Module, side: nn.Module) -> None:
+        super().__init__()
+        self.main, self.side = main, side
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + self.side(x)
+
+
 # --------------------------------------------------------------------------------------------
 # Chunks and tiles
 # --------------------------------------------------------------------------------------------
@@ -311,6 +365,10 @@ class CausalVideoVAE(nn.Module):
                 dec.append(_Upsample(w, time=(i - 1) < c.temporal_down))
         dec += [_NORMS[c.norm](cin), nn.SiLU(), CausalConv3d(cin, c.in_channels)]
         self.decoder = nn.Sequential(*dec)
+        if c.shortcut:
+            ft, fs = self.temporal_compression, self.spatial_compression
+            self.encoder = _WithShortcut(self.encoder, _PoolShortcut(c.in_channels, 2 * c.latent_channels, ft, fs))
+            self.decoder = _WithShortcut(self.decoder, _UpShortcut(c.latent_channels, c.in_channels, ft, fs))
         # Latent normalisation, per channel: encode returns (mean - shift) * scale. Identity
         # until measured on data (latent_statistics); saved with the weights.
         self.register_buffer("latent_shift", torch.zeros(c.latent_channels))
@@ -351,7 +409,7 @@ class CausalVideoVAE(nn.Module):
     # ---------------------------------------------------------------- streaming (chunks x tiles)
 
     def _stream_modules(self, net: nn.Module) -> list[nn.Module]:
-        return [m for m in net.modules() if isinstance(m, (CausalConv3d, _Upsample))]
+        return [m for m in net.modules() if isinstance(m, (CausalConv3d, _Upsample, _PoolShortcut, _UpShortcut))]
 
     @contextlib.contextmanager
     def streaming(self, net: nn.Module) -> Iterator[Callable[[list[dict]], None]]:

@@ -32,9 +32,10 @@ def _smooth_video(T: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
     return torch.nn.functional.interpolate(x, size=(T, H, W), mode="trilinear").tanh()
 
 
+@pytest.mark.parametrize("shortcut", [False, True])
 @torch.no_grad()
-def test_temporal_chunks_equal_one_shot():
-    vae = _vae(temporal_down=2)  # ft = 4
+def test_temporal_chunks_equal_one_shot(shortcut):
+    vae = _vae(temporal_down=2, shortcut=shortcut)  # ft = 4
     x = _smooth_video(13, 16, 16)
     z = vae.encode(x)
     for chunk in (4, 8):
@@ -46,6 +47,12 @@ def test_temporal_chunks_equal_one_shot():
         assert len(pieces) == -(-z.shape[2] // chunk)  # one piece per latent chunk: streamable
         assert pieces[0].shape[2] == 1 + (chunk - 1) * 4  # the first holds the causal first frame
         torch.testing.assert_close(torch.cat(pieces, 2), v, atol=1e-5, rtol=1e-5)
+    # causal with the resampling shortcut too: frames >= 9 change only latents >= 3 (frame 4i is latent i's last)
+    y = x.clone()
+    y[:, :, 9:] += 1.0
+    zy = vae.encode(y)
+    torch.testing.assert_close(zy[:, :, :3], z[:, :, :3])
+    assert (zy[:, :, 3:] - z[:, :, 3:]).abs().max() > 1e-4
     # the chunk split itself: first 1 + c frames, then c each, covering T exactly
     assert temporal_chunks(21, 8) == [(0, 9), (9, 17), (17, 21)]
     with pytest.raises(ValueError, match="multiple of 4"):
@@ -152,6 +159,10 @@ def test_vae_recipe_errors_are_one_line(overrides, message):
 def test_shipped_vae_recipes_load():
     from _launch import REPO
 
+    import yaml
+
+    from sparse_dit.schema import to_dict
+
     for path in sorted((REPO / "recipes" / "vae").glob("*.yaml")):
-        r = load_vae_recipe(path)
-        assert r.vae == VAE_PRESETS[r.preset]() or r.preset is None, path
+        r, raw = load_vae_recipe(path), yaml.safe_load(path.read_text())
+        assert to_dict(r.vae) == {**to_dict(VAE_PRESETS[raw["preset"]]()), **(raw.get("vae") or {})}, path
