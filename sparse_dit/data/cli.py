@@ -140,7 +140,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--text-encoder", default="minilm", help="hash, minilm (needs the text extra) or a model directory")
     e.add_argument("--batch-size", type=int, default=64)
 
-
     add_encode_arguments(sub)  # sparse-dit data encode DATASET --vae DIR --out DIR (sparse_dit/data/latents.py)
 
     i = sub.add_parser("info", help="summarise a dataset directory")
