@@ -429,7 +429,7 @@ def _train_cell(cell: Cell, num_procs: int, in_process: bool) -> None:
         raise RuntimeError(f"cell {cell.key} failed (exit {code}): {tail[0]} (log: {log_file})")
 
 
-def _probe(out: Path) -> Callable[[RecipeConfig], float]:
+def _probe(out: Path, steps: int) -> Callable[[RecipeConfig], float]:
     """``match: wall_time``: seconds per step of a recipe, from a short run of the trainer
     (mean over its steps after the first); cached in ``out/probes.json`` so a rerun plans the same."""
     cache_file = out / "probes.json"
@@ -438,10 +438,11 @@ def _probe(out: Path) -> Callable[[RecipeConfig], float]:
         cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
         key = _digest(to_dict(recipe.model))
         if key not in cache:
-            n = 6
+            n = steps
             pdir = out / "probes" / key
+            # fresh weights (an upcycled variant's start does not exist yet): the time per step is the same
             r = dataclasses.replace(recipe, output_dir=str(pdir), train=dataclasses.replace(
-                recipe.train, max_steps=n, save_every=n, export_steps=(), warmup_steps=1, seed=0))
+                recipe.train, max_steps=n, save_every=n, export_steps=(), warmup_steps=1, seed=0, init_from=None))
             summary = train(r)
             cache[key] = r.train.global_batch_size / summary["samples_per_s"]
             atomic_write(cache_file, json.dumps(cache, indent=2))
@@ -509,7 +510,7 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
         if old.get("digest") != _digest(to_dict(spec)):
             raise ConfigError(f"{out} holds a study of another spec ({old.get('spec', {}).get('name')!r}); "
                               "use a new --out, or delete it to start over")
-    probe = _probe(out) if spec.budget.match == "wall_time" and not dry_run else None
+    probe = _probe(out, spec.budget.probe_steps) if spec.budget.match == "wall_time" and not dry_run else None
     if spec.budget.match == "wall_time" and dry_run:
         log("budget.match=wall_time: steps are known only after the probe runs; the dry run assumes 1 s per step")
         probe = lambda r: 1.0  # noqa: E731

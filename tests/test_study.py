@@ -100,6 +100,25 @@ def test_an_upcycled_variant_starts_from_its_dense_cell_and_spends_the_rest_of_t
     assert up.recipe.model == upcycle_config(dense.recipe.model, "E4A1")  # experts = copies of the dense FFN
 
 
+def test_wall_time_budget_converts_seconds_with_the_probe_and_caches_it(tmp_path):
+    from sparse_dit.recipes.study import _probe, _write_data, load_spec, plan_study
+
+    raw = yaml.safe_load(TINY.read_text())
+    spec = load_spec(_spec(tmp_path, variants=[*raw["variants"], UPCYCLED], seeds=[0],
+                           budget={"match": "wall_time", "seconds": 30.0, "curve_points": 2, "probe_steps": 3}))
+    timed = []
+    cells = plan_study(spec, tmp_path, tmp_path / "out", probe=lambda r: timed.append(r.model.moe.num_experts) or 0.5)
+    assert [c.recipe.train.max_steps for c in cells[:2]] == [60, 60]  # 30 s / 0.5 s per step
+    assert timed == [0, 4, 4]  # one probe per (size, variant)
+    # the real probe: a short run of the trainer on the study's data, cached so a rerun plans the same steps
+    r = cells[2].recipe
+    _write_data(spec, (r.data.num_frames, r.data.height, r.data.width), tmp_path / "out", lambda m: None)
+    probe = _probe(tmp_path / "out", spec.budget.probe_steps)
+    first = probe(cells[2].recipe)  # the upcycled variant: probed from fresh weights (its start does not exist yet)
+    assert first > 0 and json.loads((tmp_path / "out" / "probes.json").read_text())
+    assert probe(cells[2].recipe) == first
+
+
 @pytest.mark.parametrize("change, needle", [
     ({"budget.train_flops": 1.0e7}, "fewer than budget.curve_points"),
     ({"seeds": [0, 0]}, "distinct seeds"),
