@@ -16,6 +16,7 @@ from torch import nn
 
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.moe.routers import freeze_outside_noise_range, noise_range_interval
+from sparse_dit.weights import state_mismatch
 
 __all__ = ["resolve_weights_dir", "load_init_weights", "noise_range_setup"]
 
@@ -44,12 +45,9 @@ def load_init_weights(model: nn.Module, path: str | Path) -> Path:
     folder = resolve_weights_dir(path)
     sd = load_file(str(folder / "model.safetensors"), device="cpu")
     own = model.state_dict()
-    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-    if missing or unexpected:
-        raise ConfigError(f"train.init_from={str(path)!r} does not fit the recipe's model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    for k, v in sd.items():
-        if v.shape != own[k].shape:
-            raise ConfigError(f"train.init_from={str(path)!r}: {k} has shape {tuple(v.shape)}, the recipe's model expects {tuple(own[k].shape)}")
+    bad = state_mismatch(own, sd, "the recipe's model expects", listed=3)
+    if bad is not None:
+        raise ConfigError(f"train.init_from={str(path)!r}: {bad}")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()})
     return folder
 

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from einops import rearrange
@@ -36,6 +35,7 @@ from sparse_dit.moe.global_balance import GlobalBalance
 from sparse_dit.moe.layer import MoEFeedForward
 from sparse_dit.moe.placement import is_moe_layer
 from sparse_dit.schema import from_dict, to_dict
+from sparse_dit.weights import atomic_write, state_mismatch
 
 __all__ = [
     "SparseDiT",
@@ -312,8 +312,8 @@ class SparseDiT(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         sd = state_dict if state_dict is not None else self.state_dict()
         sd = {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
-        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(self.config), indent=2)))
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(to_dict(self.config), indent=2)))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
         return directory
 
     @classmethod
@@ -327,25 +327,8 @@ class SparseDiT(nn.Module):
         model = cls(config)
         sd = load_file(str(directory / "model.safetensors"), device=str(map_location))
         own = model.state_dict()
-        missing = sorted(set(own) - set(sd))
-        unexpected = sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {directory} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for k, v in sd.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"checkpoint {directory}: {k} has shape {tuple(v.shape)}, model expects {tuple(own[k].shape)}")
+        bad = state_mismatch(own, sd)
+        if bad is not None:
+            raise ValueError(f"checkpoint {directory}: {bad}")
         model.load_state_dict(sd)
         return model
-
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write via a temp file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
@@ -37,6 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sparse_dit.schema import ConfigError, _Config, from_dict, rule, to_dict
+from sparse_dit.weights import atomic_write, state_mismatch
 
 __all__ = [
     "IdentityVAE", "CausalVideoVAE", "VAEConfig", "CausalConv3d", "FrameGroupNorm", "PixelNorm", "kl_divergence", "latent_statistics",
@@ -559,8 +559,8 @@ class CausalVideoVAE(nn.Module):
         sd = state_dict if state_dict is not None else self.state_dict()
         sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous() for k, v in sd.items()}
         cfg = {"kind": "causal_vae", **to_dict(self.config)}
-        _atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-        _atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
+        atomic_write(directory / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(directory / "model.safetensors", lambda p: save_file(sd, p, metadata={"format": "pt"}))
         return directory
 
     @classmethod
@@ -583,12 +583,9 @@ class CausalVideoVAE(nn.Module):
         model = cls(from_dict(VAEConfig, raw, "vae."))
         sd = load_file(str(directory / "model.safetensors"), device=str(map_location))
         own = model.state_dict()
-        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {directory} does not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-        for k, v in sd.items():
-            if v.shape != own[k].shape:
-                raise ValueError(f"checkpoint {directory}: {k} has shape {tuple(v.shape)}, the config needs {tuple(own[k].shape)}")
+        bad = state_mismatch(own, sd, "the config needs")
+        if bad is not None:
+            raise ValueError(f"checkpoint {directory}: {bad}")
         model.load_state_dict(sd)
         return model.to(map_location).eval()
 
@@ -614,18 +611,6 @@ def latent_statistics(vae: CausalVideoVAE, videos: Iterable[torch.Tensor], eps: 
     std = (s2 / n - mu * mu).clamp_min(0).sqrt().clamp_min(eps)
     return mu.float(), std.float()
 
-
-def _atomic_write(path: Path, write: Callable[[str], Any]) -> None:
-    """Write via a temp file in the same folder, then rename: readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def vae_macs(config: VAEConfig, frames: int, height: int, width: int) -> dict[str, int]:
