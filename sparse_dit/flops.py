@@ -188,6 +188,14 @@ def count(
     }
 
 
+def _expert_width(exact: float, per_unit: float, dense_ffn: float) -> int:
+    """``exact`` rounded to a multiple of 8 when that keeps the layer within 0.5 % of the dense
+    FFN's ``dense_ffn`` (aligned strides for ``torch._grouped_mm`` and vector units), else to the
+    nearest integer (>= 1); ``per_unit``: the layer's cost per unit of expert width."""
+    aligned = max(8, int(round(exact / 8)) * 8)
+    return aligned if abs(aligned - exact) * per_unit <= 0.005 * dense_ffn else max(1, int(round(exact)))
+
+
 def match_compute(
     dense_config: ModelConfig,
     num_experts: int,
@@ -246,10 +254,7 @@ def match_compute(
             f"cannot compute-match: the router alone ({D * E} MACs/token) leaves no width for "
             f"{K} active + {S} shared experts (dense FFN: {M * D * F} MACs/token)"
         )
-    H = max(1, int(round(exact)))
-    aligned = max(8, int(round(exact / 8)) * 8)
-    if abs(aligned - exact) * per_unit <= 0.005 * M * D * F:
-        H = aligned
+    H = _expert_width(exact, per_unit, M * D * F)
     moe = dataclasses.replace(
         dense_config.moe, num_experts=E, top_k=K, shared_experts=S, granularity=granularity,
         expert_hidden_dim=H, **moe_overrides,
@@ -282,8 +287,5 @@ def match_params(
     exact = (M * D * F - D * E) / per_unit
     if exact < 0.5:
         raise ConfigError(f"cannot parameter-match: {E} + {S} experts leave no width within the dense FFN's {M * D * F} parameters")
-    H = max(1, int(round(exact)))
-    aligned = max(8, int(round(exact / 8)) * 8)
-    if abs(aligned - exact) * per_unit <= 0.005 * M * D * F:
-        H = aligned
+    H = _expert_width(exact, per_unit, M * D * F)
     return dataclasses.replace(probe, moe=dataclasses.replace(probe.moe, expert_hidden_dim=H))
