@@ -285,7 +285,7 @@ def _base_recipe(spec: StudySpec, spec_dir: Path, size: SizeSpec, v: VariantSpec
     if not base.is_file():
         raise ConfigError(f"base={spec.base!r}: {base} does not exist")
     raw = apply_overrides(load_yaml(base), _sets(size.set) + _sets(v.set))
-    raw = apply_overrides(raw, [f"train.seed={seed}", f"data.source=physics", f"data.path={data_dir / 'train'}",
+    raw = apply_overrides(raw, [f"train.seed={seed}", "data.source=physics", f"data.path={data_dir / 'train'}",
                                 f"data.num_videos={spec.data.train_videos}", f"output_dir={out}"])
     recipe = load_recipe(data=raw)
     if recipe.model.moe.enabled:
@@ -403,7 +403,23 @@ def _write_data(spec: StudySpec, shape: tuple[int, int, int], out: Path, log: Ca
         atomic_write(marker, json.dumps(want))
 
 
-def _train_cell(cell: Cell, num_procs: int, in_process: bool) -> None:
+def _cell_env(jobs: int, num_procs: int, environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment of a cell's ``sparse-dit train`` subprocess.
+
+    Never the parent's process-group variables (each cell has its own rendezvous). Unless the user
+    set ``OMP_NUM_THREADS``, each rank gets ``cores // (jobs x num_procs)`` threads (at least 1):
+    two cells side by side with torch's default of one thread per core each oversubscribe the
+    machine (measured on 2 cores, docs/study.md: 79 ms per xs step with 2 x 2 threads, 60 ms with
+    2 x 1).
+    """
+    environ = dict(os.environ if environ is None else environ)
+    env = {k: v for k, v in environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    if "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // (jobs * num_procs)))
+    return env
+
+
+def _train_cell(cell: Cell, num_procs: int, in_process: bool, jobs: int = 1) -> None:
     """Train (or resume) one cell with the library trainer."""
     atomic_write(cell.recipe_file, yaml.safe_dump(to_dict(cell.recipe), sort_keys=False))
     summary = cell.dir / "summary.json"
@@ -420,8 +436,7 @@ def _train_cell(cell: Cell, num_procs: int, in_process: bool) -> None:
         return
     cmd = [sys.executable, "-m", "sparse_dit.cli", "train", str(cell.recipe_file), "--num-procs", str(num_procs)]
     log_file = cell.dir / "train.log"
-    # Each cell its own rendezvous (a port of its own): never the parent's process-group variables.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = _cell_env(jobs, num_procs)
     with open(log_file, "a", encoding="utf-8") as fh:
         code = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if code != 0:
@@ -550,7 +565,7 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
                 futures = {}
                 for c in wave:
                     c.dir.mkdir(parents=True, exist_ok=True)
-                    futures[pool.submit(_train_cell, c, num_procs, False)] = c
+                    futures[pool.submit(_train_cell, c, num_procs, False, jobs)] = c
                 for fut in as_completed(futures):
                     c = futures[fut]
                     fut.result()

@@ -263,3 +263,14 @@ def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_run(tmp_path)
     assert any("(done)" in line and "dense/seed0" in line for line in logs)
     assert _finals(out) == _finals(tmp_path / "full")  # the same curves, to the last digit
     assert resumed["verdicts"] == full["verdicts"]
+
+
+def test_cell_subprocess_env_shares_the_cores_and_drops_the_parents_rendezvous(monkeypatch):
+    from sparse_dit.recipes.study import _cell_env
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    parent = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1", "PATH": "/bin"}
+    env = _cell_env(4, 2, parent)
+    assert env == {"PATH": "/bin", "OMP_NUM_THREADS": "2"}  # 16 cores / (4 cells x 2 ranks)
+    assert _cell_env(2, 1, parent)["OMP_NUM_THREADS"] == "8"
+    assert _cell_env(32, 1, parent)["OMP_NUM_THREADS"] == "1"  # never 0
+    assert _cell_env(2, 1, {**parent, "OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the user's choice wins
