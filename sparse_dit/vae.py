@@ -90,8 +90,9 @@ class VAEConfig(_Config):
     norm: str = field(default="pixel", metadata=rule(choices=("pixel", "group")))
     # Resampling shortcuts around the whole encoder and decoder (in the spirit of DC-AE's residual
     # autoencoding): a causal average pool to the latent grid + 1x1 conv is added to the encoder's
-    # output, and a 1x1 conv + causal nearest upsampling of the latent to the decoder's, so
-    # training starts near a resampling baseline instead of the mean frame.
+    # output, and a 1x1 conv + causal nearest upsampling of the latent to the decoder's; the
+    # model starts as that resampling autoencoder (identity projections, main paths' last convs
+    # at zero: CausalVideoVAE._start_at_resampling) instead of near the mean frame.
     shortcut: bool = False
 
     def _check(self) -> None:
@@ -328,6 +329,11 @@ def _ramp(n: int, left: int, right: int) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+# Posterior log-variance of a shortcut VAE at initialisation: a std of 0.018 on latents in
+# [-1, 1], small enough that the resampling start is not drowned in sampling noise.
+LOGVAR_START = -8.0
+
+
 class CausalVideoVAE(nn.Module):
     """A causal 3D-conv VAE: 2^(stages-1) spatial and 2^temporal_down temporal compression.
 
@@ -369,10 +375,36 @@ class CausalVideoVAE(nn.Module):
             ft, fs = self.temporal_compression, self.spatial_compression
             self.encoder = _WithShortcut(self.encoder, _PoolShortcut(c.in_channels, 2 * c.latent_channels, ft, fs))
             self.decoder = _WithShortcut(self.decoder, _UpShortcut(c.latent_channels, c.in_channels, ft, fs))
+            self._start_at_resampling()
         # Latent normalisation, per channel: encode returns (mean - shift) * scale. Identity
         # until measured on data (latent_statistics); saved with the weights.
         self.register_buffer("latent_shift", torch.zeros(c.latent_channels))
         self.register_buffer("latent_scale", torch.ones(c.latent_channels))
+
+    @torch.no_grad()
+    def _start_at_resampling(self) -> None:
+        """With shortcuts: start training at a resampling autoencoder.
+
+        The last convolutions of the encoder's and the decoder's main paths start at zero (their
+        residuals grow from nothing, as in zero-initialised residual branches); the shortcut
+        projections start as identities on the first ``min(in_channels, latent_channels)``
+        channels (the other latent channels start unused) and the posterior log-variance at
+        ``LOGVAR_START``. So at initialisation ``decode(encode_dist(x).mean)`` is the causal
+        average pool of ``x`` to the latent grid, upsampled again by repetition: the ball is in
+        the latent from step 0. With random projections the network started near the mean frame
+        and needed hundreds of CPU steps to leave it (docs/vae.md).
+        """
+        c = self.config
+        for main in (self.encoder.main, self.decoder.main):
+            last = main[-1].conv
+            last.weight.zero_()
+            last.bias.zero_()
+        n = min(c.in_channels, c.latent_channels)
+        for proj in (self.encoder.side.proj, self.decoder.side.proj):
+            proj.weight.zero_()
+            proj.bias.zero_()
+            proj.weight[:n, :n, 0, 0, 0] = torch.eye(n)
+        self.encoder.side.proj.bias[c.latent_channels:] = LOGVAR_START
 
     # ---------------------------------------------------------------- shapes and normalisation
 

@@ -36,6 +36,9 @@ def _smooth_video(T: int, H: int, W: int, seed: int = 0) -> torch.Tensor:
 @torch.no_grad()
 def test_temporal_chunks_equal_one_shot(shortcut):
     vae = _vae(temporal_down=2, shortcut=shortcut)  # ft = 4
+    if shortcut:  # leave the resampling start (main paths at zero): every layer takes part
+        for q in vae.parameters():
+            q.add_(torch.randn_like(q) * 0.1)
     x = _smooth_video(13, 16, 16)
     z = vae.encode(x)
     for chunk in (4, 8):
@@ -57,6 +60,28 @@ def test_temporal_chunks_equal_one_shot(shortcut):
     assert temporal_chunks(21, 8) == [(0, 9), (9, 17), (17, 21)]
     with pytest.raises(ValueError, match="multiple of 4"):
         vae.encode(x, chunk_frames=6)
+
+
+@torch.no_grad()
+def test_shortcut_vae_starts_as_pool_then_repeat():
+    # reference: the causal average pool (first frame alone, then groups of ft frames; fs x fs
+    # blocks) and its nearest upsampling, written with reshapes
+    ft, fs, C = 2, 4, 8
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(VAEConfig(base_channels=8, channel_mult=(1, 2, 2), temporal_down=1, latent_channels=C, shortcut=True))
+    x = torch.rand(2, 3, 9, 16, 12) * 2 - 1
+    B, _, T, H, W = x.shape
+    blocks = lambda v, t: v.reshape(B, 3, -1, t, H // fs, fs, W // fs, fs).mean((3, 5, 7))  # noqa: E731
+    lat = torch.cat([blocks(x[:, :, :1], 1), blocks(x[:, :, 1:], ft)], 2)  # (B, 3, 5, 4, 3)
+    up = lat.repeat_interleave(fs, 3).repeat_interleave(fs, 4)
+    want = torch.cat([up[:, :, :1], up[:, :, 1:].repeat_interleave(ft, 2)], 2)
+    mean, logvar = vae.encode_dist(x)
+    torch.testing.assert_close(mean[:, :3], lat, atol=1e-6, rtol=0)
+    assert mean[:, 3:].abs().max() == 0 and torch.all(logvar == -8.0)  # the other channels start unused
+    torch.testing.assert_close(vae.decoder(mean), want, atol=1e-6, rtol=0)
+    # without shortcuts the network starts elsewhere (random)
+    plain = CausalVideoVAE(VAEConfig(base_channels=8, channel_mult=(1, 2, 2), temporal_down=1, latent_channels=C))
+    assert (plain.decoder(plain.encode_dist(x)[0]) - want).abs().max() > 0.1
 
 
 @torch.no_grad()
