@@ -126,6 +126,23 @@ def test_any_layout_gives_the_reference(cap, general: bool) -> None:
     torch.testing.assert_close(y.double(), _reference(moe, x, r).view(18, 16), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cap", [None, 3, 4])
+@pytest.mark.parametrize("ids", [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]])
+def test_trailing_empty_experts_give_the_reference(cap, ids) -> None:
+    """Routes to the first experts only (a noise-level router's one expert set at one t): the block
+    then ends in rows no route fills. This crashed (a (T, D) gather into E x cap rows) at cap 3."""
+    moe = _layer(top_k=1)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 16, generator=g)
+    w = moe.experts.params_in(x.dtype)
+    e = torch.tensor(ids)[:, None]
+    weight = torch.rand(6, 1, generator=g)
+    y = moe_inference(x, e, weight, 4, "gelu_tanh", w, cap=cap)
+    want = torch.stack([weight[t, 0] * (F.gelu(x[t] @ w.w1[k] + w.b1[k], approximate="tanh") @ w.w2[k] + w.b2[k])
+                        for t, k in enumerate(ids)])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
 def test_every_route_dropped_gives_zero() -> None:
     moe = _layer(top_k=2)
     ex = moe.experts

@@ -50,7 +50,8 @@ def _layout(sizes: list[int], cap: int) -> tuple[list[tuple[int, int, int]], lis
     Returns:
         ``pieces``: (first sorted position, count, first layout row) runs of consecutive rows;
         ``spans``: (expert, first row, end row) of the overflow GEMMs; ``rows``: layout rows
-        (padding included); ``identity``: sorted position p is row p (no padding, no reordering).
+        (padding included); ``identity``: sorted position p is row p and there are no other rows
+        (no padding, no reordering).
     """
     E = len(sizes)
     pieces, spans = [], []
@@ -64,7 +65,9 @@ def _layout(sizes: list[int], cap: int) -> tuple[list[tuple[int, int, int]], lis
             spans.append((e, ovf, ovf + n - cap))
             ovf += n - cap
         s += n
-    identity = all(p == r for p, _, r in pieces)
+    # Identity also needs no trailing padding: with sizes (cap, m < cap, 0, 0) every piece starts
+    # where it is sorted, yet the block holds E x cap rows for sum(sizes) routes.
+    identity = ovf == sum(sizes) and all(p == r for p, _, r in pieces)
     return pieces, spans, ovf, identity
 
 
