@@ -26,13 +26,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.compare import EvalSplit, Run, evaluate_run, load_split
 from sparse_dit.evals.cost import generation_macs, measure_generation
+from sparse_dit.evals.physics import baseline_videos, score
 from sparse_dit.evals.report import write_json
 from sparse_dit.evals.routing import plot_routing, routing_markdown
 from sparse_dit.evals.stats import LEVEL, t_interval
 
 __all__ = [
     "STUDY_METRICS", "mean_interval", "evaluate_cell", "measure_cost", "aggregate", "pareto_front", "verdicts",
-    "markdown", "plot_study", "write_study_report", "load_eval_splits",
+    "markdown", "plot_study", "write_study_report", "load_eval_splits", "STUDY_BASELINES", "baseline_scores", "against_baseline",
 ]
 
 # (split, key, lower is better): the per-cell scalars the study aggregates.
@@ -93,6 +94,55 @@ def evaluate_cell(cell_dir: Path, recipe: Any, export_steps: Sequence[int], flop
         log(f"    step {step}: " + ", ".join(f"{s}/{k} {v:.4g}" for s, d in _split_metrics(m).items() for k, v in d.items()))
     return {"curve": curve, "final": curve[-1], "train_seconds": summary.get("train_seconds"), "steps": summary.get("steps"),
             "routing": routing}  # the last export's routing while sampling (MoE only; evals/routing.py)
+
+
+# The model-free references of the report's physics columns (evals/physics.py BASELINES): the
+# detector's floor on the true future, and two predictors that know no physics beyond the context.
+STUDY_BASELINES: tuple[tuple[str, str], ...] = (
+    ("ground_truth", "ground truth (the detector's floor)"),
+    ("copy_last_frame", "copy-last-frame"),
+    ("constant_velocity", "constant velocity (from the context)"),
+)
+_PHYSICS_KEYS = ("velocity_error", "position_error", "detection_rate")
+
+
+def baseline_scores(splits: Sequence[EvalSplit], context_frames: int) -> dict[str, dict[str, dict[str, Optional[float]]]]:
+    """``{split: {baseline: {velocity_error, position_error, detection_rate}}}`` of
+    :data:`STUDY_BASELINES` on the study's validation videos (deterministic: no seeds); splits
+    without physics states are left out."""
+    out: dict[str, dict[str, dict[str, Optional[float]]]] = {}
+    for split in splits:
+        if split.states is None:
+            continue
+        vids = baseline_videos(split.videos, split.states, context_frames)
+        out[split.name] = {}
+        for name, _ in STUDY_BASELINES:
+            sc = score(vids[name], split.states, context_frames)
+            out[split.name][name] = {k: (None if not math.isfinite(sc[k]) else float(sc[k])) for k in _PHYSICS_KEYS}
+    return out
+
+
+def against_baseline(agg: Mapping[str, Any], baselines: Mapping[str, Any], split: str = "id", key: str = "velocity_error",
+                     baseline: str = "copy_last_frame") -> list[dict[str, Any]]:
+    """Every variant's ``split/key`` interval against a model-free baseline's value on the same
+    videos: ``"beats"`` where the whole interval is below it, ``"worse"`` where it is above,
+    else ``"not resolved"`` (also with one seed)."""
+    out = []
+    for scenario, sizes in agg.items():
+        ref = baselines.get(scenario, {}).get(split, {}).get(baseline, {}).get(key)
+        if ref is None:
+            continue
+        for size, variants in sizes.items():
+            for v, g in variants.items():
+                m = g["metrics"][f"{split}/{key}"]
+                if m["lo"] is None:
+                    verdict = "not resolved"
+                else:
+                    verdict = "beats" if m["hi"] < ref else ("worse" if m["lo"] > ref else "not resolved")
+                out.append({"scenario": scenario, "size": size, "variant": v, "metric": f"{split}/{key}", "baseline": baseline,
+                            "baseline_value": ref, "verdict": verdict,
+                            "text": f"{size}/{v}: {_fmt_ci(m)} vs {baseline.replace('_', '-')} {ref:.3f}: {verdict}"})
+    return out
 
 
 def measure_cost(model_dir: Path, shape: tuple[int, int, int], *, num_inference_steps: int, context_frames: int,
@@ -210,6 +260,13 @@ def markdown(report: Mapping[str, Any]) -> str:
                        f"{cost['latency_ms']:.0f}" if cost.get("latency_ms") is not None else "-",
                        f"{cost['peak_memory_bytes'] / 2**20:.0f}" if cost.get("peak_memory_bytes") else "-"]
                 lines.append("| " + " | ".join(row) + " |")
+            base = report.get("baselines", {}).get(scenario, {})
+            for name, label in STUDY_BASELINES:
+                vals = [base.get(s, {}).get(name, {}).get(k) if k in _PHYSICS_KEYS else None for s, k, _ in STUDY_METRICS]
+                if all(x is None for x in vals):
+                    continue
+                row = [f"*{label}*", "-", "-", "-", *[f"{x:.3f}" if x is not None else "-" for x in vals], "-", "-", "-", "-"]
+                lines.append("| " + " | ".join(row) + " |")
             lines.append("")
     resolved = [v for v in report["verdicts"] if v["resolved"]]
     lines += ["## What the numbers support", ""]
@@ -220,16 +277,24 @@ def markdown(report: Mapping[str, Any]) -> str:
                      "at this budget and number of seeds the study cannot say that either wins.")
     else:
         lines += [f"- {v['scenario']}/{v['size']}: {v['text']}" for v in resolved]
-        lines.append(f"\n{len(report['verdicts']) - len(resolved)} other comparisons are not resolved.")
+        lines.append(f"\n{len(report['verdicts']) - len(resolved)} other comparisons are not resolved. Two non-overlapping "
+                     "95 % intervals are a stricter test than a 5 % one, but with this many comparisons an isolated "
+                     "resolved difference, on a metric where the others are not, can still be chance.")
+    vs_base = report.get("against_baseline", [])
+    if vs_base:
+        counts = {k: sum(b["verdict"] == k for b in vs_base) for k in ("beats", "worse", "not resolved")}
+        lines += ["", f"Against copy-last-frame on in-distribution velocity error (a model that learnt the motion beats it): "
+                  f"{counts['beats']} variant(s) beat it, {counts['worse']} are worse, {counts['not resolved']} not resolved.", ""]
+        lines += [f"- {b['scenario']}/{b['text']}" for b in vs_base]
     lines += ["", "## Pareto front (in-distribution velocity error against inference cost)", ""]
     for scenario, front in report["pareto"].items():
         lines.append(f"- {scenario}: by GMACs per video: {', '.join(front['gmacs']) or '-'}; "
                      f"by latency: {', '.join(front['latency']) or '-'}")
     routing = _routing_report(report)
     if routing["models"]:
-        lines += ["", "Expert load of each sparse variant's trained model (its first seed), per layer, by timestep bin, "
-                  "frame and region, while it generated the in-distribution split:", ""]
-        lines.append(routing_markdown(routing))
+        lines += [""]
+        lines.append(routing_markdown(routing).replace(
+            "## Routing\n", "## Routing\n\nEach sparse variant's first seed, its final model.\n", 1))
     lines += ["", "Plots: " + ", ".join(f"`{p}`" for p in report.get("plots", [])), ""]
     return "\n".join(lines)
 

@@ -47,7 +47,8 @@ import yaml
 
 from sparse_dit.config import ConfigError, ModelConfig, RecipeConfig
 from sparse_dit.data import SCENARIOS, write_physics_dataset
-from sparse_dit.evals.study_report import aggregate, evaluate_cell, load_eval_splits, measure_cost, pareto_front, verdicts, write_study_report
+from sparse_dit.evals.study_report import (against_baseline, aggregate, baseline_scores, evaluate_cell, load_eval_splits, measure_cost,
+                                           pareto_front, verdicts, write_study_report)
 from sparse_dit.flops import count, match_compute, match_params
 from sparse_dit.presets import load_recipe
 from sparse_dit.recipes.run_dir import atomic_write
@@ -584,6 +585,14 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
                                    repeats=spec.eval.latency_repeats)
         atomic_write(cost_file, json.dumps(costs, indent=2))
 
+    # Model-free references on the same validation videos (the floor, copy-last-frame, constant velocity).
+    ctx = spec.eval.context_frames or cells[0].recipe.train.context.frames
+    baselines = {}
+    for scenario in spec.data.scenarios:
+        if scenario not in splits_cache:
+            splits_cache[scenario] = load_eval_splits(out / "data" / scenario)
+        baselines[scenario] = baseline_scores(splits_cache[scenario], ctx)
+
     agg = aggregate([records[c.key] for c in cells])
     pareto = {}
     for scenario, sizes in agg.items():
@@ -600,7 +609,8 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
     matched = {"flops": "training FLOPs", "params": "total parameters (equal steps)", "wall_time": "training wall time"}[spec.budget.match]
     report = {
         "spec": to_dict(spec), "matched": matched, "aggregate": agg, "costs": costs, "pareto": pareto,
-        "verdicts": verdicts(agg), "cells": [records[c.key] for c in cells],
+        "verdicts": verdicts(agg), "baselines": baselines, "against_baseline": against_baseline(agg, baselines),
+        "cells": [records[c.key] for c in cells],
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count()},
         "wall_seconds_this_invocation": round(time.monotonic() - t0, 1),
         "description": (f"{len(cells)} cells: {len(spec.sizes)} size(s) x {len(spec.variants)} variant(s) x {len(spec.seeds)} seed(s) x "

@@ -235,6 +235,15 @@ def test_study_killed_mid_cell_resumes_and_equals_an_uninterrupted_run(tmp_path)
     assert offset == pytest.approx(s_up * train_flops_per_step(dense_recipe))  # its curve counts the dense part
     assert (tmp_path / "full" / "report.md").is_file() and (tmp_path / "full" / "quality_vs_train_flops.png").is_file()
     assert "matched training FLOPs" in (tmp_path / "full" / "report.md").read_text()
+    # the model-free references, scored on the same validation videos, in the report
+    base = full["baselines"]["uniform"]
+    assert set(base) == {"id", "ood"}
+    for split in ("id", "ood"):
+        gt, copy = base[split]["ground_truth"], base[split]["copy_last_frame"]
+        assert gt["detection_rate"] > 0.95 and gt["velocity_error"] < 0.2  # the detector's floor
+        assert copy["velocity_error"] > 5 * gt["velocity_error"]  # a moving ball: copying loses
+    assert "*copy-last-frame*" in (tmp_path / "full" / "report.md").read_text()
+    assert {b["variant"] for b in full["against_baseline"]} == {"dense", "tc-E4A1", "up-E4A1"}
 
     # Kill -9 once the second cell has a checkpoint but before it finishes.
     second = out / "cells" / "uniform" / "xs" / "tc-E4A1" / "seed0"
@@ -274,3 +283,16 @@ def test_cell_subprocess_env_shares_the_cores_and_drops_the_parents_rendezvous(m
     assert _cell_env(2, 1, parent)["OMP_NUM_THREADS"] == "8"
     assert _cell_env(32, 1, parent)["OMP_NUM_THREADS"] == "1"  # never 0
     assert _cell_env(2, 1, {**parent, "OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"  # the user's choice wins
+
+
+def test_variants_against_a_model_free_baseline():
+    from sparse_dit.evals.study_report import against_baseline
+
+    def g(mean, lo, hi):
+        return {"metrics": {"id/velocity_error": {"mean": mean, "lo": lo, "hi": hi}}}
+
+    agg = {"uniform": {"xs": {"a": g(1.5, 1.0, 2.0), "b": g(4.5, 4.0, 5.0), "c": g(3.0, 2.0, 4.0), "d": g(9.0, None, None)}}}
+    out = against_baseline(agg, {"uniform": {"id": {"copy_last_frame": {"velocity_error": 3.0}}}})
+    assert {o["variant"]: o["verdict"] for o in out} == {"a": "beats", "b": "worse", "c": "not resolved", "d": "not resolved"}
+    assert out[0]["text"] == "xs/a: 1.500 [1.000, 2.000] vs copy-last-frame 3.000: beats"
+    assert against_baseline(agg, {}) == []  # no physics states: nothing to compare
