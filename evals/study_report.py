@@ -310,6 +310,25 @@ def _routing_report(report: Mapping[str, Any]) -> dict[str, Any]:
     return {"models": models, "headline_split": "id"}
 
 
+def _baseline_lines(ax: Any, report: Mapping[str, Any], key: str) -> None:
+    """Dashed horizontal lines at the model-free references of a physics metric (``split/key``)."""
+    split, _, metric = key.partition("/")
+    if metric not in _PHYSICS_KEYS:
+        return
+    for scenario, base in report.get("baselines", {}).items():
+        for (name, label), style in zip(STUDY_BASELINES, (":", "--", "-.")):
+            val = base.get(split, {}).get(name, {}).get(metric)
+            if val is not None:
+                ax.axhline(val, color="0.35", linestyle=style, linewidth=1, label=f"{scenario}: {label}")
+
+
+def _baseline_legend(axes: Any) -> None:
+    for ax in axes:
+        hl = [(h, lab) for h, lab in zip(*ax.get_legend_handles_labels()) if any(name in lab for _, name in STUDY_BASELINES)]
+        if hl:
+            ax.legend(*zip(*hl), fontsize=7)
+
+
 def plot_study(report: Mapping[str, Any], out: Path) -> list[Path]:
     """quality_vs_train_flops.png (curves with interval bars) and quality_vs_inference_cost.png."""
     paths = []
@@ -321,19 +340,23 @@ def plot_study(report: Mapping[str, Any], out: Path) -> list[Path]:
         for scenario, sizes in agg.items():
             for size, variants in sizes.items():
                 for v, g in variants.items():
-                    xs = [p["train_flops"] / 1e15 for p in g["curve"]]
-                    ys = [p[key]["mean"] for p in g["curve"]]
-                    err = [[(p[key]["mean"] - p[key]["lo"]) if p[key]["lo"] is not None else 0 for p in g["curve"]],
-                           [(p[key]["hi"] - p[key]["mean"]) if p[key]["hi"] is not None else 0 for p in g["curve"]]]
-                    if any(y is None for y in ys):
+                    # points where no seed had a value (no ball detected) are left out, not the series
+                    pts = [p for p in g["curve"] if p[key]["mean"] is not None]
+                    if not pts:
                         continue
+                    xs = [p["train_flops"] / 1e15 for p in pts]
+                    ys = [p[key]["mean"] for p in pts]
+                    err = [[(p[key]["mean"] - p[key]["lo"]) if p[key]["lo"] is not None else 0 for p in pts],
+                           [(p[key]["hi"] - p[key]["mean"]) if p[key]["hi"] is not None else 0 for p in pts]]
                     ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=f"{scenario}/{size}/{v}")
+        _baseline_lines(ax, report, key)
         ax.set_xlabel("training compute (PFLOPs = 1e15 FLOPs)")
         ax.set_ylabel(label)
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     if axes[0].get_legend_handles_labels()[0]:
         axes[0].legend(fontsize=7)
+    _baseline_legend(axes[1:])
     fig.suptitle("Quality against training compute (mean, 95 % interval over seeds)")
     fig.tight_layout()
     paths.append(out / "quality_vs_train_flops.png")
@@ -351,6 +374,7 @@ def plot_study(report: Mapping[str, Any], out: Path) -> list[Path]:
                         continue
                     yerr = [[m["mean"] - m["lo"]], [m["hi"] - m["mean"]]] if m["lo"] is not None else None
                     ax.errorbar([c], [m["mean"]], yerr=yerr, marker="o", capsize=3, label=f"{scenario}/{size}/{v}")
+        _baseline_lines(ax, report, "id/velocity_error")
         ax.set_xlabel(label)
         ax.set_ylabel("velocity error, id (px/frame)")
         ax.set_xlim(left=0)

@@ -296,3 +296,27 @@ def test_variants_against_a_model_free_baseline():
     assert {o["variant"]: o["verdict"] for o in out} == {"a": "beats", "b": "worse", "c": "not resolved", "d": "not resolved"}
     assert out[0]["text"] == "xs/a: 1.500 [1.000, 2.000] vs copy-last-frame 3.000: beats"
     assert against_baseline(agg, {}) == []  # no physics states: nothing to compare
+
+
+def test_curves_keep_defined_points_and_draw_the_baselines(tmp_path, monkeypatch):
+    import sparse_dit.evals.study_report as sr
+
+    def pt(f, vel):
+        m = {"mean": vel, "lo": None if vel is None else vel - 1, "hi": None if vel is None else vel + 1}
+        return {"train_flops": f, "id/val_loss": {"mean": 0.2, "lo": 0.1, "hi": 0.3}, "id/velocity_error": m,
+                "ood/velocity_error": m}
+
+    g = {"curve": [pt(1e12, None), pt(2e12, 3.0), pt(3e12, 2.0)],  # no ball found at the first point
+         "metrics": {"id/velocity_error": {"mean": 2.0, "lo": 1.0, "hi": 3.0}}}
+    report = {"aggregate": {"uniform": {"xs": {"dense": g}}}, "costs": {"uniform/xs/dense": {"gmacs_per_video": 0.5}},
+              "baselines": {"uniform": {"id": {"ground_truth": {"velocity_error": 0.05}, "copy_last_frame": {"velocity_error": 1.4}}}}}
+    figs = []
+    monkeypatch.setattr(sr.plt, "close", figs.append)
+    sr.plot_study(report, tmp_path)
+    vel = figs[0].axes[1]
+    series = [c for c in vel.containers if c.get_label() == "uniform/xs/dense"]
+    assert list(series[0].lines[0].get_xdata()) == [0.002, 0.003]  # the undefined point left out, not the series
+    flat = sorted(float(ln.get_ydata()[0]) for ln in vel.get_lines() if "copy-last" in ln.get_label() or "floor" in ln.get_label())
+    assert flat == [0.05, 1.4]
+    assert "uniform: copy-last-frame" in [t.get_text() for t in vel.get_legend().get_texts()]
+    assert any("copy-last" in ln.get_label() for ln in figs[1].axes[0].get_lines())  # the cost plot too
