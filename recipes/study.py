@@ -639,7 +639,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``sparse-dit study``."""
     try:
-        run_study(args.spec, args.out, jobs=args.jobs, num_procs=args.num_procs, dry_run=args.dry_run)
+        # flushed lines: a study runs for hours and its log is usually redirected to a file
+        run_study(args.spec, args.out, jobs=args.jobs, num_procs=args.num_procs, dry_run=args.dry_run,
+                  log=lambda line: print(line, flush=True))
     except (ConfigError, FileNotFoundError, RuntimeError) as exc:
         print(f"sparse-dit study: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
         return 2
