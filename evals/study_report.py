@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from sparse_dit.dit import SparseDiT
 from sparse_dit.evals.compare import EvalSplit, Run, evaluate_run, load_split
 from sparse_dit.evals.cost import generation_macs, measure_generation
-from sparse_dit.evals.physics import baseline_videos, score
+from sparse_dit.evals.physics import BASELINES, score
 from sparse_dit.evals.report import write_json
 from sparse_dit.evals.routing import plot_routing, routing_markdown
 from sparse_dit.evals.stats import LEVEL, t_interval
@@ -114,10 +114,9 @@ def baseline_scores(splits: Sequence[EvalSplit], context_frames: int) -> dict[st
     for split in splits:
         if split.states is None:
             continue
-        vids = baseline_videos(split.videos, split.states, context_frames)
         out[split.name] = {}
-        for name, _ in STUDY_BASELINES:
-            sc = score(vids[name], split.states, context_frames)
+        for name, _ in STUDY_BASELINES:  # only these three (BASELINES also holds the ball-free ones)
+            sc = score(BASELINES[name](split.videos, split.states, context_frames), split.states, context_frames)
             out[split.name][name] = {k: (None if not math.isfinite(sc[k]) else float(sc[k])) for k in _PHYSICS_KEYS}
     return out
 
