@@ -484,11 +484,21 @@ def _plan_record(spec: StudySpec, cells: list[Cell]) -> dict[str, Any]:
                        "dir": str(c.dir)} for c in cells]}
 
 
+def _splits(splits_cache: dict, out: Path, scenario: str) -> Any:
+    """A scenario's validation splits, loaded once per invocation."""
+    if scenario not in splits_cache:
+        splits_cache[scenario] = load_eval_splits(out / "data" / scenario)
+    return splits_cache[scenario]
+
+
+def _context(spec: StudySpec, cell: Cell) -> int:
+    """Given frames at evaluation: the spec's, else the cell's training context."""
+    return spec.eval.context_frames or cell.recipe.train.context.frames
+
+
 def _evaluate(cell: Cell, spec: StudySpec, out: Path, splits_cache: dict, log: Callable[[str], None]) -> dict[str, Any]:
-    if cell.scenario not in splits_cache:
-        splits_cache[cell.scenario] = load_eval_splits(out / "data" / cell.scenario)
-    ctx = spec.eval.context_frames or cell.recipe.train.context.frames
-    result = evaluate_cell(cell.dir, cell.recipe, cell.export_steps, cell.flops_per_step, splits_cache[cell.scenario],
+    ctx = _context(spec, cell)
+    result = evaluate_cell(cell.dir, cell.recipe, cell.export_steps, cell.flops_per_step, _splits(splits_cache, out, cell.scenario),
                            context_frames=ctx, num_inference_steps=spec.eval.num_inference_steps, batch_size=spec.eval.batch_size,
                            num_t=spec.eval.num_t, seed=0, log=log, flops_offset=cell.flops_offset)
     record = {"scenario": cell.scenario, "size": cell.size, "variant": cell.variant, "seed": cell.seed,
@@ -581,17 +591,15 @@ def run_study(spec_path: str | Path, out: str | Path, *, jobs: int = 1, num_proc
         if gkey in costs or c.seed != spec.seeds[0]:
             continue
         costs[gkey] = measure_cost(c.dir / "final", shape, num_inference_steps=spec.eval.num_inference_steps or c.recipe.diffusion.num_inference_steps,
-                                   context_frames=spec.eval.context_frames or c.recipe.train.context.frames,
+                                   context_frames=_context(spec, c),
                                    repeats=spec.eval.latency_repeats)
         atomic_write(cost_file, json.dumps(costs, indent=2))
 
     # Model-free references on the same validation videos (the floor, copy-last-frame, constant velocity).
-    ctx = spec.eval.context_frames or cells[0].recipe.train.context.frames
-    baselines = {}
-    for scenario in spec.data.scenarios:
-        if scenario not in splits_cache:
-            splits_cache[scenario] = load_eval_splits(out / "data" / scenario)
-        baselines[scenario] = baseline_scores(splits_cache[scenario], ctx)
+    contexts = sorted({_context(spec, c) for c in cells})
+    if len(contexts) > 1:
+        log(f"cells are evaluated from {contexts} context frames; the references use {contexts[0]} (set eval.context_frames to align them)")
+    baselines = {scenario: baseline_scores(_splits(splits_cache, out, scenario), contexts[0]) for scenario in spec.data.scenarios}
 
     agg = aggregate([records[c.key] for c in cells])
     pareto = {}
