@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Issue 16's GPU run, on a GPU machine that cannot reach a package index:
+#   bash benchmarks/gpu_suite.sh OUT [BUDGET_S]
+# Needs, in the repository root: .whl/ (wheels the GPU image lacks: deepspeed built with
+# DS_BUILD_OPS=0, hjson, pydantic + pydantic_core + annotated_types + typing_inspection, datasets +
+# dill + multiprocess, pymunk + cffi + pycparser) and .mbsrc/ (the sdists of megablocks 0.10.0,
+# grouped_gemm 0.3.0 and stanford-stk 0.7.1, built here against the machine's own torch, sm_90).
+# The image's python3 and torch are used as they are (the project's torch pin is for CPU boxes).
+set -u
+OUT=${1:?usage: gpu_suite.sh OUT [BUDGET_S]}
+BUDGET=${2:-420}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+SITE=/tmp/sd_site MB=/tmp/mb
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" "$ROOT"/.whl/*.whl >"$OUT/install.log" 2>&1 \
+  || { echo "wheel install failed:"; tail -20 "$OUT/install.log"; }
+(cd "$ROOT" && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --target "$SITE" .) >>"$OUT/install.log" 2>&1 \
+  || { echo "sparse-dit install failed:"; tail -20 "$OUT/install.log"; }
+export PYTHONPATH=$SITE
+echo "installed in $(( $(date +%s) - t0 )) s"
+# megablocks + grouped_gemm + stk, built in the background while the suite's untimed checks run
+rm -f "$MB.done"
+(
+  mkdir -p "$MB/src" && cd "$MB/src" && for f in "$ROOT"/.mbsrc/*.tar.gz; do tar xzf "$f"; done
+  export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=6
+  b0=$(date +%s)
+  (cd grouped_gemm-0.3.0 && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$MB/gg" .) >"$MB/gg.log" 2>&1 &
+  (cd megablocks-0.10.0 && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$MB/mb" .) >"$MB/mb.log" 2>&1 &
+  (cd stanford_stk-0.7.1 && python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir --target "$MB/stk" .) >"$MB/stk.log" 2>&1 &
+  wait
+  status="built in $(( $(date +%s) - b0 )) s"
+  for n in gg mb stk; do tail -c 1500 "$MB/$n.log" >"$OUT/build_$n.log"; done
+  echo "$status" >"$MB.done"
+) &
+nice_suite() {
+  python3 "$ROOT/benchmarks/gpu_suite.py" --out "$OUT" --budget-s "$BUDGET" \
+    --megablocks-done "$MB.done" --megablocks-path "$MB/gg" "$MB/mb" "$MB/stk"
+}
+nice_suite 2>&1 | tee "$OUT/suite.log"
