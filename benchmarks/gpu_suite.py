@@ -366,7 +366,6 @@ def _ds_init() -> None:
 
 
 def section_layer_speed(suite: Suite, sec: dict) -> None:
-    import deepspeed  # noqa: F401 - the section needs it
     from deepspeed.moe.layer import MoE
 
     from sparse_dit.config import ModelConfig
@@ -403,7 +402,7 @@ def section_layer_speed(suite: Suite, sec: dict) -> None:
         for n, m in models.items():
             m.to(suite.device, dtype)
 
-            def step(m: torch.nn.Module = m) -> None:
+            def step(m: torch.nn.Module = m, x: torch.Tensor = x, grad: torch.Tensor = grad) -> None:
                 out = m(x)
                 (out[0] if isinstance(out, tuple) else out).backward(grad)
                 x.grad = None
