@@ -14,7 +14,7 @@ import torch
 if TYPE_CHECKING:  # annotation only: fused_local imports this module
     from sparse_dit.moe.ops.fused_local import BlockPlan
 
-__all__ = ["ExpertWeights", "ExpertRows", "ExpertBackend", "check_expert_weights", "expert_of_rows", "padded_bias"]
+__all__ = ["ExpertWeights", "ExpertRows", "ExpertBackend", "check_expert_weights", "expert_of_rows", "padded_bias", "add_row_bias"]
 
 
 class ExpertWeights(NamedTuple):
@@ -128,3 +128,34 @@ def expert_of_rows(counts: torch.Tensor, rows: int) -> torch.Tensor:
 def padded_bias(bias: torch.Tensor) -> torch.Tensor:
     """[E, n] bias -> [E + 1, n] with a zero last row (for the tail rows of :func:`expert_of_rows`)."""
     return torch.cat([bias, bias.new_zeros(1, bias.shape[1])])
+
+
+class _RowBias(torch.autograd.Function):
+    """``h + [bias; 0][e_R]`` whose bias gradient is summed per expert in fp32."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, bias: torch.Tensor, e_R: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(e_R)
+        ctx.num_experts, ctx.bias_dtype = bias.shape[0], bias.dtype
+        return h + padded_bias(bias).index_select(0, e_R)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        (e_R,) = ctx.saved_tensors
+        db = None
+        if ctx.needs_input_grad[1]:
+            acc = torch.zeros(ctx.num_experts + 1, g.shape[1], dtype=torch.float32, device=g.device)
+            db = acc.index_add_(0, e_R, g if g.dtype == torch.float32 else g.float())[: ctx.num_experts].to(ctx.bias_dtype)
+        return g, db, None
+
+
+def add_row_bias(h: torch.Tensor, bias: torch.Tensor, e_R: torch.Tensor) -> torch.Tensor:
+    """``h`` (R, n) plus each row's expert bias (``e_R`` from :func:`expert_of_rows`; tail rows
+    get none), differentiable in ``h`` and ``bias``.
+
+    The bias gradient is a sum over each expert's rows. Autograd's own (the backward of
+    ``index_select``) scatter-adds into a table of the bias dtype: on CUDA that is one atomic add
+    per row, each rounded to bf16, and the H200 run measured 3.7e-2 relative error in bf16 bias
+    gradients (fp32 accumulation: 4e-3, the rounding of the result alone). Here the sum runs in fp32.
+    """
+    return _RowBias.apply(h, bias, e_R)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights, expert_of_rows, padded_bias
+from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights, add_row_bias, expert_of_rows
 from sparse_dit.moe.ops.expert_loop import experts_loop
 
 __all__ = ["grouped_mm_available", "grouped_mm_aligned", "run_grouped_mm", "grouped_mm_autograd", "GROUPED_MM"]
@@ -51,14 +51,14 @@ def grouped_mm_autograd(x: torch.Tensor, counts: torch.Tensor, activation: str, 
     h1 = torch._grouped_mm(x, w.w1, offs=offs)  # (R, F)
     if w.b1 is not None:
         e_R = expert_of_rows(counts, x.shape[0])
-        h1 = h1 + padded_bias(w.b1).index_select(0, e_R)
+        h1 = add_row_bias(h1, w.b1, e_R)
     if activation == "gelu_tanh":
         h = F.gelu(h1, approximate="tanh")
     else:
         h = F.silu(h1) * torch._grouped_mm(x, w.w3, offs=offs)
     y = torch._grouped_mm(h.contiguous(), w.w2, offs=offs)  # (R, D)
     if w.b2 is not None:
-        y = y + padded_bias(w.b2).index_select(0, e_R)
+        y = add_row_bias(y, w.b2, e_R)
     return y
 
 

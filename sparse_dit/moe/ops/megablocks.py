@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights, expert_of_rows, padded_bias
+from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights, add_row_bias, expert_of_rows
 
 __all__ = ["run_megablocks", "MEGABLOCKS"]
 
@@ -42,14 +42,14 @@ def run_megablocks(x: torch.Tensor, rows: ExpertRows, activation: str, w: Expert
     h1 = gg.ops.gmm(xs, w.w1, batch_sizes)
     if w.b1 is not None:
         e_R = expert_of_rows(batch_sizes.to(x.device), n)
-        h1 = h1 + padded_bias(w.b1).index_select(0, e_R)
+        h1 = add_row_bias(h1, w.b1, e_R)
     if activation == "gelu_tanh":
         h = F.gelu(h1, approximate="tanh")
     else:
         h = F.silu(h1) * gg.ops.gmm(xs, w.w3, batch_sizes)
     y = gg.ops.gmm(h, w.w2, batch_sizes)
     if w.b2 is not None:
-        y = y + padded_bias(w.b2).index_select(0, e_R)
+        y = add_row_bias(y, w.b2, e_R)
     if n < x.shape[0]:
         y = torch.cat([y, y.new_zeros(x.shape[0] - n, y.shape[1])])
     return y
