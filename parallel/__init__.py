@@ -21,6 +21,7 @@ from sparse_dit.parallel.checkpoint import (
 )
 from sparse_dit.parallel.engine import (
     apply_activation_checkpointing,
+    compile_blocks,
     batch_layout,
     build_ds_config,
     build_engine,
@@ -50,6 +51,7 @@ __all__ = [
     "lr_at",
     "resolve_precision",
     "apply_activation_checkpointing",
+    "compile_blocks",
     "connect_global_balance",
     "world_sum",
     "check_parallel_config",

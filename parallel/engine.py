@@ -18,6 +18,7 @@ parallel.precision                          bf16.enabled / fp16.enabled ("auto":
                                             fp32 on CPU); "bf16-autocast": torch_autocast
 train.activation_checkpointing              activation_checkpointing (blocks are wrapped in
                                             ``torch.utils.checkpoint``, non-reentrant)
+train.compile                               (none: each block is ``torch.compile``-d in place)
 ==========================================  ====================================================
 
 A user JSON (``parallel.deepspeed_config``) is merged on top, key by key (nested mappings
@@ -70,6 +71,7 @@ __all__ = [
     "param_groups",
     "lr_at",
     "apply_activation_checkpointing",
+    "compile_blocks",
     "build_engine",
 ]
 
@@ -315,6 +317,16 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return len(blocks)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """``torch.compile`` each DiT block in place (``nn.Module.compile``), after any activation
+    checkpointing wrapper so the recomputation runs compiled too. Blocks of one shape share the
+    compiled code (a compile per distinct block, not per layer). Returns the block count."""
+    blocks = getattr(model, "blocks", [])
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def build_engine(model: nn.Module, recipe: RecipeConfig, world_size: int) -> tuple[Any, dict]:
     """Wrap ``model`` (already sharded by :func:`~sparse_dit.parallel.setup_expert_parallel`)
     in a DeepSpeed engine with AdamW and the warmup-cosine schedule.
@@ -335,6 +347,8 @@ def build_engine(model: nn.Module, recipe: RecipeConfig, world_size: int) -> tup
     tc = recipe.train
     if tc.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if tc.compile:
+        compile_blocks(model)
     if recipe.parallel.zero_stage == 3 and recipe.model.moe.enabled:
         set_z3_leaf_modules(model, [MoEFeedForward])
     groups = param_groups(model, tc.weight_decay)

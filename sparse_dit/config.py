@@ -331,6 +331,10 @@ class TrainConfig(_Config):
     # Context frames (image/video prompts) of each training sample: random tasks or a fixed prefix.
     context: ContextConfig = field(default_factory=ContextConfig)
     activation_checkpointing: bool = False
+    # torch.compile each DiT block (regional compilation: blocks of one shape share the compiled
+    # code, so compile time does not grow with depth). Fuses the norms, modulations, RoPE and
+    # activations that leave an eager GPU step memory-bound (BENCHMARKS.md, issue 16).
+    compile: bool = False
     # Stop (with a checkpoint) after this many steps without changing the LR schedule, which
     # still spans max_steps: for time-limited jobs and the resume test. None = run to max_steps.
     stop_after: Optional[int] = field(default=None, metadata=rule(ge=1))
