@@ -63,6 +63,7 @@ class Suite:
         self.results: dict[str, Any] = {"meta": {}, "sections": {}}
         self.only: list[str] | None = None  # backends of the current correctness pass (None: all but megablocks)
         self.first_losses: dict[str, float] = {}  # train_step's first loss per backend
+        self.train_configs: list[tuple[str, bool, bool]] = []  # (preset, activation checkpointing, compile)
         out.mkdir(parents=True, exist_ok=True)
 
     def left(self) -> float:
@@ -427,6 +428,7 @@ def section_layer_speed(suite: Suite, sec: dict) -> None:
             item["ratio_to_deepspeed"] = {n: round(t / ds, 3) for n, t in times.items() if n.startswith("moe")}
         sec["items"].append(item)
         print(f"  {json.dumps(item)}", flush=True)
+        suite.save()
         del models, fns, x, grad
 
 
@@ -435,7 +437,7 @@ def section_layer_speed(suite: Suite, sec: dict) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def _recipe(preset: str, moe: bool, ckpt: bool, batch: int, steps: int, out: str, smoke: bool) -> Any:
+def _recipe(preset: str, moe: bool, ckpt: bool, batch: int, steps: int, out: str, smoke: bool, compiled: bool = False) -> Any:
     from sparse_dit.presets import load_recipe
 
     path = ROOT / "recipes/small" / ("moe.yaml" if moe else "dense.yaml")
@@ -444,7 +446,7 @@ def _recipe(preset: str, moe: bool, ckpt: bool, batch: int, steps: int, out: str
                  f"data.num_frames={frames}", f"data.height={res}", f"data.width={res}", "data.num_workers=2",
                  f"train.global_batch_size={batch}", f"train.max_steps={steps}", "train.save_every=1000000",
                  "train.log_every=1000000", "train.sample_every=0", "train.warmup_steps=1",
-                 f"train.activation_checkpointing={str(ckpt).lower()}", f"output_dir={out}",
+                 f"train.activation_checkpointing={str(ckpt).lower()}", f"train.compile={str(compiled).lower()}", f"output_dir={out}",
                  "parallel.ep_size=1", "parallel.precision=" + ("fp32" if smoke else "bf16")]
     if smoke:
         overrides.append("model.depth=1")
@@ -457,18 +459,19 @@ def section_train_throughput(suite: Suite, sec: dict) -> None:
     _ds_init()
     batch = 2 if suite.smoke else 16
     warm, timed = (1, 2) if suite.smoke else (3, 8)
-    configs = [("S/2", False, False), ("S/2-E8A2", True, False), ("B/2", False, False), ("B/2-E8A2", True, False),
-               ("B/2", False, True), ("B/2-E8A2", True, True)]
+    configs = suite.train_configs
     peak = suite.results["meta"].get("datasheet_bf16_tflops")
     measured = suite.results["meta"].get("measured_bf16_matmul_tflops")
-    for preset, moe, ckpt in configs:
-        if suite.left() < 40:
-            sec["items"].append({"preset": preset, "activation_checkpointing": ckpt, "skipped": "budget"})
+    for preset, ckpt, compiled in configs:
+        moe = "-E" in preset
+        need = 150 if compiled else 40
+        if suite.left() < need:
+            sec["items"].append({"preset": preset, "activation_checkpointing": ckpt, "compile": compiled, "skipped": "budget"})
             continue
-        item: dict[str, Any] = {"preset": preset, "activation_checkpointing": ckpt, "batch": batch}
+        item: dict[str, Any] = {"preset": preset, "activation_checkpointing": ckpt, "compile": compiled, "batch": batch}
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                recipe = _recipe(preset, moe, ckpt, batch, warm + timed, tmp, suite.smoke)
+                recipe = _recipe(preset, moe, ckpt, batch, warm + timed, tmp, suite.smoke, compiled)
                 t_build = time.monotonic()
                 run = build_run(recipe)
                 item["build_s"] = round(time.monotonic() - t_build, 1)
@@ -476,7 +479,11 @@ def section_train_throughput(suite: Suite, sec: dict) -> None:
                 batches = run.source.loader(0, warm + timed, recipe.data.num_workers)
                 if suite.device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
-                for step in range(warm):
+                t_first = time.monotonic()
+                train_step(run, 0, batches)
+                suite.sync()
+                item["first_step_s"] = round(time.monotonic() - t_first, 1)  # includes compilation under train.compile
+                for step in range(1, warm):
                     train_step(run, step, batches)
                 suite.sync()
                 t = time.perf_counter()
@@ -503,14 +510,17 @@ def section_train_throughput(suite: Suite, sec: dict) -> None:
             item["traceback"] = traceback.format_exc()[-2000:]
         sec["items"].append(item)
         print(f"  {json.dumps({k: v for k, v in item.items() if k != 'traceback'})}", flush=True)
+        suite.save()  # a run cut short keeps every finished configuration
         if suite.device.type == "cuda":
             torch.cuda.empty_cache()
-    by = {(i["preset"], i["activation_checkpointing"]): i for i in sec["items"] if "samples_per_s" in i}
+    by = {(i["preset"], i["activation_checkpointing"], i["compile"]): i for i in sec["items"] if "samples_per_s" in i}
     for size in ("S/2", "B/2"):
         for ckpt in (False, True):
-            dn, sp = by.get((size, ckpt)), by.get((f"{size}-E8A2", ckpt))
-            if dn and sp:
-                sec.setdefault("sparse_over_dense_samples_per_s", {})[f"{size} ckpt={ckpt}"] = round(sp["samples_per_s"] / dn["samples_per_s"], 3)
+            for compiled in (False, True):
+                dn, sp = by.get((size, ckpt, compiled)), by.get((f"{size}-E8A2", ckpt, compiled))
+                if dn and sp:
+                    sec.setdefault("sparse_over_dense_samples_per_s", {})[f"{size} ckpt={ckpt} compile={compiled}"] = round(
+                        sp["samples_per_s"] / dn["samples_per_s"], 3)
 
 
 # ------------------------------------------------------------------------------------------
@@ -555,6 +565,86 @@ def section_sampling(suite: Suite, sec: dict) -> None:
         sec["items"].append(item)
         print(f"  {item}", flush=True)
         del models
+
+
+# ------------------------------------------------------------------------------------------
+# where the time goes: profiles of the MoE layer and of trainer steps
+# ------------------------------------------------------------------------------------------
+
+SYNC_EVENTS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::_local_scalar_dense")
+
+
+def _profile(suite: Suite, name: str, fn: Callable[[], Any], iters: int) -> dict:
+    """Per iteration of ``fn``: wall time, summed GPU kernel time, kernel launches, host syncs;
+    the top kernels and CPU ops go to OUT/profile.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if suite.device.type == "cuda" else [])
+    suite.sync()
+    with profile(activities=acts) as prof:
+        t = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        suite.sync()
+        wall = (time.perf_counter() - t) / iters
+    ev = prof.key_averages()
+    dev = [e for e in ev if getattr(e, "device_type", None) is not None and "CUDA" in str(e.device_type)]
+    gpu_us = sum(getattr(e, "self_device_time_total", 0) for e in dev) / iters
+    kernels = sum(e.count for e in dev) / iters
+    syncs = {e.key: e.count / iters for e in ev if e.key in SYNC_EVENTS}
+    cpu_ops = sum(e.count for e in ev if e.key.startswith("aten::")) / iters
+    out = {"name": name, "wall_ms": round(wall * 1e3, 2), "gpu_kernel_ms": round(gpu_us / 1e3, 2),
+           "gpu_busy": round(gpu_us / 1e6 / wall, 3) if wall else None, "kernels": round(kernels, 1),
+           "aten_ops": round(cpu_ops, 1), "syncs": syncs}
+    sort_dev = "self_device_time_total" if suite.device.type == "cuda" else "self_cpu_time_total"
+    with open(suite.out / "profile.txt", "a", encoding="utf-8") as fh:
+        fh.write(f"\n\n===== {name}: {json.dumps(out)}\n")
+        fh.write(ev.table(sort_by=sort_dev, row_limit=22, max_name_column_width=70))
+        fh.write(ev.table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=70))
+    return out
+
+
+def section_profile(suite: Suite, sec: dict) -> None:
+    from sparse_dit.config import ModelConfig
+    from sparse_dit.flops import match_compute
+    from sparse_dit.modules.mlp import FeedForward
+    from sparse_dit.moe import MoEFeedForward
+    from sparse_dit.recipes.train import build_run, train_step
+
+    _ds_init()
+    d, T, E, k = SMOKE_SHAPES["A"] if suite.smoke else SHAPES["B"]
+    h = match_compute(ModelConfig(hidden_size=d, num_heads=max(1, d // 64), mlp_ratio=4.0), num_experts=E, top_k=k).moe.expert_hidden_dim
+    x = torch.randn(4, T // 4, d, device=suite.device, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn_like(x)
+    backend = "grouped_mm" if suite.device.type == "cuda" else "loop"
+    for name, m in (("layer B: dense FFN", FeedForward(d, 4 * d)), (f"layer B: moe[{backend}]", MoEFeedForward(d, h, E, k, backend=backend))):
+        m.to(suite.device, torch.bfloat16)
+
+        def step(m: torch.nn.Module = m) -> None:
+            out = m(x)
+            (out[0] if isinstance(out, tuple) else out).backward(grad)
+            x.grad = None
+            for p in m.parameters():
+                p.grad = None
+
+        for _ in range(3):
+            step()
+        sec["items"].append(_profile(suite, name, step, 5))
+        print(f"  {sec['items'][-1]}", flush=True)
+    batch = 2 if suite.smoke else 16
+    for preset, moe in (("B/2", False), ("B/2-E8A2", True)):
+        with tempfile.TemporaryDirectory() as tmp:
+            recipe = _recipe(preset, moe, False, batch, 6, tmp, suite.smoke)
+            run = build_run(recipe)
+            run.engine.train()
+            batches = run.source.loader(0, 6, recipe.data.num_workers)
+            steps = iter(range(6))
+            for _ in range(3):
+                train_step(run, next(steps), batches)
+            sec["items"].append(_profile(suite, f"trainer step {preset} bf16 batch {batch}", lambda: train_step(run, next(steps), batches), 2))
+            print(f"  {sec['items'][-1]}", flush=True)
+            suite.save()
+            del run, batches
 
 
 # ------------------------------------------------------------------------------------------
@@ -653,6 +743,7 @@ SECTIONS: dict[str, tuple[Callable[[Suite, dict], None], float]] = {
     "layer_speed": (section_layer_speed, 40),
     "train_throughput": (section_train_throughput, 60),
     "sampling": (section_sampling, 40),
+    "profile": (section_profile, 40),
 }
 
 
@@ -663,6 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", help="cuda (the point) or cpu (--smoke: checks the script)")
     p.add_argument("--smoke", action="store_true", help="tiny shapes and few steps")
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--train-configs", nargs="+", default=["S/2", "S/2-E8A2", "B/2", "B/2-E8A2", "B/2:ckpt", "B/2-E8A2:ckpt"],
+                   help="PRESET[:ckpt][:compile] per trainer configuration")
     p.add_argument("--megablocks-done", default=None, help="file the megablocks build writes when it ends")
     p.add_argument("--megablocks-path", nargs="*", default=[], help="folders the build installed into (added to sys.path)")
     p.add_argument("--megablocks-deadline-s", type=float, default=150.0, help="stop waiting for the build this long into the suite")
@@ -673,6 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     suite = Suite(args.out, args.budget_s, args.device, args.smoke)
+    for spec in args.train_configs:
+        preset, *flags = spec.split(":")
+        if set(flags) - {"ckpt", "compile"}:
+            p.error(f"--train-configs {spec!r}: flags after the preset are 'ckpt' and 'compile'")
+        suite.train_configs.append((preset, "ckpt" in flags, "compile" in flags))
     suite.run("meta", section_meta, 0)
     first = [s for s in ("correctness", "train_step", "attention") if s in args.sections]
     for name in first:  # no timings: these can overlap the megablocks build
