@@ -641,7 +641,7 @@ def section_profile(suite: Suite, sec: dict) -> None:
             steps = iter(range(6))
             for _ in range(3):
                 train_step(run, next(steps), batches)
-            sec["items"].append(_profile(suite, f"trainer step {preset} bf16 batch {batch}", lambda: train_step(run, next(steps), batches), 2))
+            sec["items"].append(_profile(suite, f"trainer step {preset} bf16 batch {batch}", lambda run=run, batches=batches: train_step(run, next(steps), batches), 2))
             print(f"  {sec['items'][-1]}", flush=True)
             suite.save()
             del run, batches
