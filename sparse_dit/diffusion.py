@@ -100,6 +100,22 @@ def _prediction(output: Any, channels: int) -> tuple[torch.Tensor, torch.Tensor 
     return velocity, aux_loss
 
 
+def draw_noise(x0: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise like ``x0``, reproducible from ``generator``.
+
+    With a CPU generator (the trainer's per-step generator) and a CUDA ``x0``, the noise is drawn
+    on the GPU from a seed the generator draws: a video-sized CPU draw cost 88 ms of a 586 ms
+    B/2 training step on the H200, with the GPU waiting (BENCHMARKS.md, issue 16). The draws are
+    then reproducible per device type, as every GPU kernel's rounding is. Everywhere else the
+    noise comes from the generator itself, on its device.
+    """
+    if generator is not None and x0.is_cuda and generator.device.type == "cpu":
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return torch.randn(x0.shape, generator=torch.Generator(x0.device).manual_seed(seed), device=x0.device, dtype=x0.dtype)
+    gdev = generator.device if generator is not None else x0.device
+    return torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
+
+
 class FlowMatching:
     """The flow-matching objective.
 
@@ -201,11 +217,10 @@ class FlowMatching:
         model_kwargs = dict(model_kwargs or {})
         if num_tokens is None:
             num_tokens = count_tokens(tuple(x0.shape), getattr(getattr(model, "config", None), "patch_size", (1, 1, 1)))
-        gdev = generator.device if generator is not None else x0.device
         if t is None:
             t = self.sample_timesteps(B, num_tokens, generator=generator, device=x0.device)
         if noise is None:
-            noise = torch.randn(x0.shape, generator=generator, device=gdev, dtype=x0.dtype).to(x0.device)
+            noise = draw_noise(x0, generator)
         x_t = self.add_noise(x0, noise, t)
         weight = torch.ones(B, 1, T, 1, 1, device=x0.device, dtype=x0.dtype)
         if context_mask is not None:

@@ -200,3 +200,36 @@ def test_bf16_bias_gradients_are_summed_in_fp32(name: str) -> None:
     ends = counts.cumsum(0).tolist()
     ref = torch.stack([gy[s:e].sum(0) for s, e in zip([0] + ends[:-1], ends)])
     torch.testing.assert_close(ex.b2.grad.double(), ref, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_group_sums_methods_agree_and_the_gemm_reads_nothing_back(dtype):
+    # the bias gradient's per-expert row sums: a one-hot GEMM on CUDA (no atomics), an fp32
+    # index_add_ on CPU; both against fp64 sums, group n-1 empty; the GEMM dispatches no host read
+    from sparse_dit.moe.ops.base import row_group_sums
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(300, 16, generator=g).to(dtype)
+    group = torch.randint(0, 4, (300,), generator=g)
+    ref = torch.zeros(5, 16, dtype=torch.float64).index_add_(0, group, x.double())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for method in ("gemm", "index_add", "auto"):
+        mode = _ScatterAddDtypes()
+        with mode:
+            out = row_group_sums(x, group, 5, method)
+        assert out.dtype == dtype and out.shape == (5, 16)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        assert not [d for _, d in mode.dtypes if d in (torch.bfloat16, torch.float16)]
+    reads: list[str] = []
+
+    class _Reads(torch.utils._python_dispatch.TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+            if "local_scalar_dense" in str(func):
+                reads.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with _Reads():
+        row_group_sums(x, group, 5, "gemm")
+    assert reads == []
+    with pytest.raises(ValueError, match="method='x'"):
+        row_group_sums(x, group, 5, "x")

@@ -59,7 +59,9 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["DispatchMeta", "LocalDispatcher", "sort_routes", "gather_rows_token_major", "combine_token_major", "permute_rows"]
+from sparse_dit.moe.stats import count_indices
+
+__all__ = ["DispatchMeta", "LocalDispatcher", "sort_routes", "gather_rows_token_major", "combine_token_major", "permute_rows", "weighted_sum_over_k"]
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,7 @@ def sort_routes(expert_idx_R: torch.Tensor, num_experts: int) -> tuple[torch.Ten
     _, perm = torch.sort(expert_idx_R, stable=True)
     inv_perm = torch.empty_like(perm)
     inv_perm[perm] = torch.arange(perm.numel(), device=perm.device)
-    counts = torch.bincount(expert_idx_R, minlength=num_experts + 1)[:num_experts]
+    counts = count_indices(expert_idx_R, num_experts + 1)[:num_experts]
     return perm, inv_perm, counts
 
 
@@ -169,14 +171,31 @@ def gather_rows_token_major(x_TD: torch.Tensor, token_sorted: torch.Tensor, inv_
 def combine_token_major(y_sorted: torch.Tensor, inv_perm: torch.Tensor, perm: torch.Tensor, weight_TK: torch.Tensor) -> torch.Tensor:
     """Un-sort K rows per token and take their weighted sum: (R, D) -> (T, D).
 
-    The weighted sum is one batched matmul (T, 1, K) @ (T, K, D), which fuses the top-k weight
-    multiply with the reduction over K (no (T, K, D) product tensor is materialised).
+    On CPU the weighted sum is one batched matmul (T, 1, K) @ (T, K, D), which fuses the top-k
+    weight multiply with the reduction over K (no (T, K, D) product tensor is materialised). On
+    CUDA that batched GEMM of T 1 x K products runs as a generic tensor-core kernel: 1.15 ms of a
+    3.7 ms layer step (forward and backward, 16384 tokens, d=768) on the H200, where a multiply and
+    a sum over K are two bandwidth-bound passes.
     """
     T, K = weight_TK.shape
-    y_TKD = permute_rows(y_sorted, inv_perm, perm).view(T, K, -1)
-    if K == 1:
-        return y_TKD[:, 0] * weight_TK.to(y_TKD.dtype)
-    return torch.bmm(weight_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)  # (T, D)
+    return weighted_sum_over_k(permute_rows(y_sorted, inv_perm, perm).view(T, K, -1), weight_TK)
+
+
+def weighted_sum_over_k(y_TKD: torch.Tensor, weight_TK: torch.Tensor, method: str = "auto") -> torch.Tensor:
+    """``sum_k weight[t, k] * y[t, k]``: (T, K, D) -> (T, D), in ``y``'s dtype.
+
+    ``method``: ``"bmm"`` (one (T, 1, K) @ (T, K, D) batched GEMM), ``"elementwise"`` (a
+    multiply and a sum over K) or ``"auto"`` (elementwise on CUDA, bmm elsewhere; see
+    :func:`combine_token_major`).
+    """
+    if method not in ("auto", "bmm", "elementwise"):
+        raise ValueError(f"method={method!r} is not allowed; choose 'auto', 'bmm' or 'elementwise'")
+    w = weight_TK.to(y_TKD.dtype)
+    if y_TKD.shape[1] == 1:
+        return y_TKD[:, 0] * w
+    if method == "elementwise" or (method == "auto" and y_TKD.is_cuda):
+        return (y_TKD * w.unsqueeze(-1)).sum(1)
+    return torch.bmm(w.unsqueeze(1), y_TKD).squeeze(1)
 
 
 class LocalDispatcher:

@@ -13,6 +13,18 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+
+def count_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
+    """``torch.bincount(idx, minlength=n)`` for indices known to lie in ``[0, n)``: (n,) int64.
+
+    ``torch.bincount`` sizes its output from the largest index, which on CUDA is read back to
+    the host: a sync per call, three per MoE layer in the forward (router counts, dispatch
+    layout, timestep load), which drained the GPU's queue 36 times per B/2-E8A2 step on the H200
+    (BENCHMARKS.md, issue 16). A scatter-add of ones into ``n`` bins needs no host round trip.
+    """
+    flat = idx.reshape(-1)
+    return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
+
 __all__ = ["MoEAux", "balance_loss", "z_loss", "router_entropy", "max_violation", "timestep_bin_load", "summarize_aux"]
 
 
@@ -98,7 +110,7 @@ def timestep_bin_load(
     b = (timesteps_B.detach().float() * bins).long().clamp_(0, bins - 1)  # (B,)
     route_bin = b.index_select(0, torch.div(token_idx_R, tokens_per_sample, rounding_mode="floor"))
     flat = route_bin * (num_experts + 1) + expert_idx_R
-    counts = torch.bincount(flat, minlength=bins * (num_experts + 1)).view(bins, num_experts + 1)
+    counts = count_indices(flat, bins * (num_experts + 1)).view(bins, num_experts + 1)
     return counts[:, :num_experts].float()
 
 

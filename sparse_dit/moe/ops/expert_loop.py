@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights
+from sparse_dit.moe.ops.base import ExpertBackend, ExpertRows, ExpertWeights, check_expert_weights, row_group_sums
 
 __all__ = ["experts_loop", "run_loop", "LOOP"]
 
@@ -87,12 +87,11 @@ class _Mat:
         expert_of_row = torch.repeat_interleave(
             torch.arange(E, device=g.device), torch.tensor(list(sizes), device=g.device), output_size=self.kept
         )
-        if g.dtype in (torch.float32, torch.float64):
+        if g.dtype == torch.float64:
             return g.new_zeros(E, g.shape[1]).index_add_(0, expert_of_row, g[: self.kept])
-        # 16-bit: sum in fp32 (on CUDA a 16-bit table takes one rounded atomic add per row; see
-        # sparse_dit.moe.ops.base.add_row_bias)
-        acc = torch.zeros(E, g.shape[1], dtype=torch.float32, device=g.device)
-        return acc.index_add_(0, expert_of_row, g[: self.kept].float()).to(g.dtype)
+        # fp32 accumulation (a 16-bit table takes one rounded atomic add per row on CUDA): see
+        # sparse_dit.moe.ops.base.row_group_sums
+        return row_group_sums(g[: self.kept], expert_of_row, E)
 
 
 class _ExpertsLoop(torch.autograd.Function):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from sparse_dit.moe.routers.base import RouterBase, Routing
-from sparse_dit.moe.stats import balance_loss
+from sparse_dit.moe.stats import balance_loss, count_indices
 
 __all__ = ["BatchRouter", "update_batch_thresholds", "INFERENCE_RULES"]
 
@@ -91,7 +91,7 @@ class BatchRouter(RouterBase):
             weight = w_BR.reshape(-1)
         token = torch.div(flat, E, rounding_mode="floor")
         expert = flat - token * E
-        counts = torch.bincount(expert, minlength=E).float()
+        counts = count_indices(expert, E).float()
         chosen = torch.zeros(T, dtype=torch.bool, device=scores.device)
         chosen[token] = True
         num_dropped = (~chosen).sum().float()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from sparse_dit.moe.routers.base import RouterBase, Routing
+from sparse_dit.moe.stats import count_indices
 
 __all__ = ["NoiseLevelRouter", "NoiseRouting", "noise_range_of", "noise_range_interval", "freeze_outside_noise_range"]
 
@@ -108,7 +109,7 @@ class NoiseLevelRouter(RouterBase):
         weight = scores.gather(1, idx)
         if self.renormalize and K > 1:
             weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-9)
-        counts = torch.bincount(idx.reshape(-1), minlength=E).float()
+        counts = count_indices(idx, E).float()
         range_T = idx[:, 0] // self.experts_per_range
         return NoiseRouting(idx, weight, None, logits, probs, counts, counts.new_zeros(()), T * K, False, range_idx=range_T)
 
@@ -118,19 +119,17 @@ class NoiseLevelRouter(RouterBase):
         routes on expert e and ``P_e`` the mean probability of e over range r's tokens (1.0 when
         every range is balanced)."""
         T = r.probs.shape[0]
-        Er, K = self.experts_per_range, self.top_k
-        range_T = r.range_idx if isinstance(r, NoiseRouting) and r.range_idx is not None else torch.zeros(T, dtype=torch.long)
-        total = r.probs.new_zeros(())
-        for rr in range(self.num_ranges):
-            sel = range_T == rr
-            Tr = int(sel.sum())
-            if Tr == 0:
-                continue
-            cols = slice(rr * Er, (rr + 1) * Er)
-            f = r.counts[cols].detach().float() / (Tr * K)
-            P = r.probs[sel][:, cols].float().mean(0)
-            total = total + (Tr / T) * Er * torch.dot(f, P)
-        return total
+        Er, K, R = self.experts_per_range, self.top_k, self.num_ranges
+        range_T = r.range_idx if isinstance(r, NoiseRouting) and r.range_idx is not None else r.probs.new_zeros(T, dtype=torch.long)
+        # Per-range token counts and probability sums as one-hot products: no host read (a
+        # boolean selection or int(count) per range would sync the GPU every layer and step).
+        idx = torch.arange(R, device=range_T.device)
+        onehot = (range_T[:, None] == idx).float()  # (T, R); F.one_hot would check its indices on the host
+        T_r = onehot.sum(0)  # (R,)
+        P_sum = (onehot[:, :, None] * r.probs.float()[:, None, :]).sum(0)  # (R, E): each range's probability sums (no GEMM: not model MACs)
+        P = P_sum.view(R, R, Er)[idx, idx] / T_r.clamp_min(1)[:, None]  # (R, Er): range r's own experts
+        f = r.counts.detach().float().view(R, Er) / (T_r * K).clamp_min(1)[:, None]  # a range without tokens has f = 0
+        return ((T_r / T) * Er * (f * P).sum(-1)).sum()
 
 
 def freeze_outside_noise_range(model: nn.Module, train_shared: bool = False) -> int:

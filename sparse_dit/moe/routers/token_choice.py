@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from sparse_dit.moe.routers.base import RouterBase, Routing
-from sparse_dit.moe.stats import balance_loss
+from sparse_dit.moe.stats import balance_loss, count_indices
 
 __all__ = ["TokenChoiceRouter", "capacity_drop"]
 
@@ -49,7 +49,7 @@ def capacity_drop(
     order = torch.argsort(priority_TK.reshape(-1), descending=True, stable=True)  # (R,)
     order = order.index_select(0, torch.argsort(choice.index_select(0, order), stable=True))
     order = order.index_select(0, torch.argsort(e.index_select(0, order), stable=True))
-    counts = torch.bincount(e, minlength=num_experts)
+    counts = count_indices(e, num_experts)
     starts = torch.cumsum(counts, 0) - counts  # (E,) first sorted position of each expert
     e_sorted = e.index_select(0, order)
     rank = torch.arange(e.numel(), device=e.device) - starts.index_select(0, e_sorted)  # place within expert
@@ -91,7 +91,7 @@ class TokenChoiceRouter(RouterBase):
         priority = weight
         if self.renormalize and K > 1:
             weight = weight / weight.sum(-1, keepdim=True).clamp_min(1e-9)
-        counts = torch.bincount(idx.reshape(-1), minlength=E).float()  # (E,)
+        counts = count_indices(idx, E).float()  # (E,)
         if self.bias_balancing and self.training:
             self.balance_counts.add_(counts)
         if self.capacity_factor is None:
