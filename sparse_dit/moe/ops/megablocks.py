@@ -60,6 +60,11 @@ def _never(x: torch.Tensor, dim: int, hidden: int, local: bool) -> bool:
 
 
 def _check(x: torch.Tensor, dim: int, hidden: int, local: bool) -> None:
+    if x.dtype != torch.bfloat16:
+        # grouped_gemm's kernels take bf16 only; an fp32 input reached them as a raw C++ check
+        # failure on the H200 (BENCHMARKS.md, issue 16)
+        raise ValueError(f"backend='megablocks' runs bf16 only (grouped_gemm's kernels); the input is {x.dtype}. "
+                         "Use parallel.precision=bf16, or backend='auto' / 'grouped_mm'.")
     gg = _grouped_gemm_util()
     if not x.is_cuda or not gg.grouped_gemm_is_available():
         raise RuntimeError("backend='megablocks' needs a CUDA tensor and megablocks' grouped_gemm kernels; use backend='auto'")
