@@ -199,7 +199,7 @@ def test_bad_arguments_raise_clear_errors() -> None:
     with pytest.raises(ValueError, match="x must have shape"):
         moe(torch.randn(3, 8))
     with pytest.raises(ImportError, match="megablocks"):
-        MoEFeedForward(8, 16, 2, 1, backend="megablocks")(torch.randn(1, 3, 8))
+        MoEFeedForward(8, 16, 2, 1, backend="megablocks")(torch.randn(1, 3, 8, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("backend", ["fused_local", "loop", "grouped_mm"])
