@@ -4,6 +4,8 @@ videos per second against video length, one-shot vs chunked/tiled.
 
     # quality of a trained VAE (sparse-dit train-vae) on held-out physics and codec videos
     python benchmarks/vae.py quality --vae runs/vae-light/final --physics data/physics-held --frames 17
+    # a training folder: the physics videos (lossless) + codec clips from other lavfi sources
+    python benchmarks/vae.py train-clips --physics data/physics-vae --out data/vae-mixed --codec-videos 256
     # peak memory (RSS above the loaded model and input) and videos/s against length
     python benchmarks/vae.py memory --preset vae-2x4x4-c8 --size 64 --lengths 9 17 33 65 129 --chunk 8 --tile 32
 
@@ -41,6 +43,12 @@ import torch
 import torch.nn.functional as F
 
 CODEC_SOURCES = ["testsrc2", "mandelbrot", "life=seed={s}:mold=10", "cellauto=rule={r}:random_seed={s}", "gradients=seed={s}", "sierpinski=seed={s}"]
+# Training clips (``train-clips``): none of the held-out set's deterministic sources (testsrc2,
+# mandelbrot), other cellular-automaton rules, seeds from 10000 up (the held-out set draws them
+# below 10000), and zone plates, which the held-out set has none of.
+TRAIN_CODEC_SOURCES = ["life=seed={s}:mold={m}", "cellauto=rule={r}:random_seed={s}", "gradients=seed={s}:speed=0.02",
+                       "sierpinski=seed={s}", "zoneplate=kt2={k}:kx2={k}:ky2={k}"]
+TRAIN_RULES = [18, 45, 54, 60, 73, 105, 126]
 
 
 # ----------------------------------------------------------------------------------- quality
@@ -65,6 +73,59 @@ def make_codec_videos(out: Path, n: int, frames: int, size: int, seed: int = 0) 
                         "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "23", str(path)], check=True)
         paths.append(path)
     return paths
+
+
+def make_train_clips(out: Path, n: int, frames: int, size: int, seed: int = 1) -> list[Path]:
+    """``n`` H.264 training clips (CRF 23, as the held-out set) from :data:`TRAIN_CODEC_SOURCES`."""
+    import imageio_ffmpeg
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        src = TRAIN_CODEC_SOURCES[i % len(TRAIN_CODEC_SOURCES)].format(
+            s=int(rng.integers(10_000, 1_000_000)), r=int(rng.choice(TRAIN_RULES)), m=int(rng.choice([3, 5, 20])), k=int(rng.integers(1, 8)))
+        name, _, opts = src.partition("=")
+        big = size * 4
+        spec = f"{name}=size={big}x{big}:rate=10" + (f":{opts}" if opts else "")
+        start = int(rng.integers(0, 60))
+        path = out / f"codec_{i:04d}_{name}.mp4"
+        subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", spec, "-vf", f"trim=start_frame={start},setpts=PTS-STARTPTS,scale={size}:{size}:flags=area",
+                        "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "23", str(path)], check=True)
+        paths.append(path)
+    return paths
+
+
+def write_lossless(out: Path, videos_u8: np.ndarray, prefix: str) -> list[Path]:
+    """(N, T, H, W, 3) uint8 videos as FFV1 .mkv files (lossless; the folder loader reads them)."""
+    import imageio_ffmpeg
+
+    ffmpeg = imageio_ffmpeg.get_ffmpeg_exe()
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, v in enumerate(videos_u8):
+        T, H, W, _ = v.shape
+        path = out / f"{prefix}_{i:04d}.mkv"
+        subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{W}x{H}", "-r", "10", "-i", "-",
+                        "-c:v", "ffv1", "-pix_fmt", "bgr0", str(path)], input=np.ascontiguousarray(v).tobytes(), check=True)
+        paths.append(path)
+    return paths
+
+
+def train_clips(args: argparse.Namespace) -> dict:
+    """A training folder for the VAE: the physics videos (lossless) and codec clips from other sources."""
+    from sparse_dit.data.loaders import PhysicsVideoDataset
+
+    out = Path(args.out)
+    res: dict = {"out": str(out)}
+    if args.physics:
+        ds = PhysicsVideoDataset(args.physics, num_frames=args.frames)
+        gt_u8, _ = ds.ground_truth(range(len(ds)))
+        res["physics"] = len(write_lossless(out, gt_u8[:, : args.frames], "physics"))
+    res["codec"] = len(make_train_clips(out, args.codec_videos, args.frames, args.size, args.seed))
+    print(f"{out}: {res.get('physics', 0)} physics videos (FFV1), {res['codec']} codec clips (H.264 CRF 23) from {TRAIN_CODEC_SOURCES}")
+    return res
 
 
 def baseline(x: torch.Tensor, latent: tuple[int, int, int, int]) -> tuple[torch.Tensor, dict]:
@@ -225,8 +286,16 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--tile", type=int, default=0, help="pixel tile side (0 = no tiles); overlap = half a tile")
     m.add_argument("--threads", type=int, default=2)
     m.add_argument("--json", default=None)
+    c = sub.add_parser("train-clips", help="a VAE training folder: physics videos (lossless) + codec clips from sources the held-out set lacks")
+    c.add_argument("--out", required=True)
+    c.add_argument("--physics", default=None, help="a `sparse-dit data physics` folder to include (written as FFV1 .mkv)")
+    c.add_argument("--codec-videos", type=int, default=256)
+    c.add_argument("--frames", type=int, default=9)
+    c.add_argument("--size", type=int, default=32)
+    c.add_argument("--seed", type=int, default=1)
+    c.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    res = quality(args) if args.what == "quality" else memory(args)
+    res = {"quality": quality, "memory": memory, "train-clips": train_clips}[args.what](args)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2, default=float))
     return 0
