@@ -18,7 +18,7 @@ import yaml
 
 from sparse_dit.config import ConfigError, RecipeConfig
 from sparse_dit.presets import load_recipe
-from sparse_dit.schema import to_dict
+from sparse_dit.schema import from_dict, to_dict
 
 __all__ = ["RESUME_FREE", "RUN_FILES", "clear_run", "append_metrics", "truncate_metrics", "clean_tmp", "atomic_write", "flat_fields", "recipe_changes", "check_resume"]
 
@@ -109,12 +109,16 @@ def recipe_changes(before: dict, now: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k, missing) != b.get(k, missing)}
 
 
-def _with_defaults(saved: dict) -> dict:
+def _with_defaults(saved: dict, recipe_type: type = RecipeConfig) -> dict:
     """The saved recipe with the fields it lacks at today's defaults: a field added to the schema
     after the run was written is not a change (it had no other value then). A saved recipe the
-    schema no longer accepts (a removed field) is compared as written."""
+    schema no longer accepts (a removed field) is compared as written. ``recipe_type``: the
+    recipe's class (a DiT recipe goes through ``load_recipe``; another task's, such as the VAE's,
+    is rebuilt from the saved, already expanded mapping)."""
     try:
-        return to_dict(load_recipe(data=saved))
+        if recipe_type is RecipeConfig:
+            return to_dict(load_recipe(data=saved))
+        return to_dict(from_dict(recipe_type, saved))
     except (ConfigError, TypeError, ValueError):
         return saved
 
@@ -145,7 +149,7 @@ def check_resume(recipe: RecipeConfig, out_dir: Path, allow_changed: Sequence[st
             return [f"{saved} {state}: resuming under this recipe ({flag})"]
         raise ConfigError(f"{saved} {state}, so the recipe of the checkpoints in {out_dir / 'checkpoints'} is unknown; restore it, "
                           f"pass {flag} to resume them under this recipe, or start over with --overwrite")
-    changes = recipe_changes(_with_defaults(before), to_dict(recipe))
+    changes = recipe_changes(_with_defaults(before, type(recipe)), to_dict(recipe))
     refused = {k: v for k, v in changes.items() if not (k in RESUME_FREE or _allowed(k, allow_changed))}
     if refused:
         listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in ((k, *v) for k, v in refused.items()))
