@@ -64,15 +64,19 @@ def make_codec_videos(out: Path, n: int, frames: int, size: int, seed: int = 0) 
     paths = []
     for i in range(n):
         src = CODEC_SOURCES[i % len(CODEC_SOURCES)].format(s=int(rng.integers(1, 10_000)), r=int(rng.choice([30, 90, 110, 150])))
-        name, _, opts = src.partition("=")
-        big = size * 4
-        spec = f"{name}=size={big}x{big}:rate=10" + (f":{opts}" if opts else "")
         start = int(rng.integers(0, 40))  # a different stretch of each source
-        path = out / f"{i:03d}_{name}.mp4"
-        subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", spec, "-vf", f"trim=start_frame={start},setpts=PTS-STARTPTS,scale={size}:{size}:flags=area",
-                        "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "23", str(path)], check=True)
-        paths.append(path)
+        paths.append(_lavfi_h264(ffmpeg, src, size, frames, start, out / f"{i:03d}_{src.partition('=')[0]}.mp4"))
     return paths
+
+
+def _lavfi_h264(ffmpeg: str, src: str, size: int, frames: int, start: int, path: Path) -> Path:
+    """One lavfi source rendered at 4x ``size``, area-downscaled, from frame ``start``, H.264 CRF 23."""
+    name, _, opts = src.partition("=")
+    big = size * 4
+    spec = f"{name}=size={big}x{big}:rate=10" + (f":{opts}" if opts else "")
+    subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", spec, "-vf", f"trim=start_frame={start},setpts=PTS-STARTPTS,scale={size}:{size}:flags=area",
+                    "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "23", str(path)], check=True)
+    return path
 
 
 def make_train_clips(out: Path, n: int, frames: int, size: int, seed: int = 1) -> list[Path]:
@@ -86,14 +90,8 @@ def make_train_clips(out: Path, n: int, frames: int, size: int, seed: int = 1) -
     for i in range(n):
         src = TRAIN_CODEC_SOURCES[i % len(TRAIN_CODEC_SOURCES)].format(
             s=int(rng.integers(10_000, 1_000_000)), r=int(rng.choice(TRAIN_RULES)), m=int(rng.choice([3, 5, 20])), k=int(rng.integers(1, 8)))
-        name, _, opts = src.partition("=")
-        big = size * 4
-        spec = f"{name}=size={big}x{big}:rate=10" + (f":{opts}" if opts else "")
         start = int(rng.integers(0, 60))
-        path = out / f"codec_{i:04d}_{name}.mp4"
-        subprocess.run([ffmpeg, "-v", "error", "-y", "-f", "lavfi", "-i", spec, "-vf", f"trim=start_frame={start},setpts=PTS-STARTPTS,scale={size}:{size}:flags=area",
-                        "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-crf", "23", str(path)], check=True)
-        paths.append(path)
+        paths.append(_lavfi_h264(ffmpeg, src, size, frames, start, out / f"codec_{i:04d}_{src.partition('=')[0]}.mp4"))
     return paths
 
 
