@@ -6,6 +6,14 @@
 # dill + multiprocess, pymunk + cffi + pycparser) and .mbsrc/ (the sdists of megablocks 0.10.0,
 # grouped_gemm 0.3.0 and stanford-stk 0.7.1, built here against the machine's own torch, sm_90).
 # The image's python3 and torch are used as they are (the project's torch pin is for CPU boxes).
+# Making the two folders on a machine with a package index (list them in .git/info/exclude):
+#   DS_BUILD_OPS=0 .venv/bin/pip wheel --no-deps --no-build-isolation deepspeed==0.19.8 -w .whl
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#     hjson pydantic pydantic_core annotated-types typing-inspection datasets dill multiprocess pymunk cffi pycparser
+#   (pin each to the version in .venv; the GPU image's python is 3.12), and the three sdists from
+#   https://pypi.org/simple/{megablocks,grouped-gemm,stanford-stk}/ into .mbsrc/.
+# Measured on an H200 (2026-11-29): BENCHMARKS.md, "The GPU path on one H200".
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT [BUDGET_S]}
 BUDGET=${2:-420}
