@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import torch
 
+__all__ = ["MoEAux", "balance_loss", "z_loss", "router_entropy", "max_violation", "timestep_bin_load", "summarize_aux", "count_indices"]
 
 def count_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
     """``torch.bincount(idx, minlength=n)`` for indices known to lie in ``[0, n)``: (n,) int64.
@@ -24,8 +25,6 @@ def count_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
     """
     flat = idx.reshape(-1)
     return torch.zeros(n, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.long))
-
-__all__ = ["MoEAux", "balance_loss", "z_loss", "router_entropy", "max_violation", "timestep_bin_load", "summarize_aux"]
 
 
 class MoEAux(NamedTuple):
