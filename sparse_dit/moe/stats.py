@@ -15,6 +15,7 @@ import torch
 
 __all__ = ["MoEAux", "balance_loss", "z_loss", "router_entropy", "max_violation", "timestep_bin_load", "summarize_aux", "count_indices"]
 
+
 def count_indices(idx: torch.Tensor, n: int) -> torch.Tensor:
     """``torch.bincount(idx, minlength=n)`` for indices known to lie in ``[0, n)``: (n,) int64.
 
