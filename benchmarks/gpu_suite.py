@@ -161,7 +161,7 @@ def section_meta(suite: Suite, sec: dict) -> None:
     meta.update(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), python=platform.python_version(),
                 torch=torch.__version__, cuda=torch.version.cuda, cpu=_cpu_name(), cpu_count=os.cpu_count(),
                 deepspeed=_version("deepspeed"), triton=_version("triton"), megablocks=_version("megablocks"),
-                grouped_gemm=_version("grouped_gemm"), git=_cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]))
+                grouped_gemm=_version("grouped_gemm"), git=_git_state())
     if suite.device.type == "cuda":
         p = torch.cuda.get_device_properties(0)
         meta.update(gpu=p.name, gpu_memory_gib=round(p.total_memory / 2**30, 1), sm_count=p.multi_processor_count,
@@ -178,6 +178,14 @@ def section_meta(suite: Suite, sec: dict) -> None:
     print(json.dumps(meta, indent=1), flush=True)
 
 
+def _git_state() -> str:
+    """HEAD's short hash, and whether the working tree differs from it (a copied tree on a GPU
+    machine can carry an older .git than its files)."""
+    head = _cmd(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
+    dirty = _cmd(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"])
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def _cpu_name() -> str:
     for line in _cmd(["lscpu"]).splitlines():
         if line.startswith("Model name:"):
@@ -189,7 +197,9 @@ def _cpu_name() -> str:
 # correctness of the MoE layer's backends
 # ------------------------------------------------------------------------------------------
 
-TOL = {"fp32": 1e-4, "bf16": 3e-2}  # relative Frobenius error against the CPU fp32 reference
+# relative Frobenius error against the CPU fp32 reference; bf16 measured <= 5.4e-3 on the H200
+# once bias gradients summed in fp32 (3.7e-2 before): 1.5e-2 fails that regression with margin
+TOL = {"fp32": 1e-4, "bf16": 1.5e-2}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
