@@ -71,7 +71,7 @@ class VAERecipeConfig(_Config):
             raise ConfigError(f"data.channels={d.channels} must equal vae.in_channels={v.in_channels}")
         refused = {"data.token_budget": d.token_budget, "train.sample_every": t.sample_every or None,
                    "train.export_steps": tuple(getattr(t, "export_steps", ())) or None, "train.init_from": getattr(t, "init_from", None),
-                   "train.noise_range": getattr(t, "noise_range", None)}
+                   "train.noise_range": getattr(t, "noise_range", None), "train.compile": getattr(t, "compile", False) or None}
         for key, value in refused.items():
             if value is not None:
                 raise ConfigError(f"{key}={value!r} is a DiT training option; a VAE recipe leaves it unset")

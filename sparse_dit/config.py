@@ -449,6 +449,9 @@ class RecipeConfig(_Config):
             if tr.weight_decay > 0:
                 raise ConfigError(f"train.weight_decay={tr.weight_decay} is not allowed with train.noise_range: it would shrink the "
                                   "other ranges' experts, which share the stacked expert tensors; set train.weight_decay=0")
+        if tr.compile and self.parallel.zero_stage == 3:
+            raise ConfigError("train.compile=true with parallel.zero_stage=3 is not supported: ZeRO-3 gathers each block's "
+                              "parameters in module hooks, untested under compiled blocks; use parallel.zero_stage 0-2 or train.compile=false")
         ctx = self.train.context
         frames = self.data.num_frames  # the DiT's (latent) frames of a clip
         vae = autoencoder_config(self.autoencoder)

@@ -73,3 +73,15 @@ def test_yaml_11_exponent_without_dot_is_accepted_as_float(tmp_path):
     assert load_recipe(path).train.lr == 3e-3
     with pytest.raises(ConfigError, match="train.lr='fast'"):
         load_recipe(path, ["train.lr=fast"])
+
+
+def test_train_compile_with_zero3_is_one_line():
+    from sparse_dit.config import ConfigError
+    from sparse_dit.presets import load_recipe
+
+    from _launch import TINY_DENSE
+
+    assert load_recipe(TINY_DENSE, ["train.compile=true", "parallel.zero_stage=2"]).train.compile
+    with pytest.raises(ConfigError) as info:
+        load_recipe(TINY_DENSE, ["train.compile=true", "parallel.zero_stage=3"])
+    assert "train.compile=true with parallel.zero_stage=3" in str(info.value) and "\n" not in str(info.value)

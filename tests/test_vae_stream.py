@@ -170,6 +170,7 @@ def test_conv_macs_match_torch_flop_counter():
     (["vae.norm=batch"], "vae.norm='batch' is not allowed; choose one of ['pixel', 'group']"),
     (["loss.kl_weight=-1"], "loss.kl_weight=-1.0 is out of range; allowed: >= 0"),
     (["data.token_budget=64"], "data.token_budget=64 is a DiT training option"),
+    (["train.compile=true"], "train.compile=True is a DiT training option"),  # compile_blocks compiles DiT blocks: a VAE would silently get none
     (["parallel.ep_size=2"], "parallel.ep_size=2 needs an MoE model"),
     (["model.hidden_size=8"], "a VAE recipe has no model section"),
 ])
