@@ -263,7 +263,6 @@ def section_correctness(suite: Suite, sec: dict) -> None:
                             "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 sec["items"].append(item)
                 print(f"  {item}", flush=True)
-    # backends against each other on the device (same routing by construction): bf16 outputs
     sec["all_pass"] = all(i.get("pass") for i in sec["items"])
 
 
