@@ -180,10 +180,13 @@ def quality(args: argparse.Namespace) -> dict:
         gt_u8, states = ds.ground_truth(range(n))
         gt_u8 = gt_u8[:, : args.frames]
         sets["physics"] = (gt_u8, states)
-    with tempfile.TemporaryDirectory() as tmp:
-        size = args.codec_size or (sets["physics"][0].shape[2] if sets else 32)
-        paths = make_codec_videos(Path(tmp), args.codec_videos, args.frames, size)
-        sets["codec"] = (np.stack([read_video(p)[: args.frames] for p in paths]), None)
+    if args.codec_videos > 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            size = args.codec_size or (sets["physics"][0].shape[2] if sets else 32)
+            paths = make_codec_videos(Path(tmp), args.codec_videos, args.frames, size)
+            sets["codec"] = (np.stack([read_video(p)[: args.frames] for p in paths]), None)
+    if not sets:
+        raise SystemExit("quality: nothing to measure (give --physics DIR, or --codec-videos N > 0)")
     for name, (gt_u8, states) in sets.items():
         x = torch.stack([from_uint8(v) for v in gt_u8])
         latent = vae.latent_shape(*x.shape[2:])
@@ -277,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--physics", default=None, help="a held-out `sparse-dit data physics` folder")
     q.add_argument("--frames", type=int, default=17, help="frames per clip (1 + k x the temporal compression)")
     q.add_argument("--max-videos", type=int, default=48)
-    q.add_argument("--codec-videos", type=int, default=24, help="real-codec clips to make with ffmpeg")
+    q.add_argument("--codec-videos", type=int, default=24, help="real-codec clips to make with ffmpeg (0: none)")
     q.add_argument("--codec-size", type=int, default=None, help="their side in pixels (default: the physics videos')")
     q.add_argument("--context-frames", type=int, default=1, help="physics score: frames before scoring starts")
     q.add_argument("--json", default=None, help="also write the results here")

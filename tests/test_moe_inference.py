@@ -228,3 +228,58 @@ def test_sampling_equals_sampling_through_the_training_path() -> None:
     a = sample(model, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
     b = sample(with_grad, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _threads_seen(monkeypatch) -> list[int]:
+    """Every thread count the code under test asks torch for, in order."""
+    seen: list[int] = []
+    real = torch.set_num_threads
+
+    def record(n: int) -> None:
+        seen.append(n)
+        real(n)
+
+    monkeypatch.setattr(torch, "set_num_threads", record)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k4", "expert_choice_cf", "capacity_dropping", "swiglu"])
+def test_two_threads_route_and_plan_on_one_and_restore(name: str, monkeypatch) -> None:
+    """With two intra-op threads and a small batch, the routing, the layout, the gather and the
+    combine run on one thread (bookkeeping_threads), the GEMMs on two; the result is the
+    reference's, and the thread count is 2 again afterwards."""
+    moe = _layer(**CONFIGS[name])
+    x = torch.randn(3, 10, 16)
+    t = torch.tensor([0.9, 0.2, 0.6])
+    torch.set_num_threads(2)  # the one_thread fixture restores the session's count after the test
+    during_gemm: list[int] = []
+    for op in ("baddbmm", "bmm", "mm", "addmm"):
+        real = getattr(torch, op)
+        monkeypatch.setattr(torch, op, lambda *a, _real=real, **k: (during_gemm.append(torch.get_num_threads()), _real(*a, **k))[1])
+    seen = _threads_seen(monkeypatch)
+    with torch.no_grad():
+        r = moe.router(x, None, t)
+        y, _ = moe(x, None, t, need_aux=False)
+    assert torch.get_num_threads() == 2
+    assert seen and set(seen) == {1, 2} and seen[-1] == 2, seen
+    assert during_gemm and set(during_gemm) == {2}, "the expert GEMMs keep every thread"
+    torch.testing.assert_close(y.double(), _reference(moe, x, r), rtol=1e-5, atol=1e-5)
+
+
+def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch) -> None:
+    from sparse_dit.moe.ops import inference
+
+    torch.set_num_threads(2)
+    seen = _threads_seen(monkeypatch)
+    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS + 1):
+        assert torch.get_num_threads() == 2
+    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS):
+        assert torch.get_num_threads() == 1
+    assert seen == [1, 2]
+    with pytest.raises(RuntimeError, match="boom"):  # restored on an error too
+        with inference.bookkeeping_threads(10):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == 2
+    monkeypatch.setenv("SPARSE_DIT_SMALL_OP_THREADS", "0")
+    with inference.bookkeeping_threads(10):
+        assert torch.get_num_threads() == 2

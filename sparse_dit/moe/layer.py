@@ -11,6 +11,7 @@ Drop-in for :class:`sparse_dit.modules.mlp.FeedForward` in a DiT block::
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import torch
@@ -20,6 +21,7 @@ from sparse_dit.modules.mlp import FeedForward
 from sparse_dit.moe.dispatch import LocalDispatcher
 from sparse_dit.moe.experts import GroupedExperts
 from sparse_dit.moe.ops import EXPERT_BACKENDS, ExpertRows, plan_routes
+from sparse_dit.moe.ops.inference import bookkeeping_threads
 from sparse_dit.moe.routers import ROUTERS, RouterBase, Routing
 from sparse_dit.moe.stats import MoEAux, max_violation, router_entropy, timestep_bin_load, z_loss
 
@@ -244,8 +246,10 @@ class MoEFeedForward(nn.Module):
         self, x: torch.Tensor, cond: Optional[torch.Tensor], timesteps: Optional[torch.Tensor], need_aux: bool = True
     ) -> tuple[torch.Tensor, Optional[MoEAux]]:
         B, N, D = x.shape
-        # 1. Route (fp32)
-        r = self.router(x, cond if self.router.cond_proj is not None else None, timesteps)
+        # 1. Route (fp32); with gradients off a small batch routes on one intra-op thread
+        #    (bookkeeping_threads: waking a second thread costs more than it saves there)
+        with bookkeeping_threads(B * N * D) if not torch.is_grad_enabled() else contextlib.nullcontext():
+            r = self.router(x, cond if self.router.cond_proj is not None else None, timesteps)
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)
         backend = self.experts.resolve_backend(x_TD, local)

@@ -32,15 +32,40 @@ shared experts and capacity dropping, and both against a per-route reference.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+import os
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from sparse_dit.moe.ops.base import ExpertRows, ExpertWeights, check_expert_weights
-from sparse_dit.moe.ops.fused_local import _acc_dtype, _combine_by_gather, _gather_sum, _scratch, choose_capacity
+from sparse_dit.moe.ops.fused_local import OVERFLOW_COST, _acc_dtype, _combine_by_gather, _gather_sum, _scratch, choose_capacity
 
-__all__ = ["moe_inference", "run_inference"]
+__all__ = ["bookkeeping_threads", "moe_inference", "run_inference"]
+
+SMALL_OP_ELEMENTS = 1 << 18
+"""Tensors up to this many elements are indexed, gathered and scaled on one intra-op thread in
+this path (:func:`bookkeeping_threads`). Measured on the 2-core Xeon (BENCHMARKS.md): a (288, 128)
+``index_select`` takes 86 us on two threads under ``OMP_WAIT_POLICY=PASSIVE`` (the wake-up of a
+sleeping worker) and 6 us on one; spinning workers make both 6 us. Past a few hundred thousand
+elements the second thread pays for itself again."""
+
+
+@contextlib.contextmanager
+def bookkeeping_threads(elements: int) -> Iterator[None]:
+    """Run the block on one intra-op thread when it touches at most :data:`SMALL_OP_ELEMENTS`
+    elements (the routing, the layout, the gather and the combine of a small batch), and restore
+    the thread count after. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
+    n = torch.get_num_threads()
+    if n == 1 or elements > SMALL_OP_ELEMENTS or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _layout(sizes: list[int], cap: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]], int, bool]:
@@ -137,11 +162,36 @@ def moe_inference(
         if expert_idx.ndim != 2 or expert_idx.shape[0] != T:
             raise ValueError(f"token-major expert_idx must be ({T}, K), got {tuple(expert_idx.shape)}")
         K = expert_idx.shape[1]
-    dev = x_TD.device
     e_R = expert_idx.reshape(-1)
     R = e_R.numel()
-    # 1. plan: sort the routes by expert (stable: one expert's routes keep token order) and lay
-    #    them out as the training op does; the host sync is the bincount
+    threads = torch.get_num_threads()
+    with bookkeeping_threads(max(R, T) * D):
+        xp, tok_pad, row, order, kept, rows, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, threads)
+    # 2. the expert GEMMs (biases fused), the activation in place, on every intra-op thread
+    h = _scratch("inf_h", (rows, Fh), x_TD)
+    _gemms(xp, w1, b1, h, cap, spans)
+    if activation == "gelu_tanh":
+        torch.ops.aten.gelu_(h, approximate="tanh")
+    else:
+        g = _scratch("inf_g", (rows, Fh), x_TD)
+        _gemms(xp, w3, None, g, cap, spans)
+        F.silu(h, inplace=True).mul_(g)
+    # rows [0, rows): expert outputs with their output bias; row `rows`: zeros for dropped routes
+    y = _scratch("inf_y", (rows + 1, D), x_TD)
+    y[rows].zero_()
+    _gemms(h, w2, b2, y, cap, spans)
+    # 3. combine: each token's weighted sum over its routes (as the training op combines)
+    with bookkeeping_threads(R * D):
+        return _combine(y, weight, tok_pad, row, order, kept, rows, T, K, R, dt)
+
+
+def _plan_and_gather(x_TD: torch.Tensor, e_R: torch.Tensor, token_idx: Optional[torch.Tensor], K: Optional[int], E: int,
+                     cap: Optional[int], threads: int):
+    """1. Sort the routes by expert (stable: one expert's routes keep token order), lay them out as
+    the training op does, and gather the tokens into the layout's rows. The host sync is the bincount."""
+    D = x_TD.shape[1]
+    dev = x_TD.device
+    R = e_R.numel()
     sizes = torch.bincount(e_R, minlength=E + 1).tolist()
     kept = R - sizes[E]
     sizes = sizes[:E]
@@ -149,7 +199,7 @@ def moe_inference(
         # One intra-op thread: one GEMM per expert (measured faster than the padded block at the
         # quickstart's 288 tokens); several: the training op's block layout, which hands whole
         # GEMMs to each thread instead of splitting every small GEMM across them.
-        cap = 0 if torch.get_num_threads() == 1 else choose_capacity(sizes)
+        cap = 0 if threads == 1 else choose_capacity(sizes, OVERFLOW_COST)
     pieces, spans, rows, identity = _layout(sizes, cap)
     order = torch.argsort(e_R, stable=True)[:kept]  # sorted position -> route
     if K is None:
@@ -165,27 +215,21 @@ def moe_inference(
         row = torch.arange(kept, device=dev) + torch.repeat_interleave(shift, counts, output_size=kept)
         tok_pad = torch.zeros(rows, dtype=torch.int64, device=dev)  # padding rows read token 0 (weight 0)
         tok_pad.index_copy_(0, row, tok)
-    # 2. gather the tokens, the expert GEMMs (biases fused), the activation in place
     xp = torch.index_select(x_TD.contiguous(), 0, tok_pad, out=_scratch("inf_x", (rows, D), x_TD))
-    h = _scratch("inf_h", (rows, Fh), x_TD)
-    _gemms(xp, w1, b1, h, cap, spans)
-    if activation == "gelu_tanh":
-        torch.ops.aten.gelu_(h, approximate="tanh")
-    else:
-        g = _scratch("inf_g", (rows, Fh), x_TD)
-        _gemms(xp, w3, None, g, cap, spans)
-        F.silu(h, inplace=True).mul_(g)
-    # rows [0, rows): expert outputs with their output bias; row `rows`: zeros for dropped routes
-    y = _scratch("inf_y", (rows + 1, D), x_TD)
-    y[rows].zero_()
-    _gemms(h, w2, b2, y, cap, spans)
-    # 3. combine: each token's weighted sum over its routes (as the training op combines)
+    return xp, tok_pad, row, order, kept, rows, cap, spans
+
+
+def _combine(y: torch.Tensor, weight: torch.Tensor, tok_pad: torch.Tensor, row: Optional[torch.Tensor], order: torch.Tensor,
+             kept: int, rows: int, T: int, K: Optional[int], R: int, dt: torch.dtype) -> torch.Tensor:
+    """3. Each token's weighted sum over its routes from the layout rows ``y`` (row ``rows``: zeros)."""
+    D = y.shape[1]
+    dev = y.device
     if _combine_by_gather(K, dt):
         pos = torch.full((R,), rows, dtype=torch.int64, device=dev) if kept < R else torch.empty(R, dtype=torch.int64, device=dev)
         pos.index_copy_(0, order, torch.arange(kept, device=dev) if row is None else row)  # route -> layout row
         return _gather_sum(y, pos.view(T, K), weight.reshape(T, K).to(dt)).to(dt)
     w_sorted = weight.reshape(-1).index_select(0, order).to(dt)
-    w_rows = w_sorted if row is None else x_TD.new_zeros(rows).index_copy_(0, row, w_sorted)  # padding rows: 0
+    w_rows = w_sorted if row is None else y.new_zeros(rows).index_copy_(0, row, w_sorted)  # padding rows: 0
     yw = y[:rows].mul_(w_rows[:, None])
     acc = _acc_dtype(dt)
     out = torch.zeros(T, D, dtype=acc, device=dev)
