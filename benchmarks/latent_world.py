@@ -15,6 +15,8 @@ whose output exists is skipped (rerun to resume; the trainer resumes from its ch
 
     python benchmarks/latent_world.py                  # the recorded run (hours on 2 CPU cores)
     python benchmarks/latent_world.py --smoke          # every step with tiny settings (minutes)
+    python benchmarks/latent_world.py --vae-init runs/vae-light-mixed/final --vae-steps 1500 --vae-set train.lr=5e-4
+                                                       # fine-tune a VAE trained elsewhere (e.g. at 32x32)
 
 Wall times depend on the machine and its load: record ``lscpu``'s model name with them.
 """
@@ -71,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny settings: checks that every step runs")
     for key in FULL:
         p.add_argument(f"--{key.replace('_', '-')}", type=int, default=None, help=f"override {key} (full run: {FULL[key]})")
+    p.add_argument("--vae-init", default=None, metavar="DIR",
+                   help="start the VAE from a trained one (train.init_from: a save_pretrained folder or a finished train-vae run), "
+                        "then fine-tune it for --vae-steps on the 64x64 clips")
+    p.add_argument("--vae-set", nargs="*", default=[], metavar="KEY=VALUE", help="more overrides for train-vae (e.g. train.lr=5e-4)")
     args = p.parse_args(argv)
     s = dict(SMOKE if args.smoke else FULL)
     s.update({k: getattr(args, k) for k in FULL if getattr(args, k) is not None})
@@ -86,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "--frames", "17", "--resolution", "64x64", "--fps", "4", "--seed", "1", "--out", str(val), "--overwrite")
     if not (vae_run / "final" / "model.safetensors").is_file():
         wall["train_vae"] = _cli("train-vae", "recipes/latent/vae.yaml", "--set", f"output_dir={vae_run}", f"data.path={data}",
-                                 f"train.max_steps={s['vae_steps']}", *(["train.save_every=2", "loss.stats_videos=4"] if args.smoke else []))
+                                 f"train.max_steps={s['vae_steps']}", *(["train.save_every=2", "loss.stats_videos=4"] if args.smoke else []),
+                                 *([f"train.init_from={args.vae_init}"] if args.vae_init else []), *args.vae_set)
     if not (lat / "dataset_info.json").is_file():
         wall["encode"] = _cli("data", "encode", str(data), "--vae", str(vae_run / "final"), "--out", str(lat), "--overwrite")
     if not (dit_run / "final" / "model.safetensors").is_file():
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     copy = report["baselines"].get("copy_last_frame", {})
     summary = json.loads((dit_run / "summary.json").read_text())
     result = {
-        "settings": s, "smoke": args.smoke, "wall_seconds": wall,
+        "settings": {**s, "vae_init": args.vae_init, "vae_set": list(args.vae_set)}, "smoke": args.smoke, "wall_seconds": wall,
         "dit": {"steps": summary.get("steps"), "train_seconds": summary.get("train_seconds"), "final_loss": summary.get("final_loss"),
                 "velocity_error": model.get("velocity_error"), "position_error": model.get("position_error"),
                 "detection_rate": model.get("detection_rate"), "val_loss_latent": model.get("val_loss"),

@@ -150,6 +150,10 @@ class DiffusionTask:
         """The freshly initialised model (seeded before the call: the same on every rank)."""
         return SparseDiT(recipe.model)
 
+    def init_weights(self, model: torch.nn.Module, path: str) -> Path:
+        """``train.init_from``: copy saved weights into the fresh model; returns the folder read."""
+        return load_init_weights(model, path)
+
     def conditioner(self, recipe: Any, device: Any, dtype: torch.dtype) -> Any:
         """``cond(batch) -> model kwargs``."""
         try:
@@ -299,7 +303,7 @@ def build_run(recipe: RecipeConfig, allow_changed: Sequence[str] = (), overwrite
     torch.manual_seed(tc.seed)
     model = task.build_model(recipe)
     if tc.init_from is not None and not ((out_dir / "checkpoints").exists() and latest_tag(out_dir / "checkpoints") is not None):
-        _rank0_print(rank, f"initialised from {load_init_weights(model, tc.init_from)}")  # a new run; a resume loads its checkpoint
+        _rank0_print(rank, f"initialised from {task.init_weights(model, tc.init_from)}")  # a new run; a resume loads its checkpoint
     ep = setup_expert_parallel(model, par.ep_size)
     t_range = noise_range_setup(model, recipe)  # train.noise_range: one noise range alone (issue 11)
     engine, ds_config = build_engine(model, recipe, world)

@@ -26,6 +26,7 @@ A VAE recipe::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from sparse_dit.parallel import CheckpointError
 from sparse_dit.parallel.comm import all_reduce_
 from sparse_dit.presets import VAE_PRESETS, vae_preset_config
 from sparse_dit.recipes.batches import build_dataset, collate
+from sparse_dit.recipes.init_from import load_init_weights, resolve_weights_dir
 from sparse_dit.recipes.train import DiffusionTask, TrainRun, add_arguments, run as train_run
 from sparse_dit.schema import ConfigError, _Config, apply_overrides, from_dict, load_yaml, to_dict
 from sparse_dit.vae import CausalVideoVAE, VAEConfig, latent_statistics, vae_macs
@@ -70,7 +72,7 @@ class VAERecipeConfig(_Config):
         if d.channels != v.in_channels:
             raise ConfigError(f"data.channels={d.channels} must equal vae.in_channels={v.in_channels}")
         refused = {"data.token_budget": d.token_budget, "train.sample_every": t.sample_every or None,
-                   "train.export_steps": tuple(getattr(t, "export_steps", ())) or None, "train.init_from": getattr(t, "init_from", None),
+                   "train.export_steps": tuple(getattr(t, "export_steps", ())) or None,
                    "train.noise_range": getattr(t, "noise_range", None), "train.compile": getattr(t, "compile", False) or None}
         for key, value in refused.items():
             if value is not None:
@@ -152,6 +154,21 @@ class VAETask(DiffusionTask):
 
     def build_model(self, recipe: VAERecipeConfig) -> torch.nn.Module:
         return VAEObjective(recipe.vae, recipe.loss, seed=recipe.train.seed)
+
+    def init_weights(self, model: torch.nn.Module, path: str) -> Path:
+        """``train.init_from`` in a VAE recipe: a trained VAE's folder (``CausalVideoVAE.save_pretrained``,
+        or a finished ``train-vae`` run) starts the run, e.g. to fine-tune on other videos. Its
+        weights must fit the recipe's VAE key by key and shape by shape; its latent statistics are
+        measured again at export."""
+        folder = resolve_weights_dir(path)
+        try:
+            kind = json.loads((folder / "config.json").read_text()).get("kind")
+        except (OSError, ValueError, AttributeError):
+            kind = None
+        if kind != "causal_vae":
+            raise ConfigError(f"train.init_from={str(path)!r}: {folder} does not hold a VAE (config.json kind={kind!r}, a VAE recipe needs "
+                              "'causal_vae': a folder written by CausalVideoVAE.save_pretrained or a finished train-vae run)")
+        return load_init_weights(model.vae, folder)
 
     def conditioner(self, recipe: Any, device: Any, dtype: torch.dtype) -> Any:
         return _NoConditioning()

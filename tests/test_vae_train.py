@@ -56,3 +56,46 @@ def test_bad_vae_recipe_is_one_line(capsys, tmp_path):
         assert run(parser.parse_args([str(DEBUG), "--set", *overrides])) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_init_from_starts_a_vae_run_from_a_saved_vae(tmp_path, capsys):
+    """``train.init_from`` in a VAE recipe: the saved VAE's weights, key by key (checked against the
+    saved file, not through the loader); a DiT folder or a VAE of another shape is one line."""
+    from safetensors.torch import load_file
+
+    from sparse_dit.presets import vae_preset_config
+    from sparse_dit.recipes.train_vae import VAE_TASK
+
+    recipe = load_vae_recipe(DEBUG, [f"output_dir={tmp_path / 'run'}"])
+    src = CausalVideoVAE(recipe.vae)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(0.0, 0.2)
+    src.save_pretrained(tmp_path / "init")
+    saved = load_file(str(tmp_path / "init" / "model.safetensors"))
+    model = VAE_TASK.build_model(recipe)
+    assert any(not torch.equal(v, saved[k]) for k, v in model.vae.state_dict().items()), "a fresh VAE already equals the saved one"
+    VAE_TASK.init_weights(model, str(tmp_path / "init"))
+    own = model.vae.state_dict()
+    assert set(own) == set(saved)
+    for k, v in saved.items():
+        assert torch.equal(own[k], v), k
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    # a finished run folder works too (its final/), and the trainer says what it read
+    assert run(parser.parse_args([str(DEBUG), "--set", f"output_dir={tmp_path / 'ft'}", f"train.init_from={tmp_path / 'init'}",
+                                  "train.max_steps=1", "train.save_every=1"])) == 0
+    assert f"initialised from {tmp_path / 'init'}" in capsys.readouterr().out
+    # not a VAE: a DiT's save_pretrained folder
+    (tmp_path / "dit").mkdir()
+    (tmp_path / "dit" / "config.json").write_text(json.dumps({"hidden_size": 8}))
+    (tmp_path / "dit" / "model.safetensors").write_bytes((tmp_path / "init" / "model.safetensors").read_bytes())
+    # another shape: the light preset's weights in the debug recipe
+    CausalVideoVAE(vae_preset_config("vae-2x4x4-c8")).save_pretrained(tmp_path / "light")
+    for folder, message in ((tmp_path / "dit", "does not hold a VAE (config.json kind=None"),
+                            (tmp_path / "light", "train.init_from="),
+                            (tmp_path / "nothing", "no model.safetensors in it or in its final/")):
+        code = run(parser.parse_args([str(DEBUG), "--set", f"output_dir={tmp_path / 'bad'}", f"train.init_from={folder}"]))
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
