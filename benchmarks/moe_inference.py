@@ -16,6 +16,12 @@ both alike. Sizes (issue 11's targets, fp32):
     python benchmarks/moe_inference.py --sizes quickstart --repeats 9
     python benchmarks/moe_inference.py --precision bf16-autocast   # as the quickstart's eval samples
     python benchmarks/moe_inference.py --tiny                   # seconds: checks the script runs
+    python benchmarks/moe_inference.py --processes 5            # each size in 5 fresh processes
+
+The ratio moves between processes more than between rounds of one process (on the 2-core Xeon,
+the quickstart at one thread measured 1.14-1.23 over 12 processes of identical code, 7 rounds
+each): with ``--processes N`` each size runs in N fresh processes, one after another, and the
+script prints every process's ratio, their median and their range.
 
 Models are freshly initialised (fixed seed): the work per step does not depend on the weights,
 except through how evenly the router spreads the tokens (a fresh router is near-uniform). Put the
@@ -120,6 +126,27 @@ def bench_size(name: str, spec: dict[str, Any], repeats: int, autocast: bool) ->
     return ratio
 
 
+def _across_processes(args: argparse.Namespace) -> int:
+    """Each size in ``args.processes`` fresh processes of this script; the median and range of their ratios."""
+    child = ["--repeats", str(args.repeats), "--precision", args.precision, "--s2-latent", *map(str, args.s2_latent)]
+    child += (["--steps", str(args.steps)] if args.steps else []) + (["--threads", str(args.threads)] if args.threads else [])
+    child += ["--tiny"] if args.tiny else []
+    targets = {name: spec["target"] for name, spec in _sizes(args).items()}
+    print(f"{_cpu_name()}; each size in {args.processes} fresh processes: {' '.join(child)}", flush=True)
+    for name in args.sizes:
+        ratios = []
+        for k in range(args.processes):
+            out = subprocess.run([sys.executable, __file__, "--sizes", name, *child], capture_output=True, text=True, check=False)
+            line = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("sparse / dense:")), None)
+            if out.returncode or line is None:
+                raise SystemExit(f"process {k + 1} of size {name} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-500:]}")
+            ratios.append(float(line.split(":")[1].split()[0]))
+            print(f"  {name} process {k + 1}: {line}", flush=True)
+        print(f"{name}: sparse / dense over {len(ratios)} processes: median {statistics.median(ratios):.3f}, range "
+              f"[{min(ratios):.3f}, {max(ratios):.3f}] (target <= {targets[name]:.2f})", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="+", default=["quickstart", "s2"], choices=["quickstart", "s2"])
@@ -131,9 +158,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="fp32 (issue 11's targets) or the quickstart eval's bf16 autocast (MoE experts stay fp32 there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--tiny", action="store_true", help="smoke test: 1 round, 2 steps, s2 latent 1x8x8")
+    p.add_argument("--processes", type=int, default=1,
+                   help="run each size in this many fresh processes and report the median and range of their ratios")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats={args.repeats} must be >= 1")
+    if args.processes < 1:
+        p.error(f"--processes={args.processes} must be >= 1")
+    if args.processes > 1:
+        return _across_processes(args)
     if args.tiny:
         args.repeats, args.steps, args.s2_latent = 1, 2, [1, 8, 8]
     if args.threads:
