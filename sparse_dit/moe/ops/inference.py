@@ -185,10 +185,15 @@ def moe_inference(
         return _combine(y, weight, tok_pad, row, order, kept, rows, T, K, R, dt)
 
 
-def _plan_and_gather(x_TD: torch.Tensor, e_R: torch.Tensor, token_idx: Optional[torch.Tensor], K: Optional[int], E: int,
-                     cap: Optional[int], threads: int):
+def _plan_and_gather(
+    x_TD: torch.Tensor, e_R: torch.Tensor, token_idx: Optional[torch.Tensor], K: Optional[int], E: int, cap: Optional[int], threads: int
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int, int, int, list[tuple[int, int, int]]]:
     """1. Sort the routes by expert (stable: one expert's routes keep token order), lay them out as
-    the training op does, and gather the tokens into the layout's rows. The host sync is the bincount."""
+    the training op does, and gather the tokens into the layout's rows. The host sync is the bincount.
+
+    ``threads``: the caller's intra-op threads (this runs on one: the cap rule wants the real count).
+    Returns ``(rows x D gathered tokens, token of each layout row, layout row of each sorted position
+    or None for the identity, sorted position -> route, kept routes, layout rows, cap, overflow spans)``."""
     D = x_TD.shape[1]
     dev = x_TD.device
     R = e_R.numel()
