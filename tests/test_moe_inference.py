@@ -271,15 +271,18 @@ def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch
 
     torch.set_num_threads(2)
     seen = _threads_seen(monkeypatch)
-    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS + 1):
+    cpu = torch.device("cpu")
+    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS + 1, cpu):
         assert torch.get_num_threads() == 2
-    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS):
+    with inference.bookkeeping_threads(10, torch.device("meta")):  # tensors elsewhere: CPU threads untouched
+        assert torch.get_num_threads() == 2
+    with inference.bookkeeping_threads(inference.SMALL_OP_ELEMENTS, cpu):
         assert torch.get_num_threads() == 1
     assert seen == [1, 2]
     with pytest.raises(RuntimeError, match="boom"):  # restored on an error too
-        with inference.bookkeeping_threads(10):
+        with inference.bookkeeping_threads(10, cpu):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
     monkeypatch.setenv("SPARSE_DIT_SMALL_OP_THREADS", "0")
-    with inference.bookkeeping_threads(10):
+    with inference.bookkeeping_threads(10, cpu):
         assert torch.get_num_threads() == 2

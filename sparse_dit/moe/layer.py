@@ -248,7 +248,7 @@ class MoEFeedForward(nn.Module):
         B, N, D = x.shape
         # 1. Route (fp32); with gradients off a small batch routes on one intra-op thread
         #    (bookkeeping_threads: waking a second thread costs more than it saves there)
-        with bookkeeping_threads(B * N * D) if not torch.is_grad_enabled() else contextlib.nullcontext():
+        with bookkeeping_threads(B * N * D, x.device) if not torch.is_grad_enabled() else contextlib.nullcontext():
             r = self.router(x, cond if self.router.cond_proj is not None else None, timesteps)
         x_TD = x.reshape(B * N, D)
         local = type(self.dispatcher) is LocalDispatcher and self.expert_slice == (0, self.num_experts)

@@ -53,12 +53,14 @@ elements the second thread pays for itself again."""
 
 
 @contextlib.contextmanager
-def bookkeeping_threads(elements: int) -> Iterator[None]:
-    """Run the block on one intra-op thread when it touches at most :data:`SMALL_OP_ELEMENTS`
-    elements (the routing, the layout, the gather and the combine of a small batch), and restore
-    the thread count after. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
+def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
+    """Run the block on one intra-op thread when its tensors are on the CPU and it touches at most
+    :data:`SMALL_OP_ELEMENTS` elements (the routing, the layout, the gather and the combine of a
+    small batch), and restore the thread count after; tensors on another device leave the CPU
+    threads alone. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
     n = torch.get_num_threads()
-    if n == 1 or elements > SMALL_OP_ELEMENTS or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0":
+    if (n == 1 or device.type != "cpu" or elements > SMALL_OP_ELEMENTS
+            or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0"):
         yield
         return
     torch.set_num_threads(1)
@@ -165,8 +167,9 @@ def moe_inference(
     e_R = expert_idx.reshape(-1)
     R = e_R.numel()
     threads = torch.get_num_threads()
-    with bookkeeping_threads(max(R, T) * D):
-        xp, tok_pad, row, order, kept, rows, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, threads)
+    with bookkeeping_threads(max(R, T) * D, x_TD.device):
+        xp, tok_pad, row, order, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, threads)
+    rows, kept = xp.shape[0], order.numel()
     # 2. the expert GEMMs (biases fused), the activation in place, on every intra-op thread
     h = _scratch("inf_h", (rows, Fh), x_TD)
     _gemms(xp, w1, b1, h, cap, spans)
@@ -181,19 +184,19 @@ def moe_inference(
     y[rows].zero_()
     _gemms(h, w2, b2, y, cap, spans)
     # 3. combine: each token's weighted sum over its routes (as the training op combines)
-    with bookkeeping_threads(R * D):
+    with bookkeeping_threads(R * D, x_TD.device):
         return _combine(y, weight, tok_pad, row, order, kept, rows, T, K, R, dt)
 
 
 def _plan_and_gather(
     x_TD: torch.Tensor, e_R: torch.Tensor, token_idx: Optional[torch.Tensor], K: Optional[int], E: int, cap: Optional[int], threads: int
-) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int, int, int, list[tuple[int, int, int]]]:
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int, list[tuple[int, int, int]]]:
     """1. Sort the routes by expert (stable: one expert's routes keep token order), lay them out as
     the training op does, and gather the tokens into the layout's rows. The host sync is the bincount.
 
     ``threads``: the caller's intra-op threads (this runs on one: the cap rule wants the real count).
-    Returns ``(rows x D gathered tokens, token of each layout row, layout row of each sorted position
-    or None for the identity, sorted position -> route, kept routes, layout rows, cap, overflow spans)``."""
+    Returns ``(layout rows x D gathered tokens, token of each layout row, layout row of each sorted
+    position or None for the identity, sorted position -> kept route, cap, overflow spans)``."""
     D = x_TD.shape[1]
     dev = x_TD.device
     R = e_R.numel()
@@ -221,7 +224,7 @@ def _plan_and_gather(
         tok_pad = torch.zeros(rows, dtype=torch.int64, device=dev)  # padding rows read token 0 (weight 0)
         tok_pad.index_copy_(0, row, tok)
     xp = torch.index_select(x_TD.contiguous(), 0, tok_pad, out=_scratch("inf_x", (rows, D), x_TD))
-    return xp, tok_pad, row, order, kept, rows, cap, spans
+    return xp, tok_pad, row, order, cap, spans
 
 
 def _combine(y: torch.Tensor, weight: torch.Tensor, tok_pad: torch.Tensor, row: Optional[torch.Tensor], order: torch.Tensor,
