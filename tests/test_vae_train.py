@@ -94,7 +94,7 @@ def test_init_from_starts_a_vae_run_from_a_saved_vae(tmp_path, capsys):
     # another shape: the light preset's weights in the debug recipe
     CausalVideoVAE(vae_preset_config("vae-2x4x4-c8")).save_pretrained(tmp_path / "light")
     for folder, message in ((tmp_path / "dit", "does not hold a VAE (config.json kind=None"),
-                            (tmp_path / "light", "train.init_from="),
+                            (tmp_path / "light", "does not fit: missing ['decoder."),  # the mismatched keys, named
                             (tmp_path / "nothing", "no model.safetensors in it or in its final/")):
         code = run(parser.parse_args([str(DEBUG), "--set", f"output_dir={tmp_path / 'bad'}", f"train.init_from={folder}"]))
         err = capsys.readouterr().err.strip()
