@@ -148,7 +148,44 @@ def init_distributed(timeout_s: Optional[float] = None) -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, **kwargs)
     if is_gpu():
         get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        release_shm_buffer()
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_buffer_name(rank: int) -> str:
+    """The POSIX shared-memory name of DeepSpeed's CPU all-reduce buffer for ``rank``.
+
+    DeepSpeed's CPU comm op (``ops/csrc/cpu/comm/shm.cpp``) creates one 66 MiB segment per rank
+    when every rank is on this machine (``LOCAL_SIZE == WORLD_SIZE``, set by its launcher), named
+    from the user id, MASTER_ADDR and MASTER_PORT, and never unlinks it.
+    """
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}_{rank}"
+
+
+def release_shm_buffer() -> bool:
+    """Unlink this rank's DeepSpeed CPU all-reduce segment once every rank has mapped it.
+
+    Measured here: each launch of N CPU ranks left N x 66 MiB in ``/dev/shm`` for good (216
+    segments, 14 GiB of a 24 GiB machine's RAM after a day of runs), because DeepSpeed maps its
+    peers' segments at init and never calls ``shm_unlink``. The mappings stay valid after the name
+    is unlinked (POSIX), so once every rank has passed init (a barrier) each rank unlinks its own
+    name and the memory is returned when the last rank exits, however it exits.
+
+    Returns:
+        True if a segment was unlinked (False when DeepSpeed made none: one rank without its
+        launcher, ranks on several machines, or its shm op unavailable).
+    """
+    if not dist.is_initialized() or os.environ.get("LOCAL_SIZE") != str(dist.get_world_size()):
+        return False
+    dist.barrier()  # every rank has opened every peer's segment inside deepspeed.init_distributed
+    try:
+        import _posixshmem
+
+        _posixshmem.shm_unlink("/" + shm_buffer_name(dist.get_rank()))
+    except (ImportError, FileNotFoundError):
+        return False
+    return True
 
 
 def resolve_precision(precision: str) -> str:

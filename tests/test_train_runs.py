@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def reference(tmp_path_factory):
     proc = cli(["train", TINY_MOE, "--num-procs", "2", "--set", *RUN, "train.sample_every=30", f"output_dir={out}"], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "deepspeed --num_gpus 2" in proc.stdout
+    port = re.search(r"--master_port (\d+)", proc.stdout).group(1)
+    # DeepSpeed's CPU comm op makes one 66 MiB /dev/shm segment per rank and never unlinks it;
+    # init_distributed unlinks them once every rank has mapped its peers'.
+    leaked = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert leaked == [], leaked
     return out
 
 
