@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+import numpy as np
 import torch
 
 from _launch import REPO, cli
@@ -22,16 +23,17 @@ DEBUG = REPO / "recipes" / "vae" / "debug.yaml"
 
 def test_train_vae_writes_a_loadable_model_with_measured_latent_stats(tmp_path):
     out = tmp_path / "run"
-    proc = cli(["train-vae", str(DEBUG), "--set", f"output_dir={out}", "train.max_steps=3", "train.save_every=3"])
+    proc = cli(["train-vae", str(DEBUG), "--set", f"output_dir={out}", "train.max_steps=3", "train.save_every=3",
+                "loss.edge_weight=5"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_dir"] == str(out / "final") and summary["checkpoint"] == "step_00000003"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for r in rows:
-        assert all(k in r for k in VAE_TERMS) and r["perceptual"] > 0 and r["d_loss"] > 0
-        # L1 + KL + perceptual (+ the GAN terms from step 2 = adversarial_start): the logged loss adds up
-        want = r["l1"] + 1e-6 * r["kl"] + 0.1 * r["perceptual"] + (0.1 * r["g_adv"] + r["d_loss"] if r["step"] > 2 else 0.0)
+        assert all(k in r for k in VAE_TERMS) and r["perceptual"] > 0 and r["d_loss"] > 0 and r["edge"] > 0
+        # L1 + KL + perceptual + edge (+ the GAN terms from step 2 = adversarial_start): the logged loss adds up
+        want = r["l1"] + 1e-6 * r["kl"] + 0.1 * r["perceptual"] + 5 * r["edge"] + (0.1 * r["g_adv"] + r["d_loss"] if r["step"] > 2 else 0.0)
         assert abs(r["loss"] - want) < 1e-4 * max(1.0, abs(want)), r
     vae = CausalVideoVAE.from_pretrained(out / "final")
     # reference: per-channel mean/std of the raw posterior means over the first stats_videos clips
@@ -99,3 +101,48 @@ def test_init_from_starts_a_vae_run_from_a_saved_vae(tmp_path, capsys):
         code = run(parser.parse_args([str(DEBUG), "--set", f"output_dir={tmp_path / 'bad'}", f"train.init_from={folder}"]))
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def _edge_map_reference(video: np.ndarray) -> np.ndarray:
+    """edge_map by loops: forward differences, channel-mean squared magnitude, 3x3 max, / 2."""
+    b, c, t, h, w = video.shape
+    g = np.zeros((b, 1, t, h, w))
+    for i in range(h):
+        for j in range(w):
+            dx = video[..., i, j + 1] - video[..., i, j] if j + 1 < w else np.zeros((b, c, t))
+            dy = video[..., i + 1, j] - video[..., i, j] if i + 1 < h else np.zeros((b, c, t))
+            g[:, 0, :, i, j] = np.sqrt((dx ** 2 + dy ** 2).mean(axis=1)) / 2
+    out = np.zeros_like(g)
+    for i in range(h):
+        for j in range(w):
+            out[..., i, j] = g[..., max(0, i - 1):i + 2, max(0, j - 1):j + 2].max(axis=(-1, -2))
+    return np.minimum(out, 1.0)
+
+
+def test_edge_weighted_l1_weighs_the_targets_edges():
+    from sparse_dit.vae import VAEConfig
+    from sparse_dit.vae_losses import VAELossConfig, VAEObjective, edge_map
+
+    # a disc on a flat background (a ball): the map is zero far from it and 1 across a -1 -> 1 step
+    yy, xx = np.mgrid[0:12, 0:12]
+    disc = np.where((yy - 5.3) ** 2 + (xx - 6.1) ** 2 <= 9.0, 1.0, -1.0)
+    video = np.broadcast_to(disc, (2, 3, 3, 12, 12)).astype(np.float32).copy()
+    video[1] = np.random.default_rng(0).uniform(-1, 1, size=video[1].shape)  # and noise
+    got = edge_map(torch.from_numpy(video)).numpy()
+    np.testing.assert_allclose(got, _edge_map_reference(video.astype(np.float64)), atol=1e-6)
+    assert got[0, 0, 0, 0, 0] == 0.0 and got[0].max() == 1.0
+    assert edge_map(torch.zeros(1, 3, 2, 8, 8)).abs().max() == 0.0  # flat: no edge, no weight
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), temporal_down=1, num_res_blocks=1)
+    x = torch.from_numpy(video[:1])
+    on = VAEObjective(cfg, VAELossConfig(edge_weight=7.0))
+    off = VAEObjective(cfg, VAELossConfig())
+    off.load_state_dict(on.state_dict())
+    a = on(x, 0, torch.Generator().manual_seed(1))
+    b = off(x, 0, torch.Generator().manual_seed(1))
+    recon = on.vae(x, torch.Generator().manual_seed(1))[0].detach().numpy()
+    want = (np.abs(recon - video[:1]) * _edge_map_reference(video[:1].astype(np.float64))).mean()
+    assert abs(float(a["edge"]) - want) < 1e-5 * max(1.0, want)
+    assert abs(float(a["loss"].detach()) - float(b["loss"].detach()) - 7.0 * want) < 1e-4
+    assert float(b["edge"]) == 0.0
