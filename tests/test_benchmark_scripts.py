@@ -5,6 +5,7 @@ clips must stay disjoint from the held-out codec set)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -21,7 +22,7 @@ def test_gpu_suite_smoke_runs_on_cpu_and_writes_its_report(tmp_path):
     out = tmp_path / "gs"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_suite.py"), "--out", str(out), "--device", "cpu", "--smoke",
                            "--sections", "correctness", "train_step", "layer_speed"],
-                          capture_output=True, text=True, timeout=220, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          capture_output=True, text=True, timeout=220, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     res = json.loads((out / "gpu_suite.json").read_text())
     secs = res["sections"]
@@ -69,7 +70,7 @@ def test_moe_inference_across_processes_reports_each_and_their_median():
     median and range, recomputed here from the printed per-process ratios."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_inference.py"), "--tiny", "--processes", "3",
                            "--sizes", "quickstart", "--threads", "1"],
-                          capture_output=True, text=True, timeout=170, env={**__import__("os").environ, "DS_ACCELERATOR": "cpu"})
+                          capture_output=True, text=True, timeout=170, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     each = [float(m) for m in re.findall(r"quickstart process \d: sparse / dense: ([0-9.]+)", proc.stdout)]
     assert len(each) == 3
