@@ -246,8 +246,10 @@ def _threads_seen(monkeypatch) -> list[int]:
 @pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k4", "expert_choice_cf", "capacity_dropping", "swiglu"])
 def test_two_threads_route_and_plan_on_one_and_restore(name: str, monkeypatch) -> None:
     """With two intra-op threads and a small batch, the routing, the layout, the gather and the
-    combine run on one thread (bookkeeping_threads), the GEMMs on two; the result is the
-    reference's, and the thread count is 2 again afterwards."""
+    combine run on one thread (bookkeeping_threads), the GEMMs on two (expert threads switched
+    off: they have their own test); the result is the reference's, and the thread count is 2
+    again afterwards."""
+    monkeypatch.setenv("SPARSE_DIT_EXPERT_THREADS", "0")
     moe = _layer(**CONFIGS[name])
     x = torch.randn(3, 10, 16)
     t = torch.tensor([0.9, 0.2, 0.6])
@@ -286,3 +288,177 @@ def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch
     monkeypatch.setenv("SPARSE_DIT_SMALL_OP_THREADS", "0")
     with inference.bookkeeping_threads(10, cpu):
         assert torch.get_num_threads() == 2
+
+
+# --- expert groups on their own threads (inference.expert_thread_groups) ------------------------
+
+
+def _calling_thread_omp_threads():
+    """This thread's OpenMP team size (libgomp's per-thread ``omp_get_max_threads``, which is what
+    torch's parallel regions and oneDNN use); ``torch.get_num_threads`` reads a process-wide
+    value that would not show a worker thread left at the default."""
+    import ctypes
+
+    paths = [line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line]
+    if not paths:
+        return torch.get_num_threads
+    lib = ctypes.CDLL(paths[0])
+    return lib.omp_get_max_threads
+
+
+def _record_gemm_threads(monkeypatch) -> list[tuple[int, int]]:
+    """(thread ident, intra-op threads) of every expert GEMM call, from whichever thread makes it."""
+    import threading
+
+    seen: list[tuple[int, int]] = []
+    team = _calling_thread_omp_threads()
+    for op in ("baddbmm", "bmm", "mm", "addmm"):
+        real = getattr(torch, op)
+
+        def rec(*a, _real=real, **k):
+            seen.append((threading.get_ident(), team()))
+            return _real(*a, **k)
+
+        monkeypatch.setattr(torch, op, rec)
+    return seen
+
+
+@pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k2", "token_choice_k4", "expert_choice_cf", "capacity_dropping",
+                                  "swiglu", "shared_experts", "noise_level"])
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_expert_threads_give_the_reference(name: str, mode: str, monkeypatch) -> None:
+    """Two intra-op threads, a small layer: the experts run in two groups, one on the caller's
+    thread and one on a worker, each GEMM on one intra-op thread; the output is the per-route
+    reference's (and the two-thread intra-op path's), in either no-autograd mode, and the caller
+    has its two threads back."""
+    from sparse_dit.moe.ops import inference
+
+    moe = _layer(**CONFIGS[name])
+    x = torch.randn(3, 10, 16)
+    t = torch.tensor([0.9, 0.2, 0.6])
+    torch.set_num_threads(2)  # the one_thread fixture restores the session's count after the test
+    ctx = torch.inference_mode if mode == "inference_mode" else torch.no_grad
+    with ctx():
+        r = moe.router(x, None, t)
+        monkeypatch.setenv("SPARSE_DIT_EXPERT_THREADS", "0")
+        y_intra, _ = moe(x, None, t, need_aux=False)
+        monkeypatch.delenv("SPARSE_DIT_EXPERT_THREADS")
+        before = inference._expert_threads.jobs_run
+        seen = _record_gemm_threads(monkeypatch)
+        y, _ = moe(x, None, t, need_aux=False)
+    assert torch.get_num_threads() == 2
+    threads = {ident for ident, _ in seen if ident}
+    assert len(threads) == 2, f"expected the expert GEMMs on two threads, saw {len(threads)}"
+    assert inference._expert_threads.jobs_run == before + 1
+    assert {n for _, n in seen} == {1}, "each group's GEMMs run on one intra-op thread"
+    torch.testing.assert_close(y.double(), _reference(moe, x, r), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y, y_intra, rtol=1e-6, atol=1e-6)
+
+
+def test_expert_thread_groups_rule(monkeypatch) -> None:
+    """Where the experts go on threads: CPU, several intra-op threads, at least two experts and a
+    mean expert GEMM of at most EXPERT_THREAD_MACS multiply-adds; never more groups than either.
+    The quickstart's layer (288 tokens, D 128, F 512, E4A1) qualifies; S/2-E8A2's at 2048 tokens
+    (D 384, F 768, top-2) does not."""
+    from sparse_dit.moe.ops.inference import EXPERT_THREAD_MACS, expert_thread_groups
+
+    cpu = torch.device("cpu")
+    assert expert_thread_groups(2, 288, 4, 128, 512, cpu) == 2
+    assert expert_thread_groups(8, 288, 4, 128, 512, cpu) == 4  # no more groups than experts
+    assert expert_thread_groups(3, 288, 4, 128, 512, cpu) == 3
+    assert expert_thread_groups(2, 4096, 8, 384, 768, cpu) == 1
+    assert expert_thread_groups(1, 288, 4, 128, 512, cpu) == 1
+    assert expert_thread_groups(2, 288, 1, 128, 512, cpu) == 1
+    assert expert_thread_groups(2, 288, 4, 128, 512, torch.device("meta")) == 1
+    # the bound itself: E x D x F x (rows per expert) at the threshold and one row past it
+    rows = EXPERT_THREAD_MACS // (16 * 16) * 4
+    assert expert_thread_groups(2, rows, 4, 16, 16, cpu) == 2
+    assert expert_thread_groups(2, rows + 4, 4, 16, 16, cpu) == 1
+    monkeypatch.setenv("SPARSE_DIT_EXPERT_THREADS", "0")
+    assert expert_thread_groups(2, 288, 4, 128, 512, cpu) == 1
+
+
+@pytest.mark.parametrize(
+    "sizes, n, want",
+    [
+        ([68, 78, 72, 70], 2, [[68, 78], [72, 70]]),
+        ([100, 1, 1, 1], 2, [[100], [1, 1, 1]]),
+        ([1, 1, 1, 100], 2, [[1, 1, 1], [100]]),
+        ([5, 5, 5, 5, 5, 5, 5, 5], 4, [[5, 5], [5, 5], [5, 5], [5, 5]]),
+        ([10, 10], 4, [[10], [10]]),  # more threads than experts with rows: no empty group
+        ([7], 2, [[7]]),
+    ],
+)
+def test_span_groups_cut_near_equal_rows(sizes, n, want) -> None:
+    from sparse_dit.moe.ops.inference import _span_groups
+
+    spans, r = [], 0
+    for e, c in enumerate(sizes):
+        spans.append((e, r, r + c))
+        r += c
+    got = _span_groups(spans, n)
+    assert [[r1 - r0 for _, r0, r1 in g] for g in got] == want
+    assert [sp for g in got for sp in g] == spans  # consecutive, in order, every span once
+
+
+def test_expert_threads_raise_a_workers_error_and_keep_working() -> None:
+    from sparse_dit.moe.ops.inference import _ExpertThreads
+
+    pool = _ExpertThreads()
+    out: list[str] = []
+
+    def boom() -> None:
+        raise RuntimeError("boom in a worker")
+
+    with pytest.raises(RuntimeError, match="boom in a worker"):
+        pool.run([lambda: out.append("caller"), boom])
+    assert out == ["caller"]  # the caller's job ran, and the error waited for every job
+    pool.run([lambda: out.append("caller"), lambda: out.append("worker 1"), lambda: out.append("worker 2")])
+    assert sorted(out) == ["caller", "caller", "worker 1", "worker 2"]
+    assert pool.jobs_run == 2
+
+
+def _forked_child_runs_a_layer(q) -> None:
+    torch.manual_seed(0)
+    moe = _layer(top_k=2)
+    x = torch.randn(2, 8, 16)
+    torch.set_num_threads(2)
+    from sparse_dit.moe.ops import inference
+
+    with torch.no_grad():
+        y, _ = moe(x, need_aux=False)
+    q.put((inference._expert_threads.jobs_run, float(y.abs().sum())))
+
+
+def test_expert_threads_work_in_a_forked_child() -> None:
+    """A child forked after the parent's workers started (DataLoader workers, multiprocessing)
+    has none of their threads: it starts its own instead of waiting forever on the parent's."""
+    import multiprocessing as mp
+
+    moe = _layer(top_k=2)
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        moe(torch.randn(2, 8, 16), need_aux=False)  # the parent's workers exist now
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=_forked_child_runs_a_layer, args=(q,))
+    proc.start()
+    proc.join(timeout=60)
+    if proc.is_alive():
+        proc.kill()
+        pytest.fail("the forked child hung on the parent's expert threads")
+    jobs, total = q.get(timeout=5)
+    assert proc.exitcode == 0 and jobs == 1 and total > 0
+
+
+def test_sampling_with_expert_threads_equals_one_thread(monkeypatch) -> None:
+    """The sampler at two threads (expert groups on threads) gives what it gives at one."""
+    model = _tiny_moe_dit(top_k=2).eval()
+    a = sample(model, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    torch.set_num_threads(2)
+    from sparse_dit.moe.ops import inference
+
+    before = inference._expert_threads.jobs_run
+    b = sample(model, (2, 3, 2, 8, 8), num_inference_steps=4, generator=torch.Generator().manual_seed(1))
+    assert inference._expert_threads.jobs_run > before
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

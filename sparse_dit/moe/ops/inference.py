@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+import queue
+import threading
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ import torch.nn.functional as F
 from sparse_dit.moe.ops.base import ExpertRows, ExpertWeights, check_expert_weights
 from sparse_dit.moe.ops.fused_local import OVERFLOW_COST, _acc_dtype, _combine_by_gather, _gather_sum, _scratch, choose_capacity
 
-__all__ = ["bookkeeping_threads", "moe_inference", "run_inference"]
+__all__ = ["bookkeeping_threads", "expert_thread_groups", "moe_inference", "run_inference"]
 
 SMALL_OP_ELEMENTS = 1 << 18
 """Tensors up to this many elements are indexed, gathered and scaled on one intra-op thread in
@@ -53,14 +55,10 @@ elements the second thread pays for itself again."""
 
 
 @contextlib.contextmanager
-def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
-    """Run the block on one intra-op thread when its tensors are on the CPU and it touches at most
-    :data:`SMALL_OP_ELEMENTS` elements (the routing, the layout, the gather and the combine of a
-    small batch), and restore the thread count after; tensors on another device leave the CPU
-    threads alone. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """The block on one intra-op thread (CPU tensors), the count restored on every exit."""
     n = torch.get_num_threads()
-    if (n == 1 or device.type != "cpu" or elements > SMALL_OP_ELEMENTS
-            or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0"):
+    if n == 1 or device.type != "cpu":
         yield
         return
     torch.set_num_threads(1)
@@ -68,6 +66,151 @@ def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
+    """Run the block on one intra-op thread when its tensors are on the CPU and it touches at most
+    :data:`SMALL_OP_ELEMENTS` elements (the routing, the layout, the gather and the combine of a
+    small batch), and restore the thread count after; tensors on another device leave the CPU
+    threads alone. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
+    if elements > SMALL_OP_ELEMENTS or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0":
+        yield
+        return
+    with _one_thread(device):
+        yield
+
+
+EXPERT_THREAD_MACS = 1 << 25
+"""Experts run in groups on separate threads (:func:`expert_thread_groups`) while one expert's
+GEMM averages at most this many multiply-adds (rows per expert x D x F). Measured on the 2-core
+Xeon (BENCHMARKS.md, session 7), one MoE layer, two threads, PASSIVE workers, against the
+intra-op path: quickstart shape (D 128, F 512, E4A1) 288 tokens (4.7 M MACs per expert GEMM)
+0.97 ms against 1.30, 1152 tokens (19 M) 2.6 against 3.0, 2304 tokens (38 M) equal; S/2-E8A2
+shape (D 384, F 768) 512 tokens (38 M) 7.0 against 7.3, 1024 tokens (76 M) 13.9 against 13.5.
+Past that the GEMMs are large enough for both threads to share each one."""
+
+
+def expert_thread_groups(threads: int, routes: int, num_experts: int, dim: int, hidden: int, device: torch.device) -> int:
+    """How many groups of experts to run side by side, each on its own thread with one intra-op
+    thread (1: the experts' GEMMs run one after another, each on every intra-op thread).
+
+    Small expert GEMMs split poorly across intra-op threads: each is a parallel region that wakes
+    the other workers (86 us under ``OMP_WAIT_POLICY=PASSIVE`` on the 2-core Xeon) for a few tens
+    of microseconds of work, and every thread streams every expert's weights through its cache.
+    Giving each thread whole experts (expert parallelism across the cores of one CPU) wakes one
+    thread per layer and halves each core's weights. It is chosen for CPU tensors with several
+    intra-op threads and at least two experts while the mean expert GEMM is at most
+    :data:`EXPERT_THREAD_MACS` multiply-adds; ``SPARSE_DIT_EXPERT_THREADS=0`` in the environment
+    turns it off.
+
+    Args:
+        threads: the caller's intra-op threads (``torch.get_num_threads()``).
+        routes: kept routes (rows the experts compute).
+        num_experts, dim, hidden: E, D and the expert hidden width F.
+        device: where the tensors are.
+    """
+    if (threads < 2 or num_experts < 2 or device.type != "cpu"
+            or os.environ.get("SPARSE_DIT_EXPERT_THREADS") == "0"):
+        return 1
+    if routes / num_experts * dim * hidden > EXPERT_THREAD_MACS:
+        return 1
+    return min(threads, num_experts)
+
+
+class _ExpertThreads:
+    """Worker threads for :func:`expert_thread_groups`: each runs on one intra-op thread (set once,
+    by the worker itself: torch's intra-op count is per thread for OpenMP and MKL) and takes jobs
+    from its own queue. ``run`` hands ``jobs[1:]`` to the workers, runs ``jobs[0]`` on the calling
+    thread and waits for all; the first error is raised in the caller. Gradient and inference mode
+    are per thread in torch: each job runs in the caller's."""
+
+    def __init__(self) -> None:
+        self._workers: list[tuple[queue.SimpleQueue, queue.SimpleQueue]] = []
+        self._lock = threading.Lock()
+        self.jobs_run = 0  # jobs the workers have run (tests check that they do)
+
+    def _grow(self, n: int) -> None:
+        while len(self._workers) < n:
+            inbox: queue.SimpleQueue = queue.SimpleQueue()
+            outbox: queue.SimpleQueue = queue.SimpleQueue()
+            t = threading.Thread(target=self._work, args=(inbox, outbox), name=f"sparse-dit-experts-{len(self._workers) + 1}", daemon=True)
+            t.start()
+            outbox.get()  # the worker has set its thread count
+            self._workers.append((inbox, outbox))
+
+    def _work(self, inbox: queue.SimpleQueue, outbox: queue.SimpleQueue) -> None:
+        torch.set_num_threads(1)  # this thread's OpenMP and MKL count (the caller restores its own)
+        outbox.put(None)
+        while True:
+            job, inference = inbox.get()
+            try:
+                with torch.inference_mode() if inference else torch.no_grad():
+                    job()
+                self.jobs_run += 1
+                outbox.put(None)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                outbox.put(e)
+
+    def run(self, jobs: list[Callable[[], None]]) -> None:
+        with self._lock:  # one caller at a time owns the workers
+            self._grow(len(jobs) - 1)
+            inference = torch.is_inference_mode_enabled()
+            for (inbox, _), job in zip(self._workers, jobs[1:]):
+                inbox.put((job, inference))
+            first: Optional[BaseException] = None
+            try:
+                jobs[0]()
+            except BaseException as e:  # noqa: BLE001 - raised after the workers are done
+                first = e
+            for _, outbox in self._workers[: len(jobs) - 1]:
+                err = outbox.get()
+                first = first or err
+            if first is not None:
+                raise first
+
+
+_expert_threads = _ExpertThreads()
+
+
+def _reset_after_fork() -> None:
+    global _expert_threads
+    _expert_threads = _ExpertThreads()  # a forked child has none of the parent's threads
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _span_groups(spans: list[tuple[int, int, int]], n: int) -> list[list[tuple[int, int, int]]]:
+    """Cut the per-expert spans (in row order) into at most ``n`` consecutive groups of about
+    equal rows: the cut before group k is where the running row count comes closest to
+    k / n of all rows."""
+    total = sum(r1 - r0 for _, r0, r1 in spans)
+    cum = [0]
+    for _, r0, r1 in spans:
+        cum.append(cum[-1] + r1 - r0)
+    cuts = [0]
+    for k in range(1, n):
+        target = total * k / n
+        i = min(range(cuts[-1], len(spans) + 1), key=lambda j: abs(cum[j] - target))
+        cuts.append(i)
+    cuts.append(len(spans))
+    return [spans[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _expert_ffn(xp: torch.Tensor, h: torch.Tensor, g: Optional[torch.Tensor], y: torch.Tensor, weights: ExpertWeights,
+                activation: str, cap: int, spans: list[tuple[int, int, int]], lo: int, hi: int) -> None:
+    """``y[rows] = FFN_e(xp[rows])`` for the block (``cap`` rows per expert) and ``spans``, whose
+    rows are ``[lo, hi)``: the first GEMM(s) with their biases, the activation in place, the second."""
+    w1, w2, w3, b1, b2 = weights
+    _gemms(xp, w1, b1, h, cap, spans)
+    if activation == "gelu_tanh":
+        torch.ops.aten.gelu_(h[lo:hi], approximate="tanh")
+    else:
+        _gemms(xp, w3, None, g, cap, spans)
+        F.silu(h[lo:hi], inplace=True).mul_(g[lo:hi])
+    _gemms(h, w2, b2, y, cap, spans)
 
 
 def _layout(sizes: list[int], cap: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]], int, bool]:
@@ -167,22 +310,25 @@ def moe_inference(
     e_R = expert_idx.reshape(-1)
     R = e_R.numel()
     threads = torch.get_num_threads()
+    groups = expert_thread_groups(threads, R, E, D, Fh, x_TD.device) if cap is None else 1
     with bookkeeping_threads(max(R, T) * D, x_TD.device):
-        xp, tok_pad, row, order, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, threads)
+        # expert groups on their own threads: one GEMM per expert (the one-thread layout)
+        xp, tok_pad, row, order, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, 1 if groups > 1 else threads)
     rows, kept = xp.shape[0], order.numel()
-    # 2. the expert GEMMs (biases fused), the activation in place, on every intra-op thread
+    # 2. the expert GEMMs (biases fused), the activation in place: on every intra-op thread, or
+    #    each group of experts on its own thread (expert_thread_groups)
     h = _scratch("inf_h", (rows, Fh), x_TD)
-    _gemms(xp, w1, b1, h, cap, spans)
-    if activation == "gelu_tanh":
-        torch.ops.aten.gelu_(h, approximate="tanh")
-    else:
-        g = _scratch("inf_g", (rows, Fh), x_TD)
-        _gemms(xp, w3, None, g, cap, spans)
-        F.silu(h, inplace=True).mul_(g)
+    g = _scratch("inf_g", (rows, Fh), x_TD) if activation == "swiglu" else None
     # rows [0, rows): expert outputs with their output bias; row `rows`: zeros for dropped routes
     y = _scratch("inf_y", (rows + 1, D), x_TD)
     y[rows].zero_()
-    _gemms(h, w2, b2, y, cap, spans)
+    parts = _span_groups(spans, groups) if groups > 1 and cap == 0 else []
+    if len(parts) > 1:
+        jobs = [lambda p=p: _expert_ffn(xp, h, g, y, weights, activation, 0, p, p[0][1], p[-1][2]) for p in parts]
+        with _one_thread(x_TD.device):
+            _expert_threads.run(jobs)
+    else:
+        _expert_ffn(xp, h, g, y, weights, activation, cap, spans, 0, rows)
     # 3. combine: each token's weighted sum over its routes (as the training op combines)
     with bookkeeping_threads(R * D, x_TD.device):
         return _combine(y, weight, tok_pad, row, order, kept, rows, T, K, R, dt)
