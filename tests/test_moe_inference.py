@@ -356,49 +356,47 @@ def test_expert_threads_give_the_reference(name: str, mode: str, monkeypatch) ->
 
 
 def test_expert_thread_groups_rule(monkeypatch) -> None:
-    """Where the experts go on threads: CPU, several intra-op threads, at least two experts and a
-    mean expert GEMM of at most EXPERT_THREAD_MACS multiply-adds; never more groups than either.
-    The quickstart's layer (288 tokens, D 128, F 512, E4A1) qualifies; S/2-E8A2's at 2048 tokens
-    (D 384, F 768, top-2) does not."""
-    from sparse_dit.moe.ops.inference import EXPERT_THREAD_MACS, expert_thread_groups
+    """Where the experts go on threads: CPU, several intra-op threads, at least two groups with
+    rows, and (large GEMMs only) no group far above its share; never more groups than threads."""
+    from sparse_dit.moe.ops.inference import EXPERT_THREAD_IMBALANCE, EXPERT_THREAD_MACS, expert_thread_groups
 
     cpu = torch.device("cpu")
-    assert expert_thread_groups(2, 288, 4, 128, 512, cpu) == 2
-    assert expert_thread_groups(8, 288, 4, 128, 512, cpu) == 4  # no more groups than experts
-    assert expert_thread_groups(3, 288, 4, 128, 512, cpu) == 3
-    assert expert_thread_groups(2, 4096, 8, 384, 768, cpu) == 1
-    assert expert_thread_groups(1, 288, 4, 128, 512, cpu) == 1
-    assert expert_thread_groups(2, 288, 1, 128, 512, cpu) == 1
-    assert expert_thread_groups(2, 288, 4, 128, 512, torch.device("meta")) == 1
-    # the bound itself: E x D x F x (rows per expert) at the threshold and one row past it
-    rows = EXPERT_THREAD_MACS // (16 * 16) * 4
-    assert expert_thread_groups(2, rows, 4, 16, 16, cpu) == 2
-    assert expert_thread_groups(2, rows + 4, 4, 16, 16, cpu) == 1
+    qs = [68, 78, 72, 70]  # the quickstart's layer: 288 tokens, D 128, F 512, E4A1
+    assert expert_thread_groups(2, qs, 128, 512, cpu) == [(0, 2), (2, 4)]
+    assert expert_thread_groups(8, qs, 128, 512, cpu) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # no more groups than experts
+    assert expert_thread_groups(1, qs, 128, 512, cpu) == []
+    assert expert_thread_groups(2, [288], 128, 512, cpu) == []
+    assert expert_thread_groups(2, qs, 128, 512, torch.device("meta")) == []
+    assert expert_thread_groups(2, [0, 288, 0, 0], 128, 512, cpu) == []  # one group with rows
+    assert expert_thread_groups(4, [10, 0, 0, 10], 128, 512, cpu) == [(0, 1), (1, 4)]  # empty groups left out
+    # uneven: fine for small GEMMs, the intra-op path for large ones
+    skew = [700, 100, 100, 100]
+    assert expert_thread_groups(2, skew, 16, 16, cpu) == [(0, 1), (1, 4)]
+    big = EXPERT_THREAD_MACS // (16 * 16) + 1  # mean rows per expert just past the bound
+    assert expert_thread_groups(2, [7 * big, big, big, big], 16, 16, cpu) == []
+    share = int(EXPERT_THREAD_IMBALANCE * 5 * big)  # 10 * big rows in two groups: even share 5 * big
+    assert expert_thread_groups(2, [share, 10 * big - share], 16, 16, cpu) == [(0, 1), (1, 2)]
+    assert expert_thread_groups(2, [share + 1, 10 * big - share - 1], 16, 16, cpu) == []
     monkeypatch.setenv("SPARSE_DIT_EXPERT_THREADS", "0")
-    assert expert_thread_groups(2, 288, 4, 128, 512, cpu) == 1
+    assert expert_thread_groups(2, qs, 128, 512, cpu) == []
 
 
 @pytest.mark.parametrize(
     "sizes, n, want",
     [
-        ([68, 78, 72, 70], 2, [[68, 78], [72, 70]]),
-        ([100, 1, 1, 1], 2, [[100], [1, 1, 1]]),
-        ([1, 1, 1, 100], 2, [[1, 1, 1], [100]]),
-        ([5, 5, 5, 5, 5, 5, 5, 5], 4, [[5, 5], [5, 5], [5, 5], [5, 5]]),
-        ([10, 10], 4, [[10], [10]]),  # more threads than experts with rows: no empty group
-        ([7], 2, [[7]]),
+        ([68, 78, 72, 70], 2, [(0, 2), (2, 4)]),
+        ([100, 1, 1, 1], 2, [(0, 1), (1, 4)]),
+        ([1, 1, 1, 100], 2, [(0, 3), (3, 4)]),
+        ([5] * 8, 4, [(0, 2), (2, 4), (4, 6), (6, 8)]),
+        ([10, 10], 4, [(0, 1), (1, 2)]),
+        ([3, 9, 4, 4, 4, 0, 0, 8], 3, [(0, 2), (2, 4), (4, 8)]),  # rows 12, 8, 12
     ],
 )
-def test_span_groups_cut_near_equal_rows(sizes, n, want) -> None:
-    from sparse_dit.moe.ops.inference import _span_groups
+def test_expert_thread_groups_cut_near_equal_rows(sizes, n, want) -> None:
+    """The cut before group k is where the running row count comes closest to k / n of all rows."""
+    from sparse_dit.moe.ops.inference import expert_thread_groups
 
-    spans, r = [], 0
-    for e, c in enumerate(sizes):
-        spans.append((e, r, r + c))
-        r += c
-    got = _span_groups(spans, n)
-    assert [[r1 - r0 for _, r0, r1 in g] for g in got] == want
-    assert [sp for g in got for sp in g] == spans  # consecutive, in order, every span once
+    assert expert_thread_groups(n, sizes, 4, 4, torch.device("cpu")) == want
 
 
 def test_expert_threads_raise_a_workers_error_and_keep_working() -> None:

@@ -82,40 +82,65 @@ def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
 
 
 EXPERT_THREAD_MACS = 1 << 25
-"""Experts run in groups on separate threads (:func:`expert_thread_groups`) while one expert's
-GEMM averages at most this many multiply-adds (rows per expert x D x F). Measured on the 2-core
-Xeon (BENCHMARKS.md, session 7), one MoE layer, two threads, PASSIVE workers, against the
-intra-op path: quickstart shape (D 128, F 512, E4A1) 288 tokens (4.7 M MACs per expert GEMM)
-0.97 ms against 1.30, 1152 tokens (19 M) 2.6 against 3.0, 2304 tokens (38 M) equal; S/2-E8A2
-shape (D 384, F 768) 512 tokens (38 M) 7.0 against 7.3, 1024 tokens (76 M) 13.9 against 13.5.
-Past that the GEMMs are large enough for both threads to share each one."""
+"""Mean multiply-adds of one expert's GEMM (rows per expert x D x F) above which uneven expert
+groups go back to the intra-op path (:func:`expert_thread_groups`). Measured on the 2-core Xeon
+(BENCHMARKS.md, session 7), one :func:`moe_inference` call, two threads, PASSIVE workers, one
+expert taking a share f of the rows (so one group holds f): at S/2-E8A2's shape (2048 tokens,
+top-2, D 384, F 768: 151 M MACs per expert GEMM) expert threads took 0.98x the intra-op path's
+time at f = 0.5, 0.90-1.01x at 0.6, 1.18-1.20x at 0.7 and 1.43-1.46x at 0.9; at the quickstart's
+(288 tokens, top-1, D 128, F 512: 4.7 M) 0.56-0.83x at every f up to 0.9."""
+
+EXPERT_THREAD_IMBALANCE = 1.2
+"""Past :data:`EXPERT_THREAD_MACS`, expert threads are used only while the largest group holds
+at most this many times its even share of the rows (f <= 0.6 for two groups)."""
 
 
-def expert_thread_groups(threads: int, routes: int, num_experts: int, dim: int, hidden: int, device: torch.device) -> int:
-    """How many groups of experts to run side by side, each on its own thread with one intra-op
-    thread (1: the experts' GEMMs run one after another, each on every intra-op thread).
+def expert_thread_groups(threads: int, sizes: list[int], dim: int, hidden: int, device: torch.device) -> list[tuple[int, int]]:
+    """The consecutive expert ranges ``[a, b)`` to run side by side, each on its own thread with
+    one intra-op thread; ``[]``: run the experts' GEMMs one after another on every intra-op thread.
 
-    Small expert GEMMs split poorly across intra-op threads: each is a parallel region that wakes
-    the other workers (86 us under ``OMP_WAIT_POLICY=PASSIVE`` on the 2-core Xeon) for a few tens
-    of microseconds of work, and every thread streams every expert's weights through its cache.
-    Giving each thread whole experts (expert parallelism across the cores of one CPU) wakes one
-    thread per layer and halves each core's weights. It is chosen for CPU tensors with several
-    intra-op threads and at least two experts while the mean expert GEMM is at most
-    :data:`EXPERT_THREAD_MACS` multiply-adds; ``SPARSE_DIT_EXPERT_THREADS=0`` in the environment
-    turns it off.
+    Small GEMMs split poorly across intra-op threads: each is a parallel region that wakes the
+    other workers (86 us under ``OMP_WAIT_POLICY=PASSIVE`` on the 2-core Xeon) and every thread
+    streams every expert's weights through its cache. Giving each thread whole experts (expert
+    parallelism across the cores of one CPU) wakes one thread per layer and halves each core's
+    weights: measured on the 2-core Xeon, the sampler's sparse / dense latency went from 1.23 to
+    1.12 at the quickstart size and from 1.17 to 1.02 at S/2 (BENCHMARKS.md, session 7).
+
+    The experts are cut where the running row count comes closest to k / n of all rows
+    (n = min(threads, experts)); groups without rows are left out. Used for CPU tensors with
+    several intra-op threads and at least two groups with rows, unless the experts' GEMMs are
+    large (mean over :data:`EXPERT_THREAD_MACS` multiply-adds) and the largest group holds more
+    than :data:`EXPERT_THREAD_IMBALANCE` times its share (a router that sends most tokens to one
+    expert: there the intra-op path splits that expert's GEMM across the threads).
+    ``SPARSE_DIT_EXPERT_THREADS=0`` in the environment turns it off.
 
     Args:
         threads: the caller's intra-op threads (``torch.get_num_threads()``).
-        routes: kept routes (rows the experts compute).
-        num_experts, dim, hidden: E, D and the expert hidden width F.
+        sizes: kept routes per expert (E,).
+        dim, hidden: D and the expert hidden width F.
         device: where the tensors are.
     """
-    if (threads < 2 or num_experts < 2 or device.type != "cpu"
+    E = len(sizes)
+    if (threads < 2 or E < 2 or device.type != "cpu"
             or os.environ.get("SPARSE_DIT_EXPERT_THREADS") == "0"):
-        return 1
-    if routes / num_experts * dim * hidden > EXPERT_THREAD_MACS:
-        return 1
-    return min(threads, num_experts)
+        return []
+    n = min(threads, E)
+    total = sum(sizes)
+    cum = [0]
+    for c in sizes:
+        cum.append(cum[-1] + c)
+    cuts = [0]
+    for k in range(1, n):
+        target = total * k / n
+        cuts.append(min(range(cuts[-1], E + 1), key=lambda j: abs(cum[j] - target)))
+    cuts.append(E)
+    groups = [(a, b) for a, b in zip(cuts, cuts[1:]) if cum[b] > cum[a]]
+    if len(groups) < 2:
+        return []
+    largest = max(cum[b] - cum[a] for a, b in groups)
+    if total / E * dim * hidden > EXPERT_THREAD_MACS and largest > EXPERT_THREAD_IMBALANCE * total / len(groups):
+        return []
+    return groups
 
 
 class _ExpertThreads:
@@ -180,23 +205,6 @@ def _reset_after_fork() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_after_fork)
-
-
-def _span_groups(spans: list[tuple[int, int, int]], n: int) -> list[list[tuple[int, int, int]]]:
-    """Cut the per-expert spans (in row order) into at most ``n`` consecutive groups of about
-    equal rows: the cut before group k is where the running row count comes closest to
-    k / n of all rows."""
-    total = sum(r1 - r0 for _, r0, r1 in spans)
-    cum = [0]
-    for _, r0, r1 in spans:
-        cum.append(cum[-1] + r1 - r0)
-    cuts = [0]
-    for k in range(1, n):
-        target = total * k / n
-        i = min(range(cuts[-1], len(spans) + 1), key=lambda j: abs(cum[j] - target))
-        cuts.append(i)
-    cuts.append(len(spans))
-    return [spans[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def _expert_ffn(xp: torch.Tensor, h: torch.Tensor, g: Optional[torch.Tensor], y: torch.Tensor, weights: ExpertWeights,
@@ -310,10 +318,11 @@ def moe_inference(
     e_R = expert_idx.reshape(-1)
     R = e_R.numel()
     threads = torch.get_num_threads()
-    groups = expert_thread_groups(threads, R, E, D, Fh, x_TD.device) if cap is None else 1
     with bookkeeping_threads(max(R, T) * D, x_TD.device):
+        sizes = torch.bincount(e_R, minlength=E + 1).tolist()  # the host sync
+        groups = expert_thread_groups(threads, sizes[:E], D, Fh, x_TD.device) if cap is None else []
         # expert groups on their own threads: one GEMM per expert (the one-thread layout)
-        xp, tok_pad, row, order, cap, spans = _plan_and_gather(x_TD, e_R, token_idx, K, E, cap, 1 if groups > 1 else threads)
+        xp, tok_pad, row, order, cap, spans = _plan_and_gather(x_TD, e_R, sizes, token_idx, K, E, cap, 1 if groups else threads)
     rows, kept = xp.shape[0], order.numel()
     # 2. the expert GEMMs (biases fused), the activation in place: on every intra-op thread, or
     #    each group of experts on its own thread (expert_thread_groups)
@@ -322,8 +331,8 @@ def moe_inference(
     # rows [0, rows): expert outputs with their output bias; row `rows`: zeros for dropped routes
     y = _scratch("inf_y", (rows + 1, D), x_TD)
     y[rows].zero_()
-    parts = _span_groups(spans, groups) if groups > 1 and cap == 0 else []
-    if len(parts) > 1:
+    if groups:
+        parts = [[sp for sp in spans if a <= sp[0] < b] for a, b in groups]  # cap 0: one span per expert with rows
         jobs = [lambda p=p: _expert_ffn(xp, h, g, y, weights, activation, 0, p, p[0][1], p[-1][2]) for p in parts]
         with _one_thread(x_TD.device):
             _expert_threads.run(jobs)
@@ -335,18 +344,19 @@ def moe_inference(
 
 
 def _plan_and_gather(
-    x_TD: torch.Tensor, e_R: torch.Tensor, token_idx: Optional[torch.Tensor], K: Optional[int], E: int, cap: Optional[int], threads: int
+    x_TD: torch.Tensor, e_R: torch.Tensor, sizes: list[int], token_idx: Optional[torch.Tensor], K: Optional[int], E: int, cap: Optional[int], threads: int
 ) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor], torch.Tensor, int, list[tuple[int, int, int]]]:
     """1. Sort the routes by expert (stable: one expert's routes keep token order), lay them out as
-    the training op does, and gather the tokens into the layout's rows. The host sync is the bincount.
+    the training op does, and gather the tokens into the layout's rows.
 
-    ``threads``: the caller's intra-op threads (this runs on one: the cap rule wants the real count).
+    ``sizes``: routes per expert, the dropped ones last ((E + 1,), the caller's bincount: the host
+    sync). ``threads``: the caller's intra-op threads, or 1 for expert threads (this runs on one:
+    the cap rule wants the real count).
     Returns ``(layout rows x D gathered tokens, token of each layout row, layout row of each sorted
     position or None for the identity, sorted position -> kept route, cap, overflow spans)``."""
     D = x_TD.shape[1]
     dev = x_TD.device
     R = e_R.numel()
-    sizes = torch.bincount(e_R, minlength=E + 1).tolist()
     kept = R - sizes[E]
     sizes = sizes[:E]
     if cap is None:
