@@ -67,9 +67,10 @@ def test_vae_training_clips_are_disjoint_from_the_held_out_codec_set(tmp_path):
 @pytest.mark.timeout(180)
 def test_moe_inference_across_processes_reports_each_and_their_median():
     """``--processes N``: N fresh processes per size, each process's ratio printed, then their
-    median and range, recomputed here from the printed per-process ratios."""
+    median and range, recomputed here from the printed per-process ratios; with
+    ``--compare-expert-threads`` the same for the sparse model with expert threads off."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_inference.py"), "--tiny", "--processes", "3",
-                           "--sizes", "quickstart", "--threads", "1"],
+                           "--sizes", "quickstart", "--threads", "1", "--compare-expert-threads"],
                           capture_output=True, text=True, timeout=170, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     each = [float(m) for m in re.findall(r"quickstart process \d: sparse / dense: ([0-9.]+)", proc.stdout)]
@@ -78,3 +79,9 @@ def test_moe_inference_across_processes_reports_each_and_their_median():
     assert summary, proc.stdout
     med, lo, hi = map(float, summary.groups())
     assert med == pytest.approx(sorted(each)[1], abs=1e-3) and (lo, hi) == (pytest.approx(min(each), abs=1e-3), pytest.approx(max(each), abs=1e-3))
+    off = [float(m) for m in re.findall(r"quickstart process \d: sparse-intra / dense: ([0-9.]+)", proc.stdout)]
+    assert len(off) == 3
+    summary = re.search(r"expert threads off\) over 3 processes: median ([0-9.]+), range \[([0-9.]+), ([0-9.]+)\]", proc.stdout)
+    assert summary, proc.stdout
+    med, lo, hi = map(float, summary.groups())
+    assert med == pytest.approx(sorted(off)[1], abs=1e-3) and (lo, hi) == (pytest.approx(min(off), abs=1e-3), pytest.approx(max(off), abs=1e-3))

@@ -293,6 +293,13 @@ def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch
 # --- expert groups on their own threads (inference.expert_thread_groups) ------------------------
 
 
+@pytest.fixture
+def passive(monkeypatch):
+    """Expert threads are used only with sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE, read
+    from the environment at each call)."""
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _calling_thread_omp_threads():
     """This thread's OpenMP team size (libgomp's per-thread ``omp_get_max_threads``, which is what
     torch's parallel regions and oneDNN use); ``torch.get_num_threads`` reads a process-wide
@@ -326,6 +333,7 @@ def _record_gemm_threads(monkeypatch) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k2", "token_choice_k4", "expert_choice_cf", "capacity_dropping",
                                   "swiglu", "shared_experts", "noise_level"])
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.usefixtures("passive")
 def test_expert_threads_give_the_reference(name: str, mode: str, monkeypatch) -> None:
     """Two intra-op threads, a small layer: the experts run in two groups, one on the caller's
     thread and one on a worker, each GEMM on one intra-op thread; the output is the per-route
@@ -355,6 +363,7 @@ def test_expert_threads_give_the_reference(name: str, mode: str, monkeypatch) ->
     torch.testing.assert_close(y, y_intra, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.usefixtures("passive")
 def test_expert_thread_groups_rule(monkeypatch) -> None:
     """Where the experts go on threads: CPU, several intra-op threads, at least two groups with
     rows, and (large GEMMs only) no group far above its share; never more groups than threads."""
@@ -377,6 +386,20 @@ def test_expert_thread_groups_rule(monkeypatch) -> None:
     share = int(EXPERT_THREAD_IMBALANCE * 5 * big)  # 10 * big rows in two groups: even share 5 * big
     assert expert_thread_groups(2, [share, 10 * big - share], 16, 16, cpu) == [(0, 1), (1, 2)]
     assert expert_thread_groups(2, [share + 1, 10 * big - share - 1], 16, 16, cpu) == []
+    s2 = [530, 472, 538, 505, 484, 529, 526, 512]  # S/2-E8A2's: 2048 tokens, top-2, D 384, F 768
+    assert expert_thread_groups(2, s2, 384, 768, cpu) == [(0, 4), (4, 8)]
+    # spinning OpenMP workers: never under ACTIVE; under libgomp's default (unset, or a value
+    # it does not know) only for large GEMMs
+    for policy in ("ACTIVE", "active"):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        assert expert_thread_groups(2, qs, 128, 512, cpu) == [] and expert_thread_groups(2, s2, 384, 768, cpu) == []
+    for policy in ("", "sometimes"):
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        assert expert_thread_groups(2, qs, 128, 512, cpu) == [] and expert_thread_groups(2, s2, 384, 768, cpu) == [(0, 4), (4, 8)]
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    assert expert_thread_groups(2, qs, 128, 512, cpu) == [] and expert_thread_groups(2, s2, 384, 768, cpu) == [(0, 4), (4, 8)]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    assert expert_thread_groups(2, qs, 128, 512, cpu) == [(0, 2), (2, 4)]
     monkeypatch.setenv("SPARSE_DIT_EXPERT_THREADS", "0")
     assert expert_thread_groups(2, qs, 128, 512, cpu) == []
 
@@ -392,6 +415,7 @@ def test_expert_thread_groups_rule(monkeypatch) -> None:
         ([3, 9, 4, 4, 4, 0, 0, 8], 3, [(0, 2), (2, 4), (4, 8)]),  # rows 12, 8, 12
     ],
 )
+@pytest.mark.usefixtures("passive")
 def test_expert_thread_groups_cut_near_equal_rows(sizes, n, want) -> None:
     """The cut before group k is where the running row count comes closest to k / n of all rows."""
     from sparse_dit.moe.ops.inference import expert_thread_groups
@@ -428,6 +452,7 @@ def _forked_child_runs_a_layer(q) -> None:
     q.put((inference._expert_threads.jobs_run, float(y.abs().sum())))
 
 
+@pytest.mark.usefixtures("passive")
 def test_expert_threads_work_in_a_forked_child() -> None:
     """A child forked after the parent's workers started (DataLoader workers, multiprocessing)
     has none of their threads: it starts its own instead of waiting forever on the parent's."""
@@ -449,6 +474,7 @@ def test_expert_threads_work_in_a_forked_child() -> None:
     assert proc.exitcode == 0 and jobs == 1 and total > 0
 
 
+@pytest.mark.usefixtures("passive")
 def test_sampling_with_expert_threads_equals_one_thread(monkeypatch) -> None:
     """The sampler at two threads (expert groups on threads) gives what it gives at one."""
     model = _tiny_moe_dit(top_k=2).eval()

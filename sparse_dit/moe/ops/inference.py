@@ -15,8 +15,11 @@ per route; a route to expert ``E`` is dropped). What it leaves out is only what 
 * a lighter planner: the routes are sorted once by expert and laid out from the host-side
   expert sizes (the training op's (E, cap) block plus overflow spans, built in a few tensor ops);
   with one intra-op thread the cap is 0, one GEMM per expert over its contiguous rows (measured
-  faster at the quickstart's 288 tokens), with several the training op's
-  :func:`~sparse_dit.moe.ops.fused_local.choose_capacity`;
+  faster at the quickstart's 288 tokens); with several, the experts are cut into groups of about
+  equal rows that run side by side, each on its own thread with one intra-op thread and the same
+  one-GEMM-per-expert layout (:func:`expert_thread_groups`: expert parallelism across the cores),
+  or, for large GEMMs under a router that sends most rows to one expert, the training op's
+  block of :func:`~sparse_dit.moe.ops.fused_local.choose_capacity` on every intra-op thread;
 * the output bias is fused into the second GEMM in row space, where the training op adds it in
   token space for its gradient; no route-weight matrix;
 * no balance statistics: the layer computes :class:`~sparse_dit.moe.stats.MoEAux` only when the
@@ -85,14 +88,25 @@ EXPERT_THREAD_MACS = 1 << 25
 """Mean multiply-adds of one expert's GEMM (rows per expert x D x F) above which uneven expert
 groups go back to the intra-op path (:func:`expert_thread_groups`). Measured on the 2-core Xeon
 (BENCHMARKS.md, session 7), one :func:`moe_inference` call, two threads, PASSIVE workers, one
-expert taking a share f of the rows (so one group holds f): at S/2-E8A2's shape (2048 tokens,
+expert taking a share f of the rows and the rest spread evenly: at S/2-E8A2's shape (2048 tokens,
 top-2, D 384, F 768: 151 M MACs per expert GEMM) expert threads took 0.98x the intra-op path's
 time at f = 0.5, 0.90-1.01x at 0.6, 1.18-1.20x at 0.7 and 1.43-1.46x at 0.9; at the quickstart's
 (288 tokens, top-1, D 128, F 512: 4.7 M) 0.56-0.83x at every f up to 0.9."""
 
-EXPERT_THREAD_IMBALANCE = 1.2
+EXPERT_THREAD_IMBALANCE = 1.3
 """Past :data:`EXPERT_THREAD_MACS`, expert threads are used only while the largest group holds
-at most this many times its even share of the rows (f <= 0.6 for two groups)."""
+at most this many times its even share of the rows (f <= 0.65 for two groups). The routes of a
+freshly initialised S/2-E8A2 in the sampler (12 distinct layer calls replayed, BENCHMARKS.md
+session 7) had shares 1.00-1.31, and expert threads beat the intra-op path on every one
+(0.60-0.98x its time): uneven sizes pad the intra-op path's block too."""
+
+
+def _omp_wait_policy() -> str:
+    """``OMP_WAIT_POLICY`` as the OpenMP runtime read it: ``"PASSIVE"`` (idle workers sleep at
+    once), ``"ACTIVE"`` (they spin) or ``""`` (unset or invalid: libgomp spins for a while, then
+    sleeps)."""
+    p = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
+    return p if p in ("PASSIVE", "ACTIVE") else ""
 
 
 def expert_thread_groups(threads: int, sizes: list[int], dim: int, hidden: int, device: torch.device) -> list[tuple[int, int]]:
@@ -103,15 +117,25 @@ def expert_thread_groups(threads: int, sizes: list[int], dim: int, hidden: int, 
     other workers (86 us under ``OMP_WAIT_POLICY=PASSIVE`` on the 2-core Xeon) and every thread
     streams every expert's weights through its cache. Giving each thread whole experts (expert
     parallelism across the cores of one CPU) wakes one thread per layer and halves each core's
-    weights: measured on the 2-core Xeon, the sampler's sparse / dense latency went from 1.23 to
-    1.12 at the quickstart size and from 1.17 to 1.02 at S/2 (BENCHMARKS.md, session 7).
+    weights: measured on the 2-core Xeon (PASSIVE, both in the same rounds of each process), the
+    sampler's sparse / dense latency was 1.15 with expert threads against 1.22 without at the
+    quickstart size, 1.08 against 1.18 at S/2 (BENCHMARKS.md, session 7).
 
     The experts are cut where the running row count comes closest to k / n of all rows
     (n = min(threads, experts)); groups without rows are left out. Used for CPU tensors with
-    several intra-op threads and at least two groups with rows, unless the experts' GEMMs are
-    large (mean over :data:`EXPERT_THREAD_MACS` multiply-adds) and the largest group holds more
-    than :data:`EXPERT_THREAD_IMBALANCE` times its share (a router that sends most tokens to one
-    expert: there the intra-op path splits that expert's GEMM across the threads).
+    several intra-op threads and at least two groups with rows, by the OpenMP wait policy
+    (``OMP_WAIT_POLICY``; an idle OpenMP worker of the caller that spins takes the core an expert
+    thread needs):
+
+    * ``PASSIVE`` (workers sleep): always, unless the experts' GEMMs are large (mean over
+      :data:`EXPERT_THREAD_MACS` multiply-adds) and the largest group holds more than
+      :data:`EXPERT_THREAD_IMBALANCE` times its share (a router that sends most rows to one
+      expert: there the intra-op path splits that expert's GEMM across the threads);
+    * unset (libgomp spins for a while, then sleeps): only for large GEMMs, with the same
+      balance rule. Measured: quickstart 1.52 with expert threads against 1.38 without; S/2 1.15
+      against 1.23;
+    * ``ACTIVE`` (workers spin): never (quickstart 1.57 against 1.37).
+
     ``SPARSE_DIT_EXPERT_THREADS=0`` in the environment turns it off.
 
     Args:
@@ -121,11 +145,15 @@ def expert_thread_groups(threads: int, sizes: list[int], dim: int, hidden: int, 
         device: where the tensors are.
     """
     E = len(sizes)
-    if (threads < 2 or E < 2 or device.type != "cpu"
+    policy = _omp_wait_policy()
+    if (threads < 2 or E < 2 or device.type != "cpu" or policy == "ACTIVE"
             or os.environ.get("SPARSE_DIT_EXPERT_THREADS") == "0"):
         return []
-    n = min(threads, E)
     total = sum(sizes)
+    large = total / E * dim * hidden > EXPERT_THREAD_MACS
+    if policy != "PASSIVE" and not large:
+        return []
+    n = min(threads, E)
     cum = [0]
     for c in sizes:
         cum.append(cum[-1] + c)
@@ -138,7 +166,7 @@ def expert_thread_groups(threads: int, sizes: list[int], dim: int, hidden: int, 
     if len(groups) < 2:
         return []
     largest = max(cum[b] - cum[a] for a, b in groups)
-    if total / E * dim * hidden > EXPERT_THREAD_MACS and largest > EXPERT_THREAD_IMBALANCE * total / len(groups):
+    if large and largest > EXPERT_THREAD_IMBALANCE * total / len(groups):
         return []
     return groups
 
