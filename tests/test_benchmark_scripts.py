@@ -73,15 +73,11 @@ def test_moe_inference_across_processes_reports_each_and_their_median():
                            "--sizes", "quickstart", "--threads", "1", "--compare-expert-threads"],
                           capture_output=True, text=True, timeout=170, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    each = [float(m) for m in re.findall(r"quickstart process \d: sparse / dense: ([0-9.]+)", proc.stdout)]
-    assert len(each) == 3
-    summary = re.search(r"over 3 processes: median ([0-9.]+), range \[([0-9.]+), ([0-9.]+)\]", proc.stdout)
-    assert summary, proc.stdout
-    med, lo, hi = map(float, summary.groups())
-    assert med == pytest.approx(sorted(each)[1], abs=1e-3) and (lo, hi) == (pytest.approx(min(each), abs=1e-3), pytest.approx(max(each), abs=1e-3))
-    off = [float(m) for m in re.findall(r"quickstart process \d: sparse-intra / dense: ([0-9.]+)", proc.stdout)]
-    assert len(off) == 3
-    summary = re.search(r"expert threads off\) over 3 processes: median ([0-9.]+), range \[([0-9.]+), ([0-9.]+)\]", proc.stdout)
-    assert summary, proc.stdout
-    med, lo, hi = map(float, summary.groups())
-    assert med == pytest.approx(sorted(off)[1], abs=1e-3) and (lo, hi) == (pytest.approx(min(off), abs=1e-3), pytest.approx(max(off), abs=1e-3))
+    for each_line, summary_line in ((r"sparse / dense", r"sparse / dense"), (r"sparse-intra / dense", r"expert threads off\)")):
+        each = [float(m) for m in re.findall(rf"quickstart process \d: {each_line}: ([0-9.]+)", proc.stdout)]
+        assert len(each) == 3, proc.stdout
+        summary = re.search(rf"{summary_line} over 3 processes: median ([0-9.]+), range \[([0-9.]+), ([0-9.]+)\]", proc.stdout)
+        assert summary, proc.stdout
+        med, lo, hi = map(float, summary.groups())
+        assert med == pytest.approx(sorted(each)[1], abs=1e-3)
+        assert (lo, hi) == (pytest.approx(min(each), abs=1e-3), pytest.approx(max(each), abs=1e-3))

@@ -85,8 +85,9 @@ def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
 
 
 EXPERT_THREAD_MACS = 1 << 25
-"""Mean multiply-adds of one expert's GEMM (rows per expert x D x F) above which uneven expert
-groups go back to the intra-op path (:func:`expert_thread_groups`). Measured on the 2-core Xeon
+"""Mean multiply-adds of one expert's GEMM (rows per expert x D x F) above which the GEMMs count as
+large in :func:`expert_thread_groups`: uneven expert groups go back to the intra-op path, and
+expert threads are used under libgomp's default wait policy too. Measured on the 2-core Xeon
 (BENCHMARKS.md, session 7), one :func:`moe_inference` call, two threads, PASSIVE workers, one
 expert taking a share f of the rows and the rest spread evenly: at S/2-E8A2's shape (2048 tokens,
 top-2, D 384, F 768: 151 M MACs per expert GEMM) expert threads took 0.98x the intra-op path's
@@ -98,7 +99,7 @@ EXPERT_THREAD_IMBALANCE = 1.3
 at most this many times its even share of the rows (f <= 0.65 for two groups). The routes of a
 freshly initialised S/2-E8A2 in the sampler (12 distinct layer calls replayed, BENCHMARKS.md
 session 7) had shares 1.00-1.31, and expert threads beat the intra-op path on every one
-(0.60-0.98x its time): uneven sizes pad the intra-op path's block too."""
+(0.60-0.99x its time): uneven sizes pad the intra-op path's block too."""
 
 
 def _omp_wait_policy() -> str:
@@ -319,8 +320,10 @@ def moe_inference(
         activation: ``"gelu_tanh"`` (needs b1, b2) or ``"swiglu"`` (needs w3).
         weights: stacked expert weights in ``x_TD``'s dtype (:class:`ExpertWeights`).
         token_idx: the token of each route for a general route table; ``None`` = token-major.
-        cap: rows per expert of the batched block; ``None`` =
-            :func:`~sparse_dit.moe.ops.fused_local.choose_capacity` (the training op's rule).
+        cap: rows per expert of the batched block; ``None`` = expert threads where
+            :func:`expert_thread_groups` picks them (one GEMM per expert), else
+            :func:`~sparse_dit.moe.ops.fused_local.choose_capacity` (the training op's rule). A
+            given ``cap`` always runs on the intra-op threads.
 
     Returns:
         (T, D) in ``x_TD``'s dtype.
