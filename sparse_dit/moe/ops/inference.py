@@ -103,9 +103,9 @@ session 7) had shares 1.00-1.31, and expert threads beat the intra-op path on ev
 
 
 def _omp_wait_policy() -> str:
-    """``OMP_WAIT_POLICY`` as the OpenMP runtime read it: ``"PASSIVE"`` (idle workers sleep at
-    once), ``"ACTIVE"`` (they spin) or ``""`` (unset or invalid: libgomp spins for a while, then
-    sleeps)."""
+    """``OMP_WAIT_POLICY`` from the environment: ``"PASSIVE"`` (idle workers sleep at once),
+    ``"ACTIVE"`` (they spin) or ``""`` (unset or invalid: libgomp spins for a while, then sleeps).
+    The OpenMP runtime reads it once at start-up: set it before the process starts, not after."""
     p = os.environ.get("OMP_WAIT_POLICY", "").strip().upper()
     return p if p in ("PASSIVE", "ACTIVE") else ""
 
