@@ -33,7 +33,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
-    package_data={"sparse_dit.recipes": ["*.yaml", "*/*.yaml", "*/*.json", "*.json"]},
+    package_data={"sparse_dit.recipes": ["*.yaml", "*/*.yaml", "*/*.json", "*.json"],
+                  "sparse_dit.moe.ops": ["csrc/*.cpp"]},  # the native CPU op's source, compiled on first use
     install_requires=[
         "torch>=2.4",  # satisfied by the torch installed first; never let pip pick one here
         "einops>=0.7",

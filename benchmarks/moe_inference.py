@@ -17,7 +17,8 @@ both alike. Sizes (issue 11's targets, fp32):
     python benchmarks/moe_inference.py --precision bf16-autocast   # as the quickstart's eval samples
     python benchmarks/moe_inference.py --tiny                   # seconds: checks the script runs
     python benchmarks/moe_inference.py --processes 5            # each size in 5 fresh processes
-    python benchmarks/moe_inference.py --compare-expert-threads # also the sparse model with expert threads off
+    python benchmarks/moe_inference.py --compare-native         # also the sparse model on the Python path
+    python benchmarks/moe_inference.py --compare-expert-threads # ... and on it without expert threads
 
 The ratio moves between processes more than between rounds of one process (on the 2-core Xeon,
 the quickstart at one thread measured 1.14-1.23 over 12 processes of identical code, 7 rounds
@@ -101,29 +102,43 @@ def _runner(model: SparseDiT, spec: dict[str, Any], autocast: bool) -> Callable[
     return run
 
 
-def _expert_threads_off(run: Callable[[], None]) -> Callable[[], None]:
-    """``run`` with the MoE layers' expert threads switched off (the intra-op path)."""
+def _with_env(run: Callable[[], None], name: str, value: str) -> Callable[[], None]:
+    """``run`` with the environment variable ``name`` set to ``value`` (the MoE layers read their
+    switches at each call): ``SPARSE_DIT_NATIVE=0`` = the Python path, ``SPARSE_DIT_EXPERT_THREADS=0``
+    = the Python path without expert threads."""
 
-    def off() -> None:
-        old = os.environ.get("SPARSE_DIT_EXPERT_THREADS")
-        os.environ["SPARSE_DIT_EXPERT_THREADS"] = "0"
+    def wrapped() -> None:
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             run()
         finally:
             if old is None:
-                del os.environ["SPARSE_DIT_EXPERT_THREADS"]
+                del os.environ[name]
             else:
-                os.environ["SPARSE_DIT_EXPERT_THREADS"] = old
+                os.environ[name] = old
 
-    return off
+    return wrapped
 
 
-def bench_size(name: str, spec: dict[str, Any], repeats: int, autocast: bool, compare_threads: bool = False) -> float:
+# The extra sparse runners: (flag, runner name, what it switches off, environment).
+VARIANTS = [
+    ("compare_native", "sparse-python", "native op off: SPARSE_DIT_NATIVE=0", {"SPARSE_DIT_NATIVE": "0"}),
+    ("compare_expert_threads", "sparse-intra", "native op and expert threads off",
+     {"SPARSE_DIT_NATIVE": "0", "SPARSE_DIT_EXPERT_THREADS": "0"}),
+]
+
+
+def bench_size(name: str, spec: dict[str, Any], repeats: int, autocast: bool, variants: tuple[str, ...] = ()) -> float:
     torch.manual_seed(0)
     models = {k: SparseDiT(spec[k]).eval() for k in ("dense", "sparse")}
     runs = {k: _runner(m, spec, autocast) for k, m in models.items()}
-    if compare_threads:  # the same sparse model again, its experts on the intra-op path
-        runs["sparse-intra"] = _expert_threads_off(runs["sparse"])
+    for flag, runner, _, env in VARIANTS:  # the same sparse model again, with a path switched off
+        if flag in variants:
+            run = runs["sparse"]
+            for key, value in env.items():
+                run = _with_env(run, key, value)
+            runs[runner] = run
     for run in runs.values():  # warm-up (allocator, workspaces, oneDNN kernels)
         run()
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -143,9 +158,10 @@ def bench_size(name: str, spec: dict[str, Any], repeats: int, autocast: bool, co
     for k in runs:
         print(f"  {k:<8} median {statistics.median(times[k]) * 1e3:9.1f} ms  (runs {', '.join(f'{t * 1e3:.0f}' for t in times[k])})")
     print(f"  sparse / dense: {ratio:.3f}  (median of per-round ratios; target <= {spec['target']:.2f})")
-    if compare_threads:
-        off = statistics.median(s / d for s, d in zip(times["sparse-intra"], times["dense"]))
-        print(f"  sparse-intra / dense: {off:.3f}  (expert threads off: SPARSE_DIT_EXPERT_THREADS=0)")
+    for flag, runner, what, _ in VARIANTS:
+        if flag in variants:
+            off = statistics.median(s / d for s, d in zip(times[runner], times["dense"]))
+            print(f"  {runner} / dense: {off:.3f}  ({what})")
     return ratio
 
 
@@ -154,12 +170,12 @@ def _across_processes(args: argparse.Namespace) -> int:
     child = ["--repeats", str(args.repeats), "--precision", args.precision, "--s2-latent", *map(str, args.s2_latent)]
     child += (["--steps", str(args.steps)] if args.steps else []) + (["--threads", str(args.threads)] if args.threads else [])
     child += ["--tiny"] if args.tiny else []
-    child += ["--compare-expert-threads"] if args.compare_expert_threads else []
+    child += [f"--{flag.replace('_', '-')}" for flag, *_ in VARIANTS if getattr(args, flag)]
     targets = {name: spec["target"] for name, spec in _sizes(args).items()}
     print(f"{_cpu_name()}; each size in {args.processes} fresh processes: {' '.join(child)}", flush=True)
     for name in args.sizes:
         ratios: list[float] = []
-        offs: list[float] = []
+        offs: dict[str, list[float]] = {runner: [] for _, runner, _, _ in VARIANTS}
         for k in range(args.processes):
             out = subprocess.run([sys.executable, __file__, "--sizes", name, *child], capture_output=True, text=True, check=False)
             line = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("sparse / dense:")), None)
@@ -167,15 +183,17 @@ def _across_processes(args: argparse.Namespace) -> int:
                 raise SystemExit(f"process {k + 1} of size {name} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-500:]}")
             ratios.append(float(line.split(":")[1].split()[0]))
             print(f"  {name} process {k + 1}: {line}", flush=True)
-            off = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith("sparse-intra / dense:")), None)
-            if off is not None:
-                offs.append(float(off.split(":")[1].split()[0]))
-                print(f"  {name} process {k + 1}: {off}", flush=True)
+            for runner in offs:
+                off = next((ln.strip() for ln in out.stdout.splitlines() if ln.strip().startswith(f"{runner} / dense:")), None)
+                if off is not None:
+                    offs[runner].append(float(off.split(":")[1].split()[0]))
+                    print(f"  {name} process {k + 1}: {off}", flush=True)
         print(f"{name}: sparse / dense over {len(ratios)} processes: median {statistics.median(ratios):.3f}, range "
               f"[{min(ratios):.3f}, {max(ratios):.3f}] (target <= {targets[name]:.2f})", flush=True)
-        if offs:
-            print(f"{name}: sparse-intra / dense (expert threads off) over {len(offs)} processes: median "
-                  f"{statistics.median(offs):.3f}, range [{min(offs):.3f}, {max(offs):.3f}]", flush=True)
+        for (_, runner, what, _), vals in zip(VARIANTS, offs.values()):
+            if vals:
+                print(f"{name}: {runner} / dense ({what}) over {len(vals)} processes: median "
+                      f"{statistics.median(vals):.3f}, range [{min(vals):.3f}, {max(vals):.3f}]", flush=True)
     return 0
 
 
@@ -190,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="fp32 (issue 11's targets) or the quickstart eval's bf16 autocast (MoE experts stay fp32 there)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--tiny", action="store_true", help="smoke test: 1 round, 2 steps, s2 latent 1x8x8")
+    p.add_argument("--compare-native", action="store_true",
+                   help="also time the sparse model on the Python path (native op off, docs/moe.md), in the same rounds")
     p.add_argument("--compare-expert-threads", action="store_true",
-                   help="also time the sparse model with expert threads off (docs/moe.md), in the same rounds")
+                   help="also time the sparse model on the Python path without expert threads, in the same rounds")
     p.add_argument("--processes", type=int, default=1,
                    help="run each size in this many fresh processes and report the median and range of their ratios")
     args = p.parse_args(argv)
@@ -209,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, {args.precision}, load avg {tuple(round(v, 2) for v in os.getloadavg())}")
     sizes = _sizes(args)
     for name in args.sizes:
-        bench_size(name, sizes[name], args.repeats, args.precision == "bf16-autocast", args.compare_expert_threads)
+        bench_size(name, sizes[name], args.repeats, args.precision == "bf16-autocast",
+                   tuple(flag for flag, *_ in VARIANTS if getattr(args, flag)))
     print(f"\nload avg at end {tuple(round(v, 2) for v in os.getloadavg())}")
     return 0
 

@@ -68,15 +68,17 @@ def test_vae_training_clips_are_disjoint_from_the_held_out_codec_set(tmp_path):
 def test_moe_inference_across_processes_reports_each_and_their_median():
     """``--processes N``: N fresh processes per size, each process's ratio printed, then their
     median and range, recomputed here from the printed per-process ratios; with
-    ``--compare-expert-threads`` the same for the sparse model with expert threads off."""
+    ``--compare-native`` and ``--compare-expert-threads`` the same for the sparse model on the
+    Python path, with and without expert threads."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "moe_inference.py"), "--tiny", "--processes", "3",
-                           "--sizes", "quickstart", "--threads", "1", "--compare-expert-threads"],
+                           "--sizes", "quickstart", "--threads", "1", "--compare-native", "--compare-expert-threads"],
                           capture_output=True, text=True, timeout=170, env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for each_line, summary_line in ((r"sparse / dense", r"sparse / dense"), (r"sparse-intra / dense", r"expert threads off\)")):
-        each = [float(m) for m in re.findall(rf"quickstart process \d: {each_line}: ([0-9.]+)", proc.stdout)]
+    for runner in ("sparse", "sparse-python", "sparse-intra"):
+        each = [float(m) for m in re.findall(rf"quickstart process \d: {re.escape(runner)} / dense: ([0-9.]+)", proc.stdout)]
         assert len(each) == 3, proc.stdout
-        summary = re.search(rf"{summary_line} over 3 processes: median ([0-9.]+), range \[([0-9.]+), ([0-9.]+)\]", proc.stdout)
+        summary = re.search(rf"quickstart: {re.escape(runner)} / dense[^\n]* over 3 processes: median ([0-9.]+), range "
+                            rf"\[([0-9.]+), ([0-9.]+)\]", proc.stdout)
         assert summary, proc.stdout
         med, lo, hi = map(float, summary.groups())
         assert med == pytest.approx(sorted(each)[1], abs=1e-3)

@@ -71,9 +71,24 @@ def _reference(moe: MoEFeedForward, x: torch.Tensor, r) -> torch.Tensor:
     return out.view(B, N, D)
 
 
+@pytest.fixture(params=["native", "python"])
+def path(request, monkeypatch) -> str:
+    """Both inference paths: the native CPU op (sparse_dit/moe/ops/native.py; tests/test_moe_native.py
+    checks it is built here) and the Python one (``SPARSE_DIT_NATIVE=0``)."""
+    if request.param == "python":
+        monkeypatch.setenv("SPARSE_DIT_NATIVE", "0")
+    return request.param
+
+
+@pytest.fixture
+def python_path(monkeypatch) -> None:
+    """The Python inference path (``SPARSE_DIT_NATIVE=0``): its threads and layouts are tested here."""
+    monkeypatch.setenv("SPARSE_DIT_NATIVE", "0")
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("training", [True, False])
-def test_inference_path_equals_training_path(name: str, training: bool) -> None:
+def test_inference_path_equals_training_path(name: str, training: bool, path: str) -> None:
     cfg = dict(CONFIGS[name])
     moe = _layer(**cfg).train(training)
     x = torch.randn(3, 10, 16)
@@ -92,7 +107,7 @@ def test_inference_path_equals_training_path(name: str, training: bool) -> None:
     torch.testing.assert_close(aux_fast.loss, aux_train.loss.detach())
 
 
-def test_inference_op_drops_and_general_tables_against_reference() -> None:
+def test_inference_op_drops_and_general_tables_against_reference(path: str) -> None:
     """The op alone: a general route table with dropped routes (sentinel E) and a token taken twice."""
     moe = _layer(top_k=2)
     x = torch.randn(1, 5, 16)
@@ -115,7 +130,7 @@ def test_inference_op_drops_and_general_tables_against_reference() -> None:
 
 @pytest.mark.parametrize("cap", [0, 1, 3, None, 100])
 @pytest.mark.parametrize("general", [False, True])
-def test_any_layout_gives_the_reference(cap, general: bool) -> None:
+def test_any_layout_gives_the_reference(cap, general: bool, path: str) -> None:
     """Every block/overflow layout (cap 0 = one GEMM per expert, 100 = all padding), with drops."""
     moe = _layer(top_k=2, capacity_factor=0.6) if not general else _layer(router="expert_choice", top_k=2, capacity_factor=0.7)
     x = torch.randn(2, 9, 16)
@@ -128,7 +143,7 @@ def test_any_layout_gives_the_reference(cap, general: bool) -> None:
 
 @pytest.mark.parametrize("cap", [None, 3, 4])
 @pytest.mark.parametrize("ids", [[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 2, 2]])
-def test_trailing_empty_experts_give_the_reference(cap, ids) -> None:
+def test_trailing_empty_experts_give_the_reference(cap, ids, path: str) -> None:
     """Routes to the first experts only (a noise-level router's one expert set at one t): the block
     then ends in rows no route fills. This crashed (a (T, D) gather into E x cap rows) at cap 3."""
     moe = _layer(top_k=1)
@@ -143,7 +158,7 @@ def test_trailing_empty_experts_give_the_reference(cap, ids) -> None:
     torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
 
 
-def test_every_route_dropped_gives_zero() -> None:
+def test_every_route_dropped_gives_zero(path: str) -> None:
     moe = _layer(top_k=2)
     ex = moe.experts
     x = torch.randn(4, 16)
@@ -158,7 +173,7 @@ def test_inference_layout_refuses_autograd() -> None:
         moe.experts(x, ExpertRows(weight=torch.rand(4, 1), routes=torch.zeros(4, 1, dtype=torch.long)))
 
 
-def test_inference_mode_then_no_grad_then_training() -> None:
+def test_inference_mode_then_no_grad_then_training(path: str) -> None:
     """torch.inference_mode also takes the fast path, and its (inference-tensor) workspace does not
     leak into later no_grad or autograd calls (writing one outside inference mode raises)."""
     release_workspace()
@@ -215,7 +230,7 @@ def test_sampler_takes_the_inference_path_and_skips_the_statistics() -> None:
     assert len(aux.moe) == 2 and paths[-2:] == [True, True]
 
 
-def test_sampling_equals_sampling_through_the_training_path() -> None:
+def test_sampling_equals_sampling_through_the_training_path(path: str) -> None:
     """The whole sampler: the same latents whether the MoE layers run the inference path (no_grad)
     or the autograd op (forced here by enabling grad inside the model call)."""
     model = _tiny_moe_dit(top_k=1, capacity_factor=1.0)
@@ -244,6 +259,7 @@ def _threads_seen(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k4", "expert_choice_cf", "capacity_dropping", "swiglu"])
+@pytest.mark.usefixtures("python_path")
 def test_two_threads_route_and_plan_on_one_and_restore(name: str, monkeypatch) -> None:
     """With two intra-op threads and a small batch, the routing, the layout, the gather and the
     combine run on one thread (bookkeeping_threads), the GEMMs on two (expert threads switched
@@ -296,8 +312,9 @@ def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch
 @pytest.fixture
 def passive(monkeypatch):
     """Small layers use expert threads only with sleeping OpenMP workers (OMP_WAIT_POLICY=PASSIVE,
-    read from the environment at each call)."""
+    read from the environment at each call); expert threads belong to the Python path."""
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    monkeypatch.setenv("SPARSE_DIT_NATIVE", "0")
 
 
 def _calling_thread_omp_threads():

@@ -8,7 +8,12 @@
 holding every expert: the sampler and the evals run under ``torch.no_grad``). It computes what
 ``"fused_local"`` computes, from the same :class:`~sparse_dit.moe.routers.Routing` result, so it
 does not care which router produced it (token-major routes, or a general route table with a token
-per route; a route to expert ``E`` is dropped). What it leaves out is only what a backward needs:
+per route; a route to expert ``E`` is dropped).
+
+On float32 CPU tensors all of it runs as one C++ op with one OpenMP parallel region
+(:mod:`sparse_dit.moe.ops.native`, compiled on first use) whenever that op can be built. What
+follows is the Python path, which runs otherwise: other devices or dtypes, a fixed ``cap``,
+``SPARSE_DIT_NATIVE=0``, no C++ compiler. What it leaves out is only what a backward needs:
 
 * no autograd ``Function``, no saved tensors: the pre-activations are overwritten by the
   activation in place, and the temporaries live in the per-thread workspace;
@@ -46,6 +51,7 @@ import torch.nn.functional as F
 
 from sparse_dit.moe.ops.base import ExpertRows, ExpertWeights, check_expert_weights
 from sparse_dit.moe.ops.fused_local import OVERFLOW_COST, _acc_dtype, _combine_by_gather, _gather_sum, _scratch, choose_capacity
+from sparse_dit.moe.ops.native import native_moe_ffn
 
 __all__ = ["bookkeeping_threads", "expert_thread_groups", "moe_inference", "run_inference"]
 
@@ -320,10 +326,11 @@ def moe_inference(
         activation: ``"gelu_tanh"`` (needs b1, b2) or ``"swiglu"`` (needs w3).
         weights: stacked expert weights in ``x_TD``'s dtype (:class:`ExpertWeights`).
         token_idx: the token of each route for a general route table; ``None`` = token-major.
-        cap: rows per expert of the batched block; ``None`` = expert threads where
+        cap: rows per expert of the batched block (the Python path); ``None`` = the native op on
+            float32 CPU tensors when it is built, else expert threads where
             :func:`expert_thread_groups` picks them (one GEMM per expert), else
             :func:`~sparse_dit.moe.ops.fused_local.choose_capacity` (the training op's rule). A
-            given ``cap`` always runs on the intra-op threads.
+            given ``cap`` always runs the Python path on the intra-op threads.
 
     Returns:
         (T, D) in ``x_TD``'s dtype.
@@ -347,6 +354,11 @@ def moe_inference(
             raise ValueError(f"token-major expert_idx must be ({T}, K), got {tuple(expert_idx.shape)}")
         K = expert_idx.shape[1]
     e_R = expert_idx.reshape(-1)
+    if cap is None and x_TD.device.type == "cpu" and dt == torch.float32:
+        op = native_moe_ffn()  # one C++ op, one parallel region (sparse_dit/moe/ops/native.py)
+        if op is not None:
+            t_R = None if token_idx is None else token_idx.reshape(-1)
+            return op(x_TD, e_R, weight.reshape(-1).float(), t_R, K or 0, w1, b1, w2, b2, w3)
     R = e_R.numel()
     threads = torch.get_num_threads()
     with bookkeeping_threads(max(R, T) * D, x_TD.device):
