@@ -259,7 +259,7 @@ def _threads_seen(monkeypatch) -> list[int]:
 
 
 @pytest.mark.parametrize("name", ["token_choice_k1", "token_choice_k4", "expert_choice_cf", "capacity_dropping", "swiglu"])
-@pytest.mark.usefixtures("python_path")
+@pytest.mark.usefixtures("passive")
 def test_two_threads_route_and_plan_on_one_and_restore(name: str, monkeypatch) -> None:
     """With two intra-op threads and a small batch, the routing, the layout, the gather and the
     combine run on one thread (bookkeeping_threads), the GEMMs on two (expert threads switched
@@ -284,7 +284,8 @@ def test_two_threads_route_and_plan_on_one_and_restore(name: str, monkeypatch) -
     torch.testing.assert_close(y.double(), _reference(moe, x, r), rtol=1e-5, atol=1e-5)
 
 
-def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch) -> None:
+@pytest.mark.usefixtures("passive")
+def test_bookkeeping_threads_leaves_large_batches_spinning_workers_and_the_switch_off(monkeypatch) -> None:
     from sparse_dit.moe.ops import inference
 
     torch.set_num_threads(2)
@@ -301,6 +302,11 @@ def test_bookkeeping_threads_leaves_large_batches_and_the_switch_off(monkeypatch
         with inference.bookkeeping_threads(10, cpu):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == 2
+    for policy in ("ACTIVE", ""):  # spinning workers: no wake-up to save
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+        with inference.bookkeeping_threads(10, cpu):
+            assert torch.get_num_threads() == 2
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     monkeypatch.setenv("SPARSE_DIT_SMALL_OP_THREADS", "0")
     with inference.bookkeeping_threads(10, cpu):
         assert torch.get_num_threads() == 2

@@ -79,11 +79,17 @@ def _one_thread(device: torch.device) -> Iterator[None]:
 
 @contextlib.contextmanager
 def bookkeeping_threads(elements: int, device: torch.device) -> Iterator[None]:
-    """Run the block on one intra-op thread when its tensors are on the CPU and it touches at most
-    :data:`SMALL_OP_ELEMENTS` elements (the routing, the layout, the gather and the combine of a
-    small batch), and restore the thread count after; tensors on another device leave the CPU
-    threads alone. ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the environment turns it off."""
-    if elements > SMALL_OP_ELEMENTS or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0":
+    """Run the block on one intra-op thread when the OpenMP workers sleep (``OMP_WAIT_POLICY=PASSIVE``),
+    its tensors are on the CPU and it touches at most :data:`SMALL_OP_ELEMENTS` elements (the
+    routing, the layout, the gather and the combine of a small batch), and restore the thread count
+    after; tensors on another device leave the CPU threads alone. With spinning workers (``ACTIVE``,
+    or unset: libgomp spins, then sleeps) a parallel region costs no wake-up, and switching the
+    thread count twice per layer cost more than it saved: quickstart sampling with the native op
+    measured 1.24x dense with the switch against 1.16x without under ``ACTIVE``, 1.23 against 1.20
+    unset (2-core Xeon, BENCHMARKS.md session 8). ``SPARSE_DIT_SMALL_OP_THREADS=0`` in the
+    environment turns it off."""
+    if (elements > SMALL_OP_ELEMENTS or os.environ.get("SPARSE_DIT_SMALL_OP_THREADS") == "0"
+            or _omp_wait_policy() != "PASSIVE"):
         yield
         return
     with _one_thread(device):
