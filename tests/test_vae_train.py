@@ -9,6 +9,7 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from _launch import REPO, cli
@@ -117,6 +118,71 @@ def _edge_map_reference(video: np.ndarray) -> np.ndarray:
         for j in range(w):
             out[..., i, j] = g[..., max(0, i - 1):i + 2, max(0, j - 1):j + 2].max(axis=(-1, -2))
     return np.minimum(out, 1.0)
+
+
+def _moment_reference(e: np.ndarray, k: int) -> float:
+    """moment_error by loops over every pixel's k x k window (zeros outside the frame)."""
+    n, h, w = e.shape
+    r = (k - 1) // 2
+    total = 0.0
+    for img in range(n):
+        pad = np.pad(e[img], r)
+        for i in range(h):
+            for j in range(w):
+                win = pad[i:i + k, j:j + k]
+                off = np.arange(-r, r + 1) / r
+                total += abs(win.mean()) + abs((win * off[None, :]).mean()) + abs((win * off[:, None]).mean())
+    return total / (n * h * w)
+
+
+def test_moment_error_against_loops_and_an_impulse():
+    from sparse_dit.schema import ConfigError
+    from sparse_dit.vae_losses import VAELossConfig, moment_error
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(2, 3, 2, 9, 11)).astype(np.float64)
+    b = rng.normal(size=a.shape)
+    got = float(moment_error(torch.from_numpy(a), torch.from_numpy(b), 5))
+    want = _moment_reference((a - b).transpose(0, 1, 2, 3, 4).reshape(-1, 9, 11), 5)
+    assert abs(got - want) < 1e-9
+    # one pixel of error `amp` far from the borders: every window holding it has m0 = amp / k^2 and
+    # |mx| = amp |dx| / (r k^2); summed over the k^2 windows: amp + 2 amp (r + 1) / k
+    k, amp = 7, 0.8
+    e = torch.zeros(1, 1, 1, 20, 20, dtype=torch.float64)
+    e[0, 0, 0, 9, 10] = amp
+    r = (k - 1) / 2
+    assert abs(float(moment_error(e, torch.zeros_like(e), k)) - (amp + 2 * amp * (r + 1) / k) / 400) < 1e-12
+    # a ball drawn 0.3 px to the right: the error has a first moment; the same ball: none
+    yy, xx = np.mgrid[0:64, 0:64] + 0.5
+    def ball(cx):  # 4x4 supersampled disc of radius 3.5
+        sub = (np.arange(4) + 0.5) / 4 - 0.5
+        cover = sum(((yy + dy - 30.2) ** 2 + (xx + dx - cx) ** 2 <= 3.5 ** 2) for dy in sub for dx in sub) / 16
+        return torch.from_numpy(np.broadcast_to(2 * cover - 1, (1, 3, 1, 64, 64)).copy())
+    assert float(moment_error(ball(31.3), ball(31.0), 9)) > 1e-4 and float(moment_error(ball(31.0), ball(31.0), 9)) == 0.0
+    for bad in (4, 1):
+        with pytest.raises((ConfigError, ValueError), match="odd"):
+            VAELossConfig(moment_window=bad) if bad > 3 else moment_error(e, e, bad)
+
+
+def test_moment_term_enters_the_loss_with_its_weight():
+    from sparse_dit.vae import VAEConfig
+    from sparse_dit.vae_losses import VAELossConfig, VAEObjective, moment_error
+
+    torch.manual_seed(0)
+    cfg = VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), temporal_down=1, num_res_blocks=1)
+    x = torch.rand(1, 3, 3, 12, 12) * 2 - 1
+    on = VAEObjective(cfg, VAELossConfig(moment_weight=3.0, moment_window=5))
+    off = VAEObjective(cfg, VAELossConfig())
+    off.load_state_dict(on.state_dict())
+    a = on(x, 0, torch.Generator().manual_seed(1))
+    b = off(x, 0, torch.Generator().manual_seed(1))
+    recon = on.vae(x, torch.Generator().manual_seed(1))[0].detach()
+    want = float(moment_error(recon, x, 5))
+    assert want > 0 and abs(float(a["moment"]) - want) < 1e-6 * max(1.0, want)
+    assert abs(float(a["loss"].detach()) - float(b["loss"].detach()) - 3.0 * want) < 1e-4
+    assert float(b["moment"]) == 0.0
+    moment_error(on.vae(x, torch.Generator().manual_seed(1))[0], x, 5).backward()  # differentiable into the VAE
+    assert any(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in on.vae.parameters())
 
 
 def test_edge_weighted_l1_weighs_the_targets_edges():
