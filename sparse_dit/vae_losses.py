@@ -77,6 +77,7 @@ class VAELossConfig(_Config):
     # weighted term about 5x the L1 and lowered the balls' velocity error (docs/vae.md).
     edge_weight: float = field(default=0.0, metadata=rule(ge=0))
     # Local-moment term (moment_error; 0 = off) and its square's side (odd, pixels: about an object's size).
+    # 40 (window 9) on the 64x64 physics clips: +0.6 dB PSNR, velocity error 0.047 vs 0.051, not significant (docs/vae.md).
     moment_weight: float = field(default=0.0, metadata=rule(ge=0))
     moment_window: int = field(default=9, metadata=rule(ge=3))
     # Raw latents of this many training clips give the latent shift/scale after training.
