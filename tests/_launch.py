@@ -62,3 +62,21 @@ def cli(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     return subprocess.run([sys.executable, "-m", "sparse_dit.cli", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def in_forked_child(target, *args, timeout: float = 60.0, what: str = "the forked child"):
+    """Run ``target(queue, *args)`` in a child forked from this process; return what it put on the
+    queue. Raise when the child is still running after ``timeout`` s (killed) or exits with an error."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    proc = ctx.Process(target=target, args=(q, *args))
+    proc.start()
+    proc.join(timeout=timeout)
+    if proc.is_alive():
+        proc.kill()
+        raise AssertionError(f"{what} hung (still running after {timeout:.0f} s)")
+    if proc.exitcode != 0:
+        raise AssertionError(f"{what} exited with {proc.exitcode}")
+    return q.get(timeout=5)

@@ -479,22 +479,14 @@ def _forked_child_runs_a_layer(q) -> None:
 def test_expert_threads_work_in_a_forked_child() -> None:
     """A child forked after the parent's workers started (DataLoader workers, multiprocessing)
     has none of their threads: it starts its own instead of waiting forever on the parent's."""
-    import multiprocessing as mp
+    from _launch import in_forked_child
 
     moe = _layer(top_k=2)
     torch.set_num_threads(2)
     with torch.no_grad():
         moe(torch.randn(2, 8, 16), need_aux=False)  # the parent's workers exist now
-    ctx = mp.get_context("fork")
-    q = ctx.Queue()
-    proc = ctx.Process(target=_forked_child_runs_a_layer, args=(q,))
-    proc.start()
-    proc.join(timeout=60)
-    if proc.is_alive():
-        proc.kill()
-        pytest.fail("the forked child hung on the parent's expert threads")
-    jobs, total = q.get(timeout=5)
-    assert proc.exitcode == 0 and jobs == 1 and total > 0
+    jobs, total = in_forked_child(_forked_child_runs_a_layer, what="the child forked after the expert threads started")
+    assert jobs == 1 and total > 0
 
 
 @pytest.mark.usefixtures("passive")

@@ -37,9 +37,9 @@ std::vector<int64_t> chunk_bounds(const std::vector<int64_t>& cum, int64_t n) {
   for (int64_t k = 1; k < n; ++k) {
     const int64_t target = rows * k / n;
     const int64_t j = std::lower_bound(cum.begin(), cum.end(), target) - cum.begin();  // cum[j] >= target
-    int64_t best = target;
-    if (j <= E && cum[j] - target <= snap) best = cum[j];
-    if (j > 0 && target - cum[j - 1] <= snap && target - cum[j - 1] < best - target) best = cum[j - 1];
+    int64_t best = target, dist = snap + 1;  // the nearest boundary within `snap` rows, else the target
+    if (j <= E && cum[j] - target < dist) best = cum[j], dist = cum[j] - target;
+    if (j > 0 && target - cum[j - 1] < dist) best = cum[j - 1];
     bounds.push_back(std::max(best, bounds.back()));
   }
   bounds.push_back(rows);
