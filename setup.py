@@ -50,6 +50,7 @@ setup(
         "tensorboard>=2.14",
         "matplotlib>=3.7",
         "scipy>=1.10",  # evals: t quantiles and BCa bootstrap intervals (scipy.stats)
+        "ninja",  # builds the native CPU MoE op on first use (with a C++ compiler; docs/moe.md)
     ],
     extras_require={
         # deepspeed: install with `pip install --no-build-isolation deepspeed` after torch.

@@ -24,8 +24,8 @@ workers, so it works under every wait policy, and wakes them once per layer.
 **Building.** The first MoE inference call of a process on float32 CPU tensors compiles the op with
 ``torch.utils.cpp_extension.load`` (about 10 s with g++ on the 2-core Xeon; torch's extension
 cache, ``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``, keeps it for later processes and
-rebuilds when the source changes). It needs a C++ compiler and ninja (the ``ninja`` wheel, which
-DeepSpeed installs, is found even when the venv is not on ``PATH``). When the build fails, one
+rebuilds when the source changes). It needs a C++ compiler and ninja (the ``ninja`` wheel, a dependency of the package, is
+found even when the venv is not on ``PATH``). When the build fails, one
 warning names the reason and the Python path is used for the rest of the process.
 ``SPARSE_DIT_NATIVE=0`` in the environment turns the op off (the Python path, with its expert
 threads).
