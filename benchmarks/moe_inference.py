@@ -156,7 +156,7 @@ def bench_size(name: str, spec: dict[str, Any], repeats: int, autocast: bool, va
           f"{moe.expert_hidden_dim} (dense FFN {spec['dense'].ffn_hidden}), latent {tuple(spec['shape'][1:])} = {tokens} tokens, "
           f"{spec['steps']} steps, {spec['context']} context frames, {repeats} rounds")
     for k in runs:
-        print(f"  {k:<8} median {statistics.median(times[k]) * 1e3:9.1f} ms  (runs {', '.join(f'{t * 1e3:.0f}' for t in times[k])})")
+        print(f"  {k:<13} median {statistics.median(times[k]) * 1e3:9.1f} ms  (runs {', '.join(f'{t * 1e3:.0f}' for t in times[k])})")
     print(f"  sparse / dense: {ratio:.3f}  (median of per-round ratios; target <= {spec['target']:.2f})")
     for flag, runner, what, _ in VARIANTS:
         if flag in variants:
