@@ -28,6 +28,10 @@ local)`` holds (``local``: the layer holds every expert behind the plain local d
 Today: ``grouped_mm`` on CUDA for aligned shapes (no host sync), else ``fused_local`` in one
 process, else ``loop``; ``megablocks`` only when named.
 
+With gradients off, a layer holding every expert runs :mod:`~sparse_dit.moe.ops.inference`
+instead (no autograd bookkeeping), which on float32 CPU tensors is one native op
+(:mod:`~sparse_dit.moe.ops.native`, compiled on first use).
+
 A new backend is one file here plus one entry below (docs/architecture.md, "Extension points:
 routers and expert backends"); ``model.moe.backend`` names the entry.
 """
