@@ -80,12 +80,6 @@ def path(request, monkeypatch) -> str:
     return request.param
 
 
-@pytest.fixture
-def python_path(monkeypatch) -> None:
-    """The Python inference path (``SPARSE_DIT_NATIVE=0``): its threads and layouts are tested here."""
-    monkeypatch.setenv("SPARSE_DIT_NATIVE", "0")
-
-
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("training", [True, False])
 def test_inference_path_equals_training_path(name: str, training: bool, path: str) -> None:
