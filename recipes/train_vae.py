@@ -34,6 +34,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 
 from sparse_dit.config import DataConfig, ParallelConfig, TrainConfig
 from sparse_dit.parallel import CheckpointError
@@ -168,6 +169,22 @@ class VAETask(DiffusionTask):
         if kind != "causal_vae":
             raise ConfigError(f"train.init_from={str(path)!r}: {folder} does not hold a VAE (config.json kind={kind!r}, a VAE recipe needs "
                               "'causal_vae': a folder written by CausalVideoVAE.save_pretrained or a finished train-vae run)")
+        raw = json.loads((folder / "config.json").read_text())
+        raw.pop("kind", None)
+        try:
+            given = from_dict(VAEConfig, raw)
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"train.init_from={str(path)!r}: {folder / 'config.json'}: {exc}") from None
+        if given.decoder_blocks < model.vae.config.decoder_blocks:
+            # A deeper decoder (vae.decoder_res_blocks) grown from a trained VAE: the new blocks start as identities.
+            try:
+                state = model.vae.grown_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"), given)
+            except ValueError as exc:
+                raise ConfigError(f"train.init_from={str(path)!r}: {exc}") from None
+            model.vae.load_state_dict(state)
+            print(f"train.init_from: grew the decoder of {folder} from {given.decoder_blocks} to {model.vae.config.decoder_blocks} "
+                  "residual blocks per stage (the new blocks start as identities)", flush=True)
+            return folder
         return load_init_weights(model.vae, folder)
 
     def conditioner(self, recipe: Any, device: Any, dtype: torch.dtype) -> Any:

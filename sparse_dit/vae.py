@@ -75,6 +75,10 @@ class VAEConfig(_Config):
         channel_mult: one entry per stage; every stage but the last halves H and W.
         temporal_down: how many of the downsampling stages also halve time (from the first).
         num_res_blocks: residual blocks per stage.
+        decoder_res_blocks: residual blocks per decoder stage (None: ``num_res_blocks``). A
+            deeper decoder than encoder is SD's layout (one more per stage); a trained VAE can
+            grow its decoder this way (:meth:`CausalVideoVAE.grown_state_dict`: the new blocks
+            start as identities, so the grown VAE starts as the trained one).
         norm: ``"pixel"`` normalises the channels of each position (DC-AE / LTX-Video style): the
             network is then local, so spatial tiles with enough overlap match the whole frame
             (docs/vae.md); ``"group"`` is GroupNorm over each frame (SD / MAGVIT-v2), whose
@@ -87,6 +91,7 @@ class VAEConfig(_Config):
     channel_mult: tuple[int, ...] = (1, 2, 4, 4)
     temporal_down: int = field(default=2, metadata=rule(ge=0))
     num_res_blocks: int = field(default=1, metadata=rule(ge=1))
+    decoder_res_blocks: Optional[int] = field(default=None, metadata=rule(ge=1))
     norm: str = field(default="pixel", metadata=rule(choices=("pixel", "group")))
     # Resampling shortcuts around the whole encoder and decoder (in the spirit of DC-AE's residual
     # autoencoding): a causal average pool to the latent grid + 1x1 conv is added to the encoder's
@@ -102,6 +107,11 @@ class VAEConfig(_Config):
             raise ConfigError(
                 f"vae.temporal_down={self.temporal_down} is out of range; allowed: 0..{len(self.channel_mult) - 1} (the downsampling stages)"
             )
+
+    @property
+    def decoder_blocks(self) -> int:
+        """Residual blocks per decoder stage (``decoder_res_blocks``, else ``num_res_blocks``)."""
+        return self.num_res_blocks if self.decoder_res_blocks is None else self.decoder_res_blocks
 
     @property
     def spatial_compression(self) -> int:
@@ -364,7 +374,7 @@ class CausalVideoVAE(nn.Module):
         dec: list[nn.Module] = [CausalConv3d(c.latent_channels, widths[-1])]
         cin = widths[-1]
         for i, w in reversed(list(enumerate(widths))):
-            for _ in range(c.num_res_blocks):
+            for _ in range(c.decoder_blocks):
                 dec.append(_ResBlock(cin, w, c.norm))
                 cin = w
             if i > 0:
@@ -405,6 +415,62 @@ class CausalVideoVAE(nn.Module):
             proj.bias.zero_()
             proj.weight[:n, :n, 0, 0, 0] = torch.eye(n)
         self.encoder.side.proj.bias[c.latent_channels:] = LOGVAR_START
+
+    @staticmethod
+    def decoder_layout(config: VAEConfig) -> list[tuple]:
+        """One tag per module of the decoder's main ``nn.Sequential``, in order: ``("in",)``,
+        ``("res", stage, j)``, ``("up", stage)``, then ``("norm",)``, ``("act",)``, ``("out",)``."""
+        tags: list[tuple] = [("in",)]
+        for i in reversed(range(len(config.channel_mult))):
+            tags += [("res", i, j) for j in range(config.decoder_blocks)]
+            if i > 0:
+                tags.append(("up", i))
+        return tags + [("norm",), ("act",), ("out",)]
+
+    @torch.no_grad()
+    def grown_state_dict(self, state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
+        """The weights ``state`` of a VAE of ``config``, laid out for this VAE, whose decoder has
+        at least as many residual blocks per stage (``decoder_res_blocks``) and which is otherwise
+        the same shape.
+
+        Every weight of ``state`` keeps its value. The decoder blocks this VAE adds (after a
+        stage's given blocks) keep this model's initialisation with their last convolution at
+        zero: ``x + 0``, so the grown VAE encodes and decodes exactly as the given one, and the
+        new blocks learn a residual from there (zero-initialised residual branches, as in
+        ``_start_at_resampling``). The encoder and the latent statistics are untouched, so
+        latents cached with the given VAE stay valid.
+
+        Raises:
+            ValueError: the shapes differ in anything but the decoder's depth, the decoder would
+                shrink, or ``state`` does not fit ``config``.
+        """
+        mine, theirs = to_dict(self.config), to_dict(config)
+        other = sorted(k for k in set(mine) | set(theirs) if k != "decoder_res_blocks" and mine.get(k) != theirs.get(k))
+        if other:
+            k = other[0]
+            raise ValueError(f"cannot grow a VAE with {k}={theirs.get(k)!r} into one with {k}={mine.get(k)!r}: only "
+                             "decoder_res_blocks may differ")
+        if config.decoder_blocks > self.config.decoder_blocks:
+            raise ValueError(f"cannot grow a VAE with {config.decoder_blocks} decoder blocks per stage into one with "
+                             f"{self.config.decoder_blocks}: decoder_res_blocks may only grow")
+        reference = CausalVideoVAE(config).state_dict()
+        bad = state_mismatch(reference, state, "its config.json needs")
+        if bad is not None:
+            raise ValueError(f"the given VAE's weights {bad}")
+        prefix = "decoder.main." if self.config.shortcut else "decoder."
+        index = {tag: i for i, tag in enumerate(self.decoder_layout(self.config))}
+        old_tags = self.decoder_layout(config)
+        out = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        for k, v in state.items():
+            if k.startswith(prefix):
+                i, rest = k[len(prefix):].split(".", 1)
+                k = f"{prefix}{index[old_tags[int(i)]]}.{rest}"
+            out[k] = v.detach().clone().to(out[k].dtype)
+        for tag, i in index.items():
+            if tag[0] == "res" and tag[2] >= config.decoder_blocks:
+                out[f"{prefix}{i}.conv2.conv.weight"].zero_()
+                out[f"{prefix}{i}.conv2.conv.bias"].zero_()
+        return out
 
     # ---------------------------------------------------------------- shapes and normalisation
 

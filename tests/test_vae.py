@@ -66,3 +66,80 @@ def test_identity():
     vae = IdentityVAE()
     x = torch.randn(1, 3, 2, 4, 4)
     assert vae.encode(x) is x and vae.decode(x) is x and vae.latent_shape(2, 4, 4) == (3, 2, 4, 4)
+
+
+# ------------------------------------------------------------------ a deeper decoder, grown
+
+
+def _debug_config(**kw) -> VAEConfig:
+    return VAEConfig(latent_channels=4, base_channels=8, channel_mult=(1, 2), temporal_down=1, num_res_blocks=1, **kw)
+
+
+@pytest.mark.parametrize("shortcut", [False, True])
+def test_grown_decoder_starts_as_the_given_vae(shortcut):
+    """decoder_res_blocks=3 grown from a trained 1-block VAE: every given weight keeps its value
+    under the key of its module in the deeper decoder (the index map is written out here, not
+    taken from the model), the added blocks are residual branches at zero, so encode and decode
+    are exactly the given VAE's; the added blocks still get gradients."""
+    torch.manual_seed(0)
+    small = CausalVideoVAE(_debug_config(shortcut=shortcut)).eval()
+    with torch.no_grad():
+        for p in small.parameters():
+            p.normal_(0.0, 0.2)  # no weight left at zero by the initialisation
+    deep = CausalVideoVAE(_debug_config(shortcut=shortcut, decoder_res_blocks=3)).eval()
+    state = deep.grown_state_dict(small.state_dict(), small.config)
+    deep.load_state_dict(state)
+    # decoder of (1, 2): [conv_in, res(stage 1), up, res(stage 0), norm, silu, conv_out]
+    #            grown:  [conv_in, res, res+, res+, up, res, res+, res+, norm, silu, conv_out]
+    moved = {"0": "0", "1": "1", "2": "4", "3": "5", "4": "8", "6": "10"}
+    prefix = "decoder.main." if shortcut else "decoder."
+    for k, v in small.state_dict().items():
+        if k.startswith(prefix):
+            i, rest = k[len(prefix):].split(".", 1)
+            k = f"{prefix}{moved[i]}.{rest}"
+        assert torch.equal(state[k], v), k
+    for i in (2, 3, 6, 7):
+        assert state[f"{prefix}{i}.conv2.conv.weight"].abs().max() == 0 and state[f"{prefix}{i}.conv2.conv.bias"].abs().max() == 0
+        assert state[f"{prefix}{i}.conv1.conv.weight"].abs().max() > 0  # the branch's first conv keeps its initialisation
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = small.encode(x)
+        assert torch.equal(deep.encode(x), z)
+        assert torch.equal(deep.decode(z), small.decode(z))
+    deep.decode(z).square().mean().backward()
+    net = deep.decoder.main if shortcut else deep.decoder
+    assert net[2].conv2.conv.weight.grad.abs().max() > 0
+    assert sum(p.numel() for p in deep.decoder.parameters()) > sum(p.numel() for p in small.decoder.parameters())
+
+
+def test_grown_decoder_refuses_other_shapes_and_shrinking():
+    small = CausalVideoVAE(_debug_config())
+    with pytest.raises(ValueError, match="cannot grow a VAE with latent_channels=4 into one with latent_channels=8"):
+        CausalVideoVAE(VAEConfig(latent_channels=8, base_channels=8, channel_mult=(1, 2), temporal_down=1, decoder_res_blocks=2)
+                       ).grown_state_dict(small.state_dict(), small.config)
+    deep = CausalVideoVAE(_debug_config(decoder_res_blocks=3))
+    with pytest.raises(ValueError, match="decoder_res_blocks may only grow"):
+        small.grown_state_dict(deep.state_dict(), deep.config)
+    bad = dict(small.state_dict())
+    bad.pop("decoder.0.conv.weight")
+    with pytest.raises(ValueError, match="missing \\['decoder.0.conv.weight'\\]"):
+        deep.grown_state_dict(bad, small.config)
+
+
+def test_decoder_res_blocks_unset_is_num_res_blocks_and_old_folders_load(tmp_path):
+    """None (the default) builds the decoder of num_res_blocks, so VAE folders written before the
+    field existed (no decoder_res_blocks in config.json) load unchanged."""
+    import json
+
+    a, b = CausalVideoVAE(_debug_config()), CausalVideoVAE(_debug_config(decoder_res_blocks=1))
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+    deep = CausalVideoVAE(_debug_config(decoder_res_blocks=2))
+    assert len(deep.decoder) == len(a.decoder) + 2 and len(deep.encoder) == len(a.encoder)
+    a.save_pretrained(tmp_path / "old")
+    cfg = json.loads((tmp_path / "old" / "config.json").read_text())
+    assert cfg.pop("decoder_res_blocks") is None
+    (tmp_path / "old" / "config.json").write_text(json.dumps(cfg))
+    loaded = CausalVideoVAE.from_pretrained(tmp_path / "old")
+    assert loaded.config.decoder_blocks == 1
+    for k, v in a.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v)

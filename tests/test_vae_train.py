@@ -104,6 +104,37 @@ def test_init_from_starts_a_vae_run_from_a_saved_vae(tmp_path, capsys):
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
+def test_init_from_grows_the_decoder(tmp_path, capsys):
+    """``train.init_from`` with a deeper ``vae.decoder_res_blocks`` than the saved VAE's: the run
+    starts from the saved VAE, grown (the same encode and decode), and says so; growing a VAE of
+    another shape is one line naming the field."""
+    from sparse_dit.recipes.train_vae import VAE_TASK
+
+    small = load_vae_recipe(DEBUG, [f"output_dir={tmp_path / 'run'}"])
+    src = CausalVideoVAE(small.vae).eval()
+    with torch.no_grad():
+        for p in src.parameters():
+            p.normal_(0.0, 0.2)
+    src.save_pretrained(tmp_path / "init")
+    recipe = load_vae_recipe(DEBUG, [f"output_dir={tmp_path / 'run'}", "vae.decoder_res_blocks=2"])
+    model = VAE_TASK.build_model(recipe)
+    VAE_TASK.init_weights(model, str(tmp_path / "init"))
+    assert "grew the decoder of" in capsys.readouterr().out
+    vae = model.vae.eval()
+    assert len(vae.decoder) == len(src.decoder) + 2
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = src.encode(x)
+        assert torch.equal(vae.encode(x), z) and torch.equal(vae.decode(z), src.decode(z))
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    code = run(parser.parse_args([str(DEBUG), "--set", f"output_dir={tmp_path / 'bad'}", f"train.init_from={tmp_path / 'init'}",
+                                  "vae.decoder_res_blocks=2", "vae.latent_channels=3"]))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "cannot grow a VAE with latent_channels=4 into one with latent_channels=3" in err and len(err.splitlines()) == 1, err
+
+
 def _edge_map_reference(video: np.ndarray) -> np.ndarray:
     """edge_map by loops: forward differences, channel-mean squared magnitude, 3x3 max, / 2."""
     b, c, t, h, w = video.shape
