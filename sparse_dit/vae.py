@@ -437,8 +437,9 @@ class CausalVideoVAE(nn.Module):
         stage's given blocks) keep this model's initialisation with their last convolution at
         zero: ``x + 0``, so the grown VAE encodes and decodes exactly as the given one, and the
         new blocks learn a residual from there (zero-initialised residual branches, as in
-        ``_start_at_resampling``). The encoder and the latent statistics are untouched, so
-        latents cached with the given VAE stay valid.
+        ``_start_at_resampling``). The encoder and the latent statistics are copied as they
+        are, so at the start latents cached with the given VAE are the grown VAE's too (training
+        the grown VAE then moves its encoder like any other fine-tuning).
 
         Raises:
             ValueError: the shapes differ in anything but the decoder's depth, the decoder would
@@ -453,7 +454,8 @@ class CausalVideoVAE(nn.Module):
         if config.decoder_blocks > self.config.decoder_blocks:
             raise ValueError(f"cannot grow a VAE with {config.decoder_blocks} decoder blocks per stage into one with "
                              f"{self.config.decoder_blocks}: decoder_res_blocks may only grow")
-        reference = CausalVideoVAE(config).state_dict()
+        with torch.device("meta"):  # shapes only: nothing allocated
+            reference = CausalVideoVAE(config).state_dict()
         bad = state_mismatch(reference, state, "its config.json needs")
         if bad is not None:
             raise ValueError(f"the given VAE's weights {bad}")
