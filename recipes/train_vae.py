@@ -163,14 +163,13 @@ class VAETask(DiffusionTask):
         measured again at export."""
         folder = resolve_weights_dir(path)
         try:
-            kind = json.loads((folder / "config.json").read_text()).get("kind")
+            raw = json.loads((folder / "config.json").read_text())
+            kind = raw.pop("kind", None)
         except (OSError, ValueError, AttributeError):
             kind = None
         if kind != "causal_vae":
             raise ConfigError(f"train.init_from={str(path)!r}: {folder} does not hold a VAE (config.json kind={kind!r}, a VAE recipe needs "
                               "'causal_vae': a folder written by CausalVideoVAE.save_pretrained or a finished train-vae run)")
-        raw = json.loads((folder / "config.json").read_text())
-        raw.pop("kind", None)
         try:
             given = from_dict(VAEConfig, raw)
         except (ConfigError, TypeError) as exc:
