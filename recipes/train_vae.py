@@ -174,15 +174,19 @@ class VAETask(DiffusionTask):
             given = from_dict(VAEConfig, raw)
         except (ConfigError, TypeError) as exc:
             raise ConfigError(f"train.init_from={str(path)!r}: {folder / 'config.json'}: {exc}") from None
-        if given.decoder_blocks < model.vae.config.decoder_blocks:
-            # A deeper decoder (vae.decoder_res_blocks) grown from a trained VAE: the new blocks start as identities.
+        mine = model.vae.config
+        grown = [f"the {part} from {a} to {b}" for part, a, b in (("encoder", given.num_res_blocks, mine.num_res_blocks),
+                                                                 ("decoder", given.decoder_blocks, mine.decoder_blocks)) if a < b]
+        if grown:
+            # A deeper encoder or decoder (vae.num_res_blocks / vae.decoder_res_blocks) grown from a
+            # trained VAE: the new blocks start as identities.
             try:
                 state = model.vae.grown_state_dict(load_file(str(folder / "model.safetensors"), device="cpu"), given)
             except ValueError as exc:
                 raise ConfigError(f"train.init_from={str(path)!r}: {exc}") from None
             model.vae.load_state_dict(state)
-            print(f"train.init_from: grew the decoder of {folder} from {given.decoder_blocks} to {model.vae.config.decoder_blocks} "
-                  "residual blocks per stage (the new blocks start as identities)", flush=True)
+            print(f"train.init_from: grew {' and '.join(grown)} residual blocks per stage, from {folder} "
+                  "(the new blocks start as identities)", flush=True)
             return folder
         return load_init_weights(model.vae, folder)
 

@@ -74,11 +74,12 @@ class VAEConfig(_Config):
         base_channels: width of the first stage; stage i has ``base_channels * mult[i]``.
         channel_mult: one entry per stage; every stage but the last halves H and W.
         temporal_down: how many of the downsampling stages also halve time (from the first).
-        num_res_blocks: residual blocks per stage.
+        num_res_blocks: residual blocks per encoder stage (and per decoder stage, unless
+            ``decoder_res_blocks`` is set).
         decoder_res_blocks: residual blocks per decoder stage (None: ``num_res_blocks``). A
-            deeper decoder than encoder is SD's layout (one more per stage); a trained VAE can
-            grow its decoder this way (:meth:`CausalVideoVAE.grown_state_dict`: the new blocks
-            start as identities, so the grown VAE starts as the trained one).
+            deeper decoder than encoder is SD's layout (one more per stage). A trained VAE can
+            grow either depth (:meth:`CausalVideoVAE.grown_state_dict`: the new blocks start as
+            identities, so the grown VAE starts as the trained one).
         norm: ``"pixel"`` normalises the channels of each position (DC-AE / LTX-Video style): the
             network is then local, so spatial tiles with enough overlap match the whole frame
             (docs/vae.md); ``"group"`` is GroupNorm over each frame (SD / MAGVIT-v2), whose
@@ -417,6 +418,17 @@ class CausalVideoVAE(nn.Module):
         self.encoder.side.proj.bias[c.latent_channels:] = LOGVAR_START
 
     @staticmethod
+    def encoder_layout(config: VAEConfig) -> list[tuple]:
+        """One tag per module of the encoder's main ``nn.Sequential``, in order: ``("in",)``,
+        ``("res", stage, j)``, ``("down", stage)``, then ``("norm",)``, ``("act",)``, ``("out",)``."""
+        tags: list[tuple] = [("in",)]
+        for i in range(len(config.channel_mult)):
+            tags += [("res", i, j) for j in range(config.num_res_blocks)]
+            if i < len(config.channel_mult) - 1:
+                tags.append(("down", i))
+        return tags + [("norm",), ("act",), ("out",)]
+
+    @staticmethod
     def decoder_layout(config: VAEConfig) -> list[tuple]:
         """One tag per module of the decoder's main ``nn.Sequential``, in order: ``("in",)``,
         ``("res", stage, j)``, ``("up", stage)``, then ``("norm",)``, ``("act",)``, ``("out",)``."""
@@ -429,49 +441,59 @@ class CausalVideoVAE(nn.Module):
 
     @torch.no_grad()
     def grown_state_dict(self, state: dict[str, torch.Tensor], config: VAEConfig) -> dict[str, torch.Tensor]:
-        """The weights ``state`` of a VAE of ``config``, laid out for this VAE, whose decoder has
-        at least as many residual blocks per stage (``decoder_res_blocks``) and which is otherwise
-        the same shape.
+        """The weights ``state`` of a VAE of ``config``, laid out for this VAE, whose encoder
+        (``num_res_blocks``) and decoder (``decoder_res_blocks``) have at least as many residual
+        blocks per stage and which is otherwise the same shape.
 
-        Every weight of ``state`` keeps its value. The decoder blocks this VAE adds (after a
-        stage's given blocks) keep this model's initialisation with their last convolution at
-        zero: ``x + 0``, so the grown VAE encodes and decodes exactly as the given one, and the
-        new blocks learn a residual from there (zero-initialised residual branches, as in
-        ``_start_at_resampling``). The encoder and the latent statistics are copied as they
-        are, so at the start latents cached with the given VAE are the grown VAE's too (training
-        the grown VAE then moves its encoder like any other fine-tuning).
+        Every weight of ``state`` keeps its value. The blocks this VAE adds (after a stage's
+        given blocks, in the encoder or the decoder) keep this model's initialisation with their
+        last convolution at zero: ``x + 0``, so the grown VAE encodes and decodes exactly as the
+        given one, and the new blocks learn a residual from there (zero-initialised residual
+        branches, as in ``_start_at_resampling``). The latent statistics are copied, so at the
+        start latents cached with the given VAE are the grown VAE's too (training the grown VAE
+        then moves its encoder like any other fine-tuning).
 
         Raises:
-            ValueError: the shapes differ in anything but the decoder's depth, the decoder would
-                shrink, or ``state`` does not fit ``config``.
+            ValueError: the shapes differ in anything but the depths, a depth would shrink, or
+                ``state`` does not fit ``config``.
         """
+        depths = ("num_res_blocks", "decoder_res_blocks")
         mine, theirs = to_dict(self.config), to_dict(config)
-        other = sorted(k for k in set(mine) | set(theirs) if k != "decoder_res_blocks" and mine.get(k) != theirs.get(k))
+        other = sorted(k for k in set(mine) | set(theirs) if k not in depths and mine.get(k) != theirs.get(k))
         if other:
             k = other[0]
             raise ValueError(f"cannot grow a VAE with {k}={theirs.get(k)!r} into one with {k}={mine.get(k)!r}: only "
-                             "decoder_res_blocks may differ")
-        if config.decoder_blocks > self.config.decoder_blocks:
-            raise ValueError(f"cannot grow a VAE with {config.decoder_blocks} decoder blocks per stage into one with "
-                             f"{self.config.decoder_blocks}: decoder_res_blocks may only grow")
+                             "num_res_blocks (the encoder's depth) and decoder_res_blocks may differ")
+        for name, given, wanted in (("num_res_blocks", config.num_res_blocks, self.config.num_res_blocks),
+                                    ("decoder_res_blocks", config.decoder_blocks, self.config.decoder_blocks)):
+            if given > wanted:
+                part = "encoder" if name == "num_res_blocks" else "decoder"
+                raise ValueError(f"cannot grow a VAE with {given} {part} blocks per stage into one with {wanted}: "
+                                 f"{name} may only grow")
         with torch.device("meta"):  # shapes only: nothing allocated
             reference = CausalVideoVAE(config).state_dict()
         bad = state_mismatch(reference, state, "its config.json needs")
         if bad is not None:
             raise ValueError(f"the given VAE's weights {bad}")
-        prefix = "decoder.main." if self.config.shortcut else "decoder."
-        index = {tag: i for i, tag in enumerate(self.decoder_layout(self.config))}
-        old_tags = self.decoder_layout(config)
+        main = ".main." if self.config.shortcut else "."
+        nets = []
+        for net, layout, given in (("encoder", self.encoder_layout, config.num_res_blocks),
+                                   ("decoder", self.decoder_layout, config.decoder_blocks)):
+            index = {tag: i for i, tag in enumerate(layout(self.config))}
+            nets.append((f"{net}{main}", index, layout(config), given))
         out = {k: v.detach().clone() for k, v in self.state_dict().items()}
         for k, v in state.items():
-            if k.startswith(prefix):
-                i, rest = k[len(prefix):].split(".", 1)
-                k = f"{prefix}{index[old_tags[int(i)]]}.{rest}"
+            for prefix, index, old_tags, _ in nets:
+                if k.startswith(prefix):
+                    i, rest = k[len(prefix):].split(".", 1)
+                    k = f"{prefix}{index[old_tags[int(i)]]}.{rest}"
+                    break
             out[k] = v.detach().clone().to(out[k].dtype)
-        for tag, i in index.items():
-            if tag[0] == "res" and tag[2] >= config.decoder_blocks:
-                out[f"{prefix}{i}.conv2.conv.weight"].zero_()
-                out[f"{prefix}{i}.conv2.conv.bias"].zero_()
+        for prefix, index, _, given in nets:
+            for tag, i in index.items():
+                if tag[0] == "res" and tag[2] >= given:
+                    out[f"{prefix}{i}.conv2.conv.weight"].zero_()
+                    out[f"{prefix}{i}.conv2.conv.bias"].zero_()
         return out
 
     # ---------------------------------------------------------------- shapes and normalisation

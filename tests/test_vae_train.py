@@ -105,8 +105,8 @@ def test_init_from_starts_a_vae_run_from_a_saved_vae(tmp_path, capsys):
 
 
 def test_init_from_grows_the_decoder(tmp_path, capsys):
-    """``train.init_from`` with a deeper ``vae.decoder_res_blocks`` than the saved VAE's: the run
-    starts from the saved VAE, grown (the same encode and decode), and says so; growing a VAE of
+    """``train.init_from`` with a deeper ``vae.decoder_res_blocks`` (or ``num_res_blocks``) than
+    the saved VAE's: the run starts from the saved VAE, grown (the same encode and decode), and says so; growing a VAE of
     another shape is one line naming the field."""
     from sparse_dit.recipes.train_vae import VAE_TASK
 
@@ -119,13 +119,19 @@ def test_init_from_grows_the_decoder(tmp_path, capsys):
     recipe = load_vae_recipe(DEBUG, [f"output_dir={tmp_path / 'run'}", "vae.decoder_res_blocks=2"])
     model = VAE_TASK.build_model(recipe)
     VAE_TASK.init_weights(model, str(tmp_path / "init"))
-    assert "grew the decoder of" in capsys.readouterr().out
+    assert "grew the decoder from 1 to 2 residual blocks per stage" in capsys.readouterr().out
     vae = model.vae.eval()
     assert len(vae.decoder) == len(src.decoder) + 2
     x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
     with torch.no_grad():
         z = src.encode(x)
         assert torch.equal(vae.encode(x), z) and torch.equal(vae.decode(z), src.decode(z))
+
+    both = VAE_TASK.build_model(load_vae_recipe(DEBUG, [f"output_dir={tmp_path / 'run'}", "vae.num_res_blocks=2"]))
+    VAE_TASK.init_weights(both, str(tmp_path / "init"))
+    assert "grew the encoder from 1 to 2 and the decoder from 1 to 2 residual blocks per stage" in capsys.readouterr().out
+    with torch.no_grad():
+        assert torch.equal(both.vae.eval().decode(both.vae.encode(x)), src.decode(z))
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
