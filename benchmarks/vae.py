@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 CODEC_SOURCES = ["testsrc2", "mandelbrot", "life=seed={s}:mold=10", "cellauto=rule={r}:random_seed={s}", "gradients=seed={s}", "sierpinski=seed={s}"]
 # Training clips (``train-clips``): none of the held-out set's deterministic sources (testsrc2,
@@ -160,8 +161,14 @@ def _frame_scores(pred_u8: np.ndarray, gt_u8: np.ndarray) -> dict:
 
 
 @torch.no_grad()
-def reconstruct(vae, videos: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    return torch.cat([vae.decode(vae.encode(videos[i:i + batch])).clamp(-1, 1) for i in range(0, len(videos), batch)])
+def reconstruct(vae, videos: torch.Tensor, batch: int = 8, refine_steps: int = 0) -> torch.Tensor:
+    """decode(encode(videos)) in [-1, 1], ``batch`` clips at a time; ``refine_steps`` > 0 refines
+    each batch's latents through the decoder first (CausalVideoVAE.refine)."""
+    out = []
+    for i in tqdm(range(0, len(videos), batch), desc="reconstruct", unit="batch", disable=not refine_steps):
+        z = vae.encode(videos[i:i + batch], refine_steps=refine_steps)  # refine enables gradients for the latents only
+        out.append(vae.decode(z).clamp(-1, 1))
+    return torch.cat(out)
 
 
 def quality(args: argparse.Namespace) -> dict:
@@ -172,7 +179,7 @@ def quality(args: argparse.Namespace) -> dict:
     from sparse_dit.video_io import from_uint8, to_uint8
 
     vae = CausalVideoVAE.from_pretrained(args.vae)
-    results: dict = {"vae": str(args.vae), "config": json.loads((Path(args.vae) / "config.json").read_text())}
+    results: dict = {"vae": str(args.vae), "config": json.loads((Path(args.vae) / "config.json").read_text()), "refine_steps": args.refine_steps}
     sets = {}
     if args.physics:
         ds = PhysicsVideoDataset(args.physics, num_frames=args.frames)
@@ -190,7 +197,7 @@ def quality(args: argparse.Namespace) -> dict:
     for name, (gt_u8, states) in sets.items():
         x = torch.stack([from_uint8(v) for v in gt_u8])
         latent = vae.latent_shape(*x.shape[2:])
-        rec = reconstruct(vae, x)
+        rec = reconstruct(vae, x, refine_steps=args.refine_steps)
         base, alloc = baseline(x, latent)
         rec_u8 = np.stack([to_uint8(v) for v in rec])
         base_u8 = np.stack([to_uint8(v) for v in base])
@@ -283,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--codec-videos", type=int, default=24, help="real-codec clips to make with ffmpeg (0: none)")
     q.add_argument("--codec-size", type=int, default=None, help="their side in pixels (default: the physics videos')")
     q.add_argument("--context-frames", type=int, default=1, help="physics score: frames before scoring starts")
+    q.add_argument("--refine-steps", type=int, default=0, help="refine the latents through the decoder first (CausalVideoVAE.refine)")
     q.add_argument("--json", default=None, help="also write the results here")
     m = sub.add_parser("memory", help="peak memory and videos/s against length: one-shot vs chunks (and tiles)")
     m.add_argument("--preset", default="vae-2x4x4-c8")

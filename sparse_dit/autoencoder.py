@@ -119,13 +119,17 @@ def latent_shape(vae: nn.Module, shape: tuple[int, ...]) -> tuple[int, int, int,
 
 
 @torch.no_grad()
-def encode_videos(vae: nn.Module, videos: torch.Tensor) -> torch.Tensor:
+def encode_videos(vae: nn.Module, videos: torch.Tensor, refine_steps: int = 0, refine_lr: Optional[float] = None) -> torch.Tensor:
     """Latents (B, c, t, h, w) of videos (B, C, T, H, W) in [-1, 1]: the posterior mean, fp32,
-    without gradients (the frozen autoencoder)."""
+    without gradients to the (frozen) autoencoder; ``refine_steps`` > 0 refines them through its
+    decoder (``CausalVideoVAE.refine``; ``refine_lr`` None = its default)."""
     if isinstance(vae, IdentityVAE):
         return videos
     dev = next(vae.parameters()).device
-    return vae.encode(videos.to(dev, torch.float32))
+    if not refine_steps:
+        return vae.encode(videos.to(dev, torch.float32))
+    kw = {} if refine_lr is None else {"refine_lr": refine_lr}
+    return vae.encode(videos.to(dev, torch.float32), refine_steps=refine_steps, **kw)
 
 
 def check_fits(model_in_channels: int, latent: tuple[int, ...], what: str) -> None:

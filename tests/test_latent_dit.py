@@ -165,3 +165,28 @@ def test_eval_loss_cli_measures_on_the_encoded_latents(world, capsys) -> None:
 def test_buckets_under_a_vae_are_refused_in_one_line(world, tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"data.token_budget=256 with autoencoder=.* is not supported"):
         _recipe(world, tmp_path, **{"data.token_budget": 256})
+
+
+def test_encode_with_refinement_records_it_and_refuses_bad_settings(world, tmp_path, capsys) -> None:
+    """``data encode --refine-steps N``: the cached latents are the VAE's refined encoding of the
+    stored videos (CausalVideoVAE.encode with refine_steps, computed here clip by clip) and the
+    dataset records the setting; bad settings are one line."""
+    from sparse_dit.cli import main as cli_main
+
+    cache = tmp_path / "refined"
+    assert cli_main(["data", "encode", str(world["data"]), "--vae", str(world["vae"]), "--out", str(cache), "--no-progress",
+                     "--refine-steps", "2", "--refine-lr", "0.02"]) == 0
+    capsys.readouterr()
+    row = datasets.load_from_disk(str(world["data"]))[1]
+    video = torch.from_numpy(np.load(io.BytesIO(row["video"]))["video"]).float().div(127.5).sub(1).permute(3, 0, 1, 2)[None]
+    vae = load_autoencoder(str(world["vae"]))
+    with torch.no_grad():
+        plain, ref = vae.encode(video)[0], vae.encode(video, refine_steps=2, refine_lr=0.02)[0]
+    ds = LatentDataset(cache)
+    assert ds.meta["refine_steps"] == 2 and ds.meta["refine_lr"] == 0.02
+    torch.testing.assert_close(ds[1]["latents"], ref, atol=1e-4, rtol=0)
+    assert (ds[1]["latents"] - plain).abs().max() > 1e-3
+    for argv, words in ((["--refine-steps", "-1"], "--refine-steps=-1 must be >= 0"), (["--refine-steps", "2", "--refine-lr", "0"], "--refine-lr=0.0 must be > 0")):
+        assert cli_main(["data", "encode", str(world["data"]), "--vae", str(world["vae"]), "--out", str(tmp_path / "bad"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and words in err, err

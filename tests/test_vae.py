@@ -198,3 +198,63 @@ def test_decoder_res_blocks_unset_is_num_res_blocks_and_old_folders_load(tmp_pat
     assert loaded.config.decoder_blocks == 1
     for k, v in a.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
+
+
+def _random_vae(seed: int = 0) -> CausalVideoVAE:
+    torch.manual_seed(seed)
+    vae = CausalVideoVAE(_debug_config(shortcut=True)).eval()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.normal_(0.0, 0.2)
+    vae.set_latent_stats(torch.full((4,), 0.1), torch.full((4,), 2.0))
+    return vae
+
+
+def test_refine_moves_latents_toward_a_known_optimum_per_clip():
+    """A video made by decoding known latents: refining a perturbed start lowers every clip's L1
+    and brings the latents closer to the known ones; a clip refined in a batch equals it refined
+    alone; the VAE's weights get no gradient and keep their values; 0 steps is the identity."""
+    vae = _random_vae()
+    before = {k: v.clone() for k, v in vae.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    z_true = torch.randn(2, 4, 3, 8, 8, generator=g)
+    with torch.no_grad():
+        video = vae.decode(z_true)
+    start = z_true + 0.3 * torch.randn(z_true.shape, generator=g)
+
+    def l1(z):  # per clip, computed here from decode()
+        with torch.no_grad():
+            return (vae.decode(z) - video).abs().flatten(1).mean(1)
+
+    out = vae.refine(video, start, steps=60, lr=1e-2)
+    assert not out.requires_grad and out.shape == start.shape
+    assert (l1(out) < 0.5 * l1(start)).all(), (l1(start), l1(out))
+    dist = lambda z: (z - z_true).flatten(1).norm(dim=1)  # noqa: E731
+    assert (dist(out) < 0.7 * dist(start)).all(), (dist(start), dist(out))
+    # per clip: in float64 (the L1's sign makes float32 trajectories drift apart by rounding)
+    vae64 = _random_vae().double()
+    both = vae64.refine(video.double(), start.double(), steps=15, lr=1e-2)
+    assert both.dtype == torch.float64
+    torch.testing.assert_close(vae64.refine(video[1:].double(), start[1:].double(), steps=15, lr=1e-2), both[1:], atol=1e-9, rtol=0)
+    assert all(p.grad is None for p in vae.parameters())
+    for k, v in vae.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert vae.refine(video, start, steps=0) is start
+
+
+def test_encode_refines_its_own_latents_and_refuses_bad_settings():
+    vae = _random_vae(2)
+    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = vae.encode(x)
+        refined = vae.encode(x, refine_steps=5, refine_lr=3e-2)
+    assert torch.equal(refined, vae.refine(x, z, steps=5, lr=3e-2))
+    assert not torch.equal(refined, z)
+    for kw, msg in (({"refine_steps": -1}, "refine_steps=-1 must be an integer >= 0"),
+                    ({"refine_steps": 2.5}, "refine_steps=2.5 must be an integer >= 0"),
+                    ({"refine_steps": 3, "refine_lr": 0.0}, "refine_lr=0.0 must be > 0"),
+                    ({"refine_steps": 3, "refine_lr": float("nan")}, "refine_lr=nan must be > 0")):
+        with pytest.raises(ValueError, match=msg):
+            vae.encode(x, **kw)
+    with pytest.raises(ValueError, match=r"latents of shape \(2, 4, 3, 4, 4\) do not fit a video of shape \(2, 3, 5, 16, 16\)"):
+        vae.refine(x, torch.zeros(2, 4, 3, 4, 4), steps=1)

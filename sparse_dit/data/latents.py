@@ -35,6 +35,7 @@ from sparse_dit.autoencoder import autoencoder_config, autoencoder_id, encode_vi
 from sparse_dit.data.hf import write_dataset
 from sparse_dit.data.loaders import HFVideoDataset
 from sparse_dit.schema import ConfigError, to_dict
+from sparse_dit.vae import REFINE_LR
 
 __all__ = ["LATENTS_KIND", "latent_features", "encode_dataset", "LatentDataset", "check_cached_vae", "add_encode_arguments", "run_encode"]
 
@@ -54,7 +55,7 @@ def latent_features() -> datasets.Features:
 
 def encode_dataset(dataset: Dataset, vae: nn.Module, out: str | os.PathLike, *, vae_dir: str, batch_size: int = 8,
                    overwrite: bool = False, progress: bool = True, inputs: Sequence[str | os.PathLike] = (),
-                   source: str = "") -> datasets.Dataset:
+                   source: str = "", refine_steps: int = 0, refine_lr: Optional[float] = None) -> datasets.Dataset:
     """Encode every clip of ``dataset`` (items ``{"video": (3, T, H, W) in [-1, 1], "caption"}``)
     through ``vae`` and write the latent dataset at ``out`` (atomically, streamed).
 
@@ -68,6 +69,8 @@ def encode_dataset(dataset: Dataset, vae: nn.Module, out: str | os.PathLike, *, 
         progress: show a progress bar.
         inputs: folders the command reads; ``out`` may not hold them.
         source: the source dataset's path (recorded).
+        refine_steps, refine_lr: refine each batch's latents through the decoder
+            (``CausalVideoVAE.refine``; recorded; 0 = the encoder's latents).
 
     Raises:
         ValueError: a clip whose shape the VAE cannot encode (named by index and shape).
@@ -80,7 +83,7 @@ def encode_dataset(dataset: Dataset, vae: nn.Module, out: str | os.PathLike, *, 
         videos = torch.stack([it["video"] for _, it in batch]).float()
         T, H, W = videos.shape[2:]
         try:
-            z = encode_videos(vae, videos).cpu()
+            z = encode_videos(vae, videos, refine_steps, refine_lr).cpu()
         except ValueError as exc:
             raise ValueError(f"clip {batch[0][0]} of shape (T, H, W) = ({T}, {H}, {W}) cannot be encoded: {exc}") from None
         for (i, it), zi in zip(batch, z):
@@ -105,6 +108,7 @@ def encode_dataset(dataset: Dataset, vae: nn.Module, out: str | os.PathLike, *, 
         "kind": LATENTS_KIND, "vae_id": autoencoder_id(vae), "vae_dir": os.path.abspath(vae_dir),
         "vae_config": to_dict(vae.config) if hasattr(vae, "config") else None, "latent_shift": shift, "latent_scale": scale,
         "source": os.path.abspath(source) if source else "", "clips": len(dataset),
+        "refine_steps": refine_steps, "refine_lr": (refine_lr if refine_lr is not None else REFINE_LR) if refine_steps else None,
     })
     try:
         ds = write_dataset(rows(), out, latent_features(), description=description, overwrite=overwrite, inputs=inputs)
@@ -175,6 +179,9 @@ def add_encode_arguments(sub: Any) -> None:
     e.add_argument("--frames", type=int, default=None, help="frames per clip, from each video's start (default: all; the VAE needs 1 + ft*k)")
     e.add_argument("--resolution", default=None, help="HxW: resize to cover, centre-crop (default: native)")
     e.add_argument("--batch-size", type=int, default=8, help="clips per encoder call")
+    e.add_argument("--refine-steps", type=int, default=0,
+                   help="refine each clip's latents by this many Adam steps through the decoder (CausalVideoVAE.refine; docs/vae.md); 0: none")
+    e.add_argument("--refine-lr", type=float, default=None, help=f"their learning rate (default {REFINE_LR})")
     e.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     e.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -190,6 +197,10 @@ def run_encode(args: Any) -> int:
         spec_size = (h, w)
     if args.batch_size < 1:
         raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+    if args.refine_steps < 0:
+        raise ValueError(f"--refine-steps={args.refine_steps} must be >= 0 (0: the encoder's latents as they are)")
+    if args.refine_lr is not None and not args.refine_lr > 0:
+        raise ValueError(f"--refine-lr={args.refine_lr} must be > 0")
     vae = load_autoencoder(args.vae)
     if autoencoder_config(args.vae) is None:
         raise ValueError("--vae identity caches nothing: pixel-space recipes read the videos themselves")
@@ -198,7 +209,8 @@ def run_encode(args: Any) -> int:
     for name, detail in [*clips.skipped, *clips.too_short]:
         print(f"  skipped {name}: {detail}")
     out = encode_dataset(clips, vae, args.out, vae_dir=args.vae, batch_size=args.batch_size, overwrite=args.overwrite,
-                         progress=not args.no_progress, inputs=[args.dataset, args.vae], source=args.dataset)
+                         progress=not args.no_progress, inputs=[args.dataset, args.vae], source=args.dataset,
+                         refine_steps=args.refine_steps, refine_lr=args.refine_lr)
     shape = tuple(out[0]["latent_shape"])
     print(f"wrote {len(out)} latent clips (c, t, h, w) = {shape} to {args.out}; VAE {args.vae} "
           f"({json.loads(out.info.description)['vae_id'][:19]}); {dropped} source clip(s) unreadable or too short (listed above)")
