@@ -644,7 +644,7 @@ class CausalVideoVAE(nn.Module):
         z = self.normalize(mean)
         return self.refine(video, z, refine_steps, refine_lr) if refine_steps else z
 
-    def refine(self, video: torch.Tensor, latents: torch.Tensor, steps: int = 20, lr: float = REFINE_LR) -> torch.Tensor:
+    def refine(self, video: torch.Tensor, latents: torch.Tensor, steps: int = 25, lr: float = REFINE_LR) -> torch.Tensor:
         """Semi-amortised encoding: improve the encoder's latents of ``video`` by gradient descent
         through the frozen decoder.
 
