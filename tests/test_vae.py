@@ -75,24 +75,33 @@ def _debug_config(**kw) -> VAEConfig:
     return VAEConfig(**{"latent_channels": 4, "base_channels": 8, "channel_mult": (1, 2), "temporal_down": 1, "num_res_blocks": 1, **kw})
 
 
-@pytest.mark.parametrize("shortcut", [False, True])
-def test_grown_decoder_starts_as_the_given_vae(shortcut):
-    """decoder_res_blocks=3 grown from a trained 1-block VAE: every given weight keeps its value
-    under the key of its module in the deeper decoder (the index map is written out here, not
-    taken from the model), the added blocks are residual branches at zero, so encode and decode
-    are exactly the given VAE's; the added blocks still get gradients."""
+def _trained_small(shortcut: bool = False) -> CausalVideoVAE:
     torch.manual_seed(0)
     small = CausalVideoVAE(_debug_config(shortcut=shortcut)).eval()
     with torch.no_grad():
         for p in small.parameters():
             p.normal_(0.0, 0.2)  # no weight left at zero by the initialisation
-    deep = CausalVideoVAE(_debug_config(shortcut=shortcut, decoder_res_blocks=3)).eval()
+    return small
+
+
+@pytest.mark.parametrize("shortcut", [False, True])
+@pytest.mark.parametrize("part", ["decoder", "encoder"])
+def test_grown_vae_starts_as_the_given_vae(part, shortcut):
+    """decoder_res_blocks=3 (or num_res_blocks=3 with the decoder kept at 1) grown from a trained
+    1-block VAE: every given weight keeps its value under the key of its module in the deeper
+    net (the index map is written out here, not taken from the model), the added blocks are
+    residual branches at zero, so encode and decode are exactly the given VAE's; the added
+    blocks still get gradients, and the other net keeps its size."""
+    small = _trained_small(shortcut)
+    depth = {"decoder_res_blocks": 3} if part == "decoder" else {"num_res_blocks": 3, "decoder_res_blocks": 1}
+    deep = CausalVideoVAE(_debug_config(shortcut=shortcut, **depth)).eval()
     state = deep.grown_state_dict(small.state_dict(), small.config)
     deep.load_state_dict(state)
     # decoder of (1, 2): [conv_in, res(stage 1), up, res(stage 0), norm, silu, conv_out]
     #            grown:  [conv_in, res, res+, res+, up, res, res+, res+, norm, silu, conv_out]
+    # encoder of (1, 2): [conv_in, res(stage 0), down, res(stage 1), norm, silu, conv_out], grown alike
     moved = {"0": "0", "1": "1", "2": "4", "3": "5", "4": "8", "6": "10"}
-    prefix = "decoder.main." if shortcut else "decoder."
+    prefix = f"{part}.main." if shortcut else f"{part}."
     for k, v in small.state_dict().items():
         if k.startswith(prefix):
             i, rest = k[len(prefix):].split(".", 1)
@@ -106,10 +115,12 @@ def test_grown_decoder_starts_as_the_given_vae(shortcut):
         z = small.encode(x)
         assert torch.equal(deep.encode(x), z)
         assert torch.equal(deep.decode(z), small.decode(z))
-    deep.decode(z).square().mean().backward()
-    net = deep.decoder.main if shortcut else deep.decoder
-    assert net[2].conv2.conv.weight.grad.abs().max() > 0
-    assert sum(p.numel() for p in deep.decoder.parameters()) > sum(p.numel() for p in small.decoder.parameters())
+    (deep.decode(z) if part == "decoder" else deep.encode_dist(x)[0]).square().mean().backward()
+    net = getattr(deep, part).main if shortcut else getattr(deep, part)
+    assert net[2].conv2.conv.weight.grad.abs().max() > 0 and net[7].conv2.conv.weight.grad.abs().max() > 0
+    other = "encoder" if part == "decoder" else "decoder"
+    size = lambda m, name: sum(p.numel() for p in getattr(m, name).parameters())  # noqa: E731
+    assert size(deep, part) > size(small, part) and size(deep, other) == size(small, other)
 
 
 def test_grown_decoder_refuses_other_shapes_and_shrinking():
@@ -126,50 +137,9 @@ def test_grown_decoder_refuses_other_shapes_and_shrinking():
         deep.grown_state_dict(bad, small.config)
 
 
-@pytest.mark.parametrize("shortcut", [False, True])
-def test_grown_encoder_starts_as_the_given_vae(shortcut):
-    """num_res_blocks=3 grown from a trained 1-block VAE (the decoder kept at 1 block): every
-    given weight keeps its value under the key of its module in the deeper encoder (the index
-    map is written out here), the added blocks are residual branches at zero, so the latents
-    and the decoded video are exactly the given VAE's; the added blocks still get gradients."""
-    torch.manual_seed(0)
-    small = CausalVideoVAE(_debug_config(shortcut=shortcut)).eval()
-    with torch.no_grad():
-        for p in small.parameters():
-            p.normal_(0.0, 0.2)
-    deep = CausalVideoVAE(_debug_config(shortcut=shortcut, num_res_blocks=3, decoder_res_blocks=1)).eval()
-    state = deep.grown_state_dict(small.state_dict(), small.config)
-    deep.load_state_dict(state)
-    # encoder of (1, 2): [conv_in, res(stage 0), down, res(stage 1), norm, silu, conv_out]
-    #            grown:  [conv_in, res, res+, res+, down, res, res+, res+, norm, silu, conv_out]
-    moved = {"0": "0", "1": "1", "2": "4", "3": "5", "4": "8", "6": "10"}
-    prefix = "encoder.main." if shortcut else "encoder."
-    for k, v in small.state_dict().items():
-        if k.startswith(prefix):
-            i, rest = k[len(prefix):].split(".", 1)
-            k = f"{prefix}{moved[i]}.{rest}"
-        assert torch.equal(state[k], v), k
-    for i in (2, 3, 6, 7):
-        assert state[f"{prefix}{i}.conv2.conv.weight"].abs().max() == 0 and state[f"{prefix}{i}.conv2.conv.bias"].abs().max() == 0
-        assert state[f"{prefix}{i}.conv1.conv.weight"].abs().max() > 0
-    assert sum(p.numel() for p in deep.decoder.parameters()) == sum(p.numel() for p in small.decoder.parameters())
-    x = torch.rand(2, 3, 5, 16, 16) * 2 - 1
-    with torch.no_grad():
-        z = small.encode(x)
-        assert torch.equal(deep.encode(x), z)
-        assert torch.equal(deep.decode(z), small.decode(z))
-    deep.encode_dist(x)[0].square().mean().backward()
-    net = deep.encoder.main if shortcut else deep.encoder
-    assert net[2].conv2.conv.weight.grad.abs().max() > 0 and net[7].conv2.conv.weight.grad.abs().max() > 0
-
-
 def test_grow_both_depths_and_refuse_a_shrinking_encoder():
     """num_res_blocks=2 with decoder_res_blocks unset grows both; the encoder never shrinks."""
-    torch.manual_seed(0)
-    small = CausalVideoVAE(_debug_config()).eval()
-    with torch.no_grad():
-        for p in small.parameters():
-            p.normal_(0.0, 0.2)
+    small = _trained_small()
     both = CausalVideoVAE(_debug_config(num_res_blocks=2)).eval()
     both.load_state_dict(both.grown_state_dict(small.state_dict(), small.config))
     assert len(both.encoder) == len(small.encoder) + 2 and len(both.decoder) == len(small.decoder) + 2
